@@ -1,0 +1,30 @@
+"""MSIF engine: EK-FAC curvature and multi-stage influence for fine-tuned language models.
+
+Typical use (see README.md)::
+
+    layers = find_tracked_layers(model)
+    factors = fit_factors(model, LanguageModelingTask(), loader, layers, FactorArguments())
+    q = precondition(sequence_gradients(ft_model, task, query_batch, ft_layers),
+                     ScoreArguments(method="multi-stage", alpha=1.0), pt_factors, ft_factors)
+    scores = score_documents(pt_model, task, doc_loader, pt_layers, q)
+"""
+
+__version__ = "0.1.0"
+
+from .attribution import TokenAttribution, attribute_tokens  # noqa: E402
+from .curvature import STRATEGIES, LayerFactors, get_strategy  # noqa: E402
+from .factors import FactorArguments, FactorMismatchError, Factors, fit_factors, model_fingerprint  # noqa: E402
+from .gradients import capture, flatten, sequence_gradients, stack_gradients  # noqa: E402
+from .influence import METHODS, PreconditionedQuery, ScoreArguments, precondition, score_documents, score_gradients  # noqa: E402
+from .tasks import ClassificationTask, LanguageModelingTask, Task  # noqa: E402
+from .text import encode_documents, encode_prompt_answer  # noqa: E402
+from .tracking import TrackedLayer, find_tracked_layers  # noqa: E402
+
+__all__ = [
+    "FactorArguments", "FactorMismatchError", "Factors", "LayerFactors", "METHODS", "STRATEGIES",
+    "ClassificationTask", "LanguageModelingTask", "PreconditionedQuery", "ScoreArguments", "Task",
+    "TokenAttribution", "TrackedLayer", "attribute_tokens", "capture", "encode_documents",
+    "encode_prompt_answer", "find_tracked_layers", "fit_factors", "flatten", "get_strategy",
+    "model_fingerprint", "precondition", "score_documents", "score_gradients", "sequence_gradients",
+    "stack_gradients",
+]

@@ -1,0 +1,221 @@
+"""Fitting curvature factors (EK-FAC and alternatives) and storing them as safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .curvature import LayerFactors, get_strategy
+from .gradients import capture, iterate_batches, model_device
+from .tasks import Task
+from .tracking import TrackedLayer
+
+FORMAT = "msif-factors"
+
+
+class FactorMismatchError(ValueError):
+    """Factors were fitted on a different model (or different tracked layers)."""
+
+
+@dataclass
+class FactorArguments:
+    """Every knob of a factor fit; saved beside the factors."""
+
+    strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity
+    fisher: str = "true"  # true: labels sampled from the model; empirical: the data's labels
+    seed: int = 0  # label sampling
+    max_batches: int | None = None  # per pass; None = the whole loader
+    progress: bool = True
+
+
+def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[str, Any]:
+    """Identity of a model as seen by its tracked layers: names, shapes and a weight hash.
+
+    The hash covers a strided sample of every tracked weight rounded to bfloat16, so the same
+    checkpoint loaded in float32 or bfloat16 on any device matches, and a fine-tuned child does not.
+    """
+    digest = hashlib.sha256()
+    shapes = {}
+    for layer in layers:
+        w = layer.module.weight.detach()
+        shapes[layer.name] = list(layer.gradient_shape)
+        flat = w.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 512)][:512]
+        digest.update(layer.name.encode())
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", "") or "",
+        "layers": shapes,
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+@dataclass
+class Factors:
+    """Curvature statistics of one model: one :class:`LayerFactors` per tracked layer."""
+
+    strategy: str
+    layers: dict[str, LayerFactors]
+    num_sequences: int
+    num_tokens: int
+    model: dict[str, Any]
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def check_compatible(self, model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
+        """Raise :class:`FactorMismatchError` unless these factors were fitted on ``model``."""
+        found = model_fingerprint(model, layers)
+        if found["layers"] != self.model["layers"]:
+            fitted, given = set(self.model["layers"]), set(found["layers"])
+            raise FactorMismatchError(
+                f"tracked layers differ from the fitted ones: missing {sorted(fitted - given)[:5]}, "
+                f"unexpected {sorted(given - fitted)[:5]}, or shapes changed")
+        if found["weights_sha256"] != self.model["weights_sha256"]:
+            raise FactorMismatchError(
+                f"model weights do not match the factors (fitted on "
+                f"{self.model.get('name_or_path') or self.model['class']!r}, "
+                f"given {found.get('name_or_path') or found['class']!r})")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        tensors = {f"{name}/{key}": t.detach().cpu().contiguous()
+                   for name, lf in self.layers.items() for key, t in lf.tensors().items()}
+        metadata = {
+            "format": FORMAT,
+            "engine_version": __version__,
+            "strategy": self.strategy,
+            "layers": json.dumps(list(self.layers)),
+            "model": json.dumps(self.model),
+            "counts": json.dumps({"sequences": self.num_sequences, "tokens": self.num_tokens}),
+            "arguments": json.dumps(self.arguments),
+            "dtype": "float64",
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Factors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an msif factor file (format={meta.get('format')!r})")
+        tensors = load_file(str(path), device=str(device))
+        layers = {name: LayerFactors() for name in json.loads(meta["layers"])}
+        for key, value in tensors.items():
+            name, _, attr = key.rpartition("/")
+            setattr(layers[name], attr, value)
+        counts = json.loads(meta["counts"])
+        return cls(meta["strategy"], layers, counts["sequences"], counts["tokens"],
+                   json.loads(meta["model"]), json.loads(meta["arguments"]))
+
+
+class _Accumulator:
+    """Float64 running sums per layer."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.double()
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value
+
+
+def _passes(model, task, loader, layers, args: FactorArguments, label: str, seed: int):
+    """Yield (a, g, mask, batch_size) per batch with labels as the Fisher type asks."""
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sample = args.fisher == "true"
+    bar = tqdm(iterate_batches(loader, args.max_batches), desc=label, disable=not args.progress,
+               unit="batch", leave=False)
+    for batch in bar:
+        acts, grads, mask = capture(model, task, batch, layers, sample=sample, generator=generator)
+        yield acts, grads, mask, task.batch_size(batch)
+
+
+def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
+                layers: Sequence[TrackedLayer], args: FactorArguments | None = None) -> Factors:
+    """Fit the statistics ``args.strategy`` needs, streaming ``loader`` once per pass.
+
+    covariance pass: A = sum a a^T / tokens, S = sum g g^T / sequences, eigendecomposed in float64;
+    correction pass: Lambda = sum_b (Q_S^T G_b Q_A)^2 / sequences;  diagonal pass: sum_b G_b^2 / sequences.
+    """
+    args = args or FactorArguments()
+    if args.fisher not in ("true", "empirical"):
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {args.fisher!r}")
+    strategy = get_strategy(args.strategy)
+    factors = {layer.name: LayerFactors() for layer in layers}
+    tokens = sequences = 0
+
+    if "covariance" in strategy.passes:
+        act_cov, grad_cov = _Accumulator(), _Accumulator()
+        tokens = sequences = 0
+        for acts, grads, mask, n in _passes(model, task, loader, layers, args, "covariance", args.seed):
+            for name in acts:
+                a = acts[name].flatten(0, 1)
+                g = grads[name].flatten(0, 1)
+                act_cov.add(name, a.T @ a)
+                grad_cov.add(name, g.T @ g)
+            tokens += int(mask.sum()) if mask is not None else n * next(iter(acts.values())).shape[1]
+            sequences += n
+        _check_nonempty(sequences)
+        for name, lf in factors.items():
+            lf.activation_covariance = act_cov.sums[name] / tokens
+            lf.gradient_covariance = grad_cov.sums[name] / sequences
+            lf.activation_eigenvalues, lf.activation_eigenvectors = torch.linalg.eigh(lf.activation_covariance)
+            lf.gradient_eigenvalues, lf.gradient_eigenvectors = torch.linalg.eigh(lf.gradient_covariance)
+
+    second = [p for p in ("correction", "diagonal") if p in strategy.passes]
+    if second:
+        acc = _Accumulator()
+        seqs = 0
+        basis = {name: (lf.gradient_eigenvectors, lf.activation_eigenvectors)
+                 for name, lf in factors.items() if lf.gradient_eigenvectors is not None}
+        for acts, grads, mask, n in _passes(model, task, loader, layers, args, second[0], args.seed + 1):
+            for name in acts:
+                a, g = acts[name], grads[name]
+                if "correction" in second:  # rotate a and g first: Q_S^T G Q_A = sum_t (Q_S^T g)(Q_A^T a)^T
+                    q_s, q_a = basis[name]
+                    a, g = a @ q_a.to(a), g @ q_s.to(g)
+                per_sequence = torch.einsum("bto,bti->boi", g, a)
+                acc.add(name, per_sequence.square().sum(0))
+            seqs += n
+        _check_nonempty(seqs)
+        sequences = sequences or seqs
+        for name, lf in factors.items():
+            if "correction" in second:
+                lf.corrected_eigenvalues = acc.sums[name] / seqs
+            else:
+                lf.diagonal = acc.sums[name] / seqs
+
+    return Factors(strategy.name, factors, sequences, tokens, model_fingerprint(model, layers),
+                   asdict(args))
+
+
+def _check_nonempty(sequences: int) -> None:
+    if sequences == 0:
+        raise ValueError("the fitting data loader yielded no batch; factors need data")

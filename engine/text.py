@@ -1,0 +1,64 @@
+"""Turning text into language-modelling batches (labels = -100 where a token is not scored)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .tasks import IGNORE
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+
+def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels) rows into a batch."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Pretraining-style batch: every real token is scored."""
+    if not texts:
+        raise ValueError("no documents to encode")
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        if len(ids) < 2:
+            raise ValueError(f"document too short to score (needs 2+ tokens): {text[:40]!r}")
+        rows.append((ids, list(ids)))
+    return _collate(rows, _pad_id(tokenizer))
+
+
+def encode_prompt_answer(tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                         max_length: int) -> dict[str, torch.Tensor]:
+    """Instruction-style batch: only answer tokens are scored (the query loss -log p(y | x)).
+
+    When prompt + answer exceed ``max_length`` the prompt is cut from the left, so the answer
+    and the text right before it are kept.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError("one answer per prompt")
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not a:
+            raise ValueError("the answer is empty: there is nothing to attribute")
+        if len(a) >= max_length:
+            raise ValueError(f"the answer has {len(a)} tokens; the limit is {max_length - 1}")
+        p = p[-(max_length - len(a)):]
+        if not p:
+            raise ValueError("the prompt is empty")
+        rows.append((p + a, [IGNORE] * len(p) + a))
+    return _collate(rows, _pad_id(tokenizer))

@@ -1,0 +1,175 @@
+"""Tracked layers: which linear maps carry influence, and how their (a, g) pairs are captured.
+
+A tracked layer computes ``s = W a (+ b)`` at every token. Its per-sequence weight gradient is
+``G = sum_t g_t a_t^T`` with ``g_t = dL/ds_t``; a bias is folded in as an extra input fixed to 1,
+so ``G`` has shape ``(out, in + 1)`` and its last column is the bias gradient. Every estimator in
+this package works on ``G`` in that layout, whatever the module's own weight layout.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style models store linear weights transposed, as (in, out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+# A module counts as "inside the transformer blocks" when its name holds a ModuleList index,
+# e.g. gpt_neox.layers.3.mlp.dense_h_to_4h, model.layers.0.self_attn.q_proj, transformer.h.1.attn.c_attn.
+DEFAULT_INCLUDE = (r"\.\d+\.",)
+DEFAULT_EXCLUDE = (r"(^|\.)(lm_head|embed_out|embed_in|embed_tokens|wte|wpe)$",)
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    """A linear map whose gradient enters the influence computation."""
+
+    name: str
+    module: nn.Module
+    in_features: int
+    out_features: int
+    has_bias: bool
+    transposed: bool  # True for transformers' Conv1D, whose weight is (in, out)
+
+    @property
+    def gradient_shape(self) -> tuple[int, int]:
+        """Shape of G: (out, in [+1 for the bias])."""
+        return self.out_features, self.in_features + int(self.has_bias)
+
+    def parameter_gradients(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map G (..., out, in[+1]) back to the module's own parameter layout."""
+        weight = grad[..., : self.in_features]
+        out = {"weight": weight.transpose(-1, -2) if self.transposed else weight}
+        if self.has_bias:
+            out["bias"] = grad[..., self.in_features]
+        return out
+
+
+def _describe(name: str, module: nn.Module) -> TrackedLayer | None:
+    if isinstance(module, nn.Linear):
+        return TrackedLayer(name, module, module.in_features, module.out_features,
+                            module.bias is not None, transposed=False)
+    if Conv1D and isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, transposed=True)
+    return None
+
+
+def find_tracked_layers(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[TrackedLayer]:
+    """Linear layers of ``model`` selected by regular expressions on their qualified names.
+
+    A layer is tracked when some ``include`` pattern matches (``re.search``) and no ``exclude``
+    pattern does. Defaults: every Linear/Conv1D inside the transformer blocks; embeddings and
+    the LM head excluded.
+    """
+    include = DEFAULT_INCLUDE if include is None else tuple(include)
+    exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
+    layers = []
+    for name, module in model.named_modules():
+        layer = _describe(name, module)
+        if layer is None:
+            continue
+        if any(re.search(p, name) for p in include) and not any(re.search(p, name) for p in exclude):
+            layers.append(layer)
+    if not layers:
+        raise ValueError(
+            f"no linear layer of {type(model).__name__} matches include={list(include)} "
+            f"exclude={list(exclude)}; pass include patterns naming the layers to track"
+        )
+    return layers
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16/float32 tensors; float64 stays float64 (exact tests use it)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class LayerCapture:
+    """Records each tracked layer's input activations ``a`` and output ``s`` during a forward.
+
+    After the forward, :meth:`output_gradients` returns ``g = dL/ds`` for every layer with one
+    ``torch.autograd.grad`` call, which skips the (unneeded) parameter-gradient kernels.
+    """
+
+    def __init__(self, layers: Sequence[TrackedLayer]):
+        self.layers = list(layers)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, layer: TrackedLayer):
+        def hook(module, args, output):
+            if layer.name in self.outputs:
+                raise RuntimeError(f"tracked layer {layer.name} ran twice in one forward; "
+                                   "shared weights are not supported")
+            self.inputs[layer.name] = args[0].detach()
+            self.outputs[layer.name] = output
+        return hook
+
+    def __enter__(self) -> "LayerCapture":
+        self._handles = [l.module.register_forward_hook(self._hook(l)) for l in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+
+    def activations(self, layer: TrackedLayer, mask: torch.Tensor | None) -> torch.Tensor:
+        """Inputs as (B, T, in[+1]) in float32, a bias column of ones appended, masked positions 0."""
+        a = upcast(self.inputs[layer.name])
+        if a.dim() == 2:  # a non-sequence model: one "token" per example
+            a = a.unsqueeze(1)
+        if layer.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        return a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)
+
+    def output_gradients(self, loss: torch.Tensor, mask: torch.Tensor | None,
+                         retain_graph: bool = False) -> dict[str, torch.Tensor]:
+        """g = dL/ds per layer as (B, T, out) float32, masked positions 0."""
+        missing = [l.name for l in self.layers if l.name not in self.outputs]
+        if missing:
+            raise RuntimeError(f"tracked layers did not run in the forward pass: {missing}")
+        outs = [self.outputs[l.name] for l in self.layers]
+        grads = torch.autograd.grad(loss, outs, retain_graph=retain_graph, allow_unused=True)
+        result = {}
+        for layer, out, g in zip(self.layers, outs, grads):
+            g = torch.zeros_like(out) if g is None else g
+            g = upcast(g)
+            if g.dim() == 2:
+                g = g.unsqueeze(1)
+            result[layer.name] = g if mask is None else g * mask.unsqueeze(-1).to(g.dtype)
+        return result
+
+
+@contextmanager
+def tracking_mode(model: nn.Module, layers: Sequence[TrackedLayer]) -> Iterator[None]:
+    """Eval mode (no dropout) with gradients enabled on tracked weights, restored afterwards."""
+    was_training = model.training
+    saved = [(p, p.requires_grad) for l in layers for p in l.module.parameters(recurse=False)]
+    model.eval()
+    try:
+        for p, _ in saved:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was_training)

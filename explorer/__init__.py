@@ -1,0 +1,1 @@
+"""The Streamlit app over a study directory (see issue: the explorer)."""

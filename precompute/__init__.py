@@ -1,0 +1,1 @@
+"""Offline pipeline: corpora, demo world, factor fitting, gradient projection, study directories."""

@@ -1,0 +1,355 @@
+"""Every estimator against an explicit computation on a model small enough to form the matrices.
+
+The tiny GPT-NeoX runs in float64 so the comparisons can be tight. Brute-force references use
+torch autograd on one sequence at a time and their own forward hooks, never the engine's capture.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from engine import (FactorArguments, FactorMismatchError, Factors, LanguageModelingTask,
+                    ScoreArguments, attribute_tokens, find_tracked_layers, fit_factors,
+                    precondition, score_documents, score_gradients, sequence_gradients)
+from engine.curvature import get_strategy
+
+from conftest import lm_batch, tiny_neox
+
+TASK = LanguageModelingTask()
+
+
+def loader(n_batches=4, size=3, length=9, seed=10, prompt=0):
+    return [lm_batch(size, length, seed + i, prompt=prompt) for i in range(n_batches)]
+
+
+def autograd_gradients(model, layers, batch, losses_fn=None):
+    """Per-sequence G (out, in[+1]) from param.grad, one sequence at a time."""
+    out = {l.name: [] for l in layers}
+    losses = (losses_fn or (lambda: TASK.sequence_losses(model, batch)))()
+    for b in range(losses.shape[0]):
+        params = [p for l in layers for p in (l.module.weight, l.module.bias) if p is not None]
+        grads = iter(torch.autograd.grad(losses[b], params, retain_graph=True))
+        for l in layers:
+            w = next(grads)
+            w = w.T if l.transposed else w
+            if l.has_bias:
+                w = torch.cat([w, next(grads)[:, None]], dim=1)
+            out[l.name].append(w)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def explicit_activations(model, layers, batch):
+    """(tokens, in[+1]) activations at unmasked positions, from the test's own hooks."""
+    seen = {}
+    handles = [l.module.register_forward_hook(
+        lambda m, args, out, name=l.name: seen.__setitem__(name, args[0].detach())) for l in layers]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in handles:
+        h.remove()
+    keep = batch["attention_mask"].bool()
+    result = {}
+    for l in layers:
+        a = seen[l.name][keep]
+        result[l.name] = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1) if l.has_bias else a
+    return result
+
+
+def kron_matrix(lf, strategy: str) -> torch.Tensor:
+    """The explicit Fisher approximation for row-major vec(G): vec(Q_S X Q_A^T) = (Q_S (x) Q_A) vec X."""
+    if strategy == "diagonal":
+        return torch.diag(lf.diagonal.flatten())
+    basis = torch.kron(lf.gradient_eigenvectors, lf.activation_eigenvectors)
+    lam = get_strategy(strategy).eigenvalues(lf).flatten()
+    return basis @ torch.diag(lam) @ basis.T
+
+
+@pytest.fixture(scope="module")
+def layers(pt_model):
+    return find_tracked_layers(pt_model)
+
+
+@pytest.fixture(scope="module")
+def empirical_factors(pt_model, layers):
+    return fit_factors(pt_model, TASK, loader(), layers, FactorArguments(fisher="empirical", progress=False))
+
+
+def test_sequence_gradients_equal_autograd(pt_model, layers):
+    batch = lm_batch(4, 9, seed=3, prompt=2)
+    ours = sequence_gradients(pt_model, TASK, batch, layers)
+    ref = autograd_gradients(pt_model, layers, batch)
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-9, atol=1e-12)
+
+
+def test_covariances_equal_explicit(pt_model, layers, empirical_factors):
+    batches = loader()
+    for l in layers:
+        a = torch.cat([explicit_activations(pt_model, layers, b)[l.name] for b in batches])
+        torch.testing.assert_close(empirical_factors.layers[l.name].activation_covariance,
+                                   a.T @ a / len(a))
+    assert empirical_factors.num_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert empirical_factors.num_sequences == 12
+    # S = sum over tokens of g g^T, divided by the number of *sequences* (G sums over tokens)
+    for l in layers:
+        g = torch.cat([explicit_output_gradients(pt_model, l, b) for b in batches])
+        torch.testing.assert_close(empirical_factors.layers[l.name].gradient_covariance, g.T @ g / 12)
+
+
+def explicit_output_gradients(model, layer, batch):
+    """(tokens, out) gradients of the summed data loss w.r.t. the layer's output, unmasked positions."""
+    seen = {}
+
+    def hook(module, args, out):
+        out.retain_grad()
+        seen["out"] = out
+
+    handle = layer.module.register_forward_hook(hook)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    handle.remove()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    (-logp[keep].gather(1, labels[keep][:, None])).sum().backward()
+    model.zero_grad()
+    return seen["out"].grad[batch["attention_mask"].bool()]
+
+
+def test_sequence_loss_is_summed_answer_nll(pt_model):
+    batch = lm_batch(3, 9, seed=4, prompt=3)
+    logits = pt_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    expected = torch.stack([
+        -sum(logp[b, t - 1, batch["input_ids"][b, t]] for t in range(3, 9)
+             if batch["attention_mask"][b, t]) for b in range(3)])
+    torch.testing.assert_close(TASK.sequence_losses(pt_model, batch), expected)
+
+
+def test_eigenvalue_correction_equals_brute_force(pt_model, layers, empirical_factors):
+    grads = [autograd_gradients(pt_model, layers, b) for b in loader()]
+    for l in layers:
+        lf = empirical_factors.layers[l.name]
+        g = torch.cat([gr[l.name] for gr in grads])  # (N, out, in)
+        rotated = lf.gradient_eigenvectors.T @ g @ lf.activation_eigenvectors
+        torch.testing.assert_close(lf.corrected_eigenvalues, rotated.square().mean(0))
+        # the diagonal strategy's statistic, fitted by its own pass
+    diag = fit_factors(pt_model, TASK, loader(), layers,
+                       FactorArguments(strategy="diagonal", fisher="empirical", progress=False))
+    for l in layers:
+        g = torch.cat([gr[l.name] for gr in grads])
+        torch.testing.assert_close(diag.layers[l.name].diagonal, g.square().mean(0))
+
+
+def test_true_fisher_samples_labels_reproducibly(pt_model, layers):
+    """The correction pass with sampled labels equals brute force with the same samples."""
+    args = FactorArguments(fisher="true", seed=5, progress=False)
+    fitted = fit_factors(pt_model, TASK, loader(), layers, args)
+    generator = torch.Generator().manual_seed(args.seed + 1)  # the correction pass's stream
+    grads = []
+    for b in loader():
+        grads.append(autograd_gradients(pt_model, layers, b, lambda b=b: TASK.sequence_losses(
+            pt_model, b, sample=True, generator=generator)))
+    empirical = fit_factors(pt_model, TASK, loader(), layers,
+                            FactorArguments(fisher="empirical", progress=False))
+    for l in layers:
+        lf = fitted.layers[l.name]
+        g = torch.cat([gr[l.name] for gr in grads])
+        rotated = lf.gradient_eigenvectors.T @ g @ lf.activation_eigenvectors
+        torch.testing.assert_close(lf.corrected_eigenvalues, rotated.square().mean(0))
+        # sampled labels give a different S than the data's labels (the test can tell them apart)
+        assert not torch.allclose(lf.gradient_covariance, empirical.layers[l.name].gradient_covariance)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_inverse_hvp_equals_explicit_solve(pt_model, layers, strategy):
+    factors = fit_factors(pt_model, TASK, loader(), layers,
+                          FactorArguments(strategy=strategy, fisher="empirical", progress=False))
+    rule = get_strategy(strategy)
+    torch.manual_seed(0)
+    for l in layers:
+        lf = factors.layers[l.name]
+        v = torch.randn(*l.gradient_shape, dtype=torch.float64)
+        h = kron_matrix(lf, strategy)
+        damping = 0.1 * h.diagonal().mean().item()
+        expected = torch.linalg.solve(h + damping * torch.eye(len(h), dtype=h.dtype), v.flatten())
+        torch.testing.assert_close(rule.precondition(lf, v, damping).flatten(), expected)
+    if strategy == "kfac":  # K-FAC's matrix is the Kronecker product S (x) A of the covariances
+        lf = factors.layers[layers[0].name]
+        torch.testing.assert_close(kron_matrix(lf, "kfac"),
+                                   torch.kron(lf.gradient_covariance, lf.activation_covariance))
+
+
+def _block_diag_matrix(factors, layers):
+    return torch.block_diag(*[kron_matrix(factors.layers[l.name], factors.strategy) for l in layers])
+
+
+def _block_damping(values, layers):
+    return torch.diag(torch.cat([torch.full((l.gradient_shape[0] * l.gradient_shape[1],), values[l.name],
+                                            dtype=torch.float64) for l in layers]))
+
+
+@pytest.fixture(scope="module")
+def two_stage(pt_model, ft_model):
+    pt_layers, ft_layers = find_tracked_layers(pt_model), find_tracked_layers(ft_model)
+    args = FactorArguments(progress=False, seed=1)
+    pt_f = fit_factors(pt_model, TASK, loader(seed=20), pt_layers, args)
+    ft_f = fit_factors(ft_model, TASK, loader(seed=40, prompt=3), ft_layers, args)
+    query = lm_batch(2, 8, seed=99, prompt=5, ragged=False)
+    docs = loader(n_batches=2, size=3, seed=70)
+    return pt_layers, ft_layers, pt_f, ft_f, query, docs
+
+
+def _flat(grads):
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+
+
+@pytest.mark.parametrize("method", ["multi-stage", "pt-inverse-dropped", "single-stage",
+                                    "gradient-dot", "gradient-cosine"])
+def test_scores_equal_explicit_formulas(pt_model, ft_model, two_stage, method):
+    pt_layers, ft_layers, pt_f, ft_f, query, docs = two_stage
+    alpha = 0.3
+    q_grads = sequence_gradients(ft_model, TASK, query, ft_layers)
+    doc_model = ft_model if method == "single-stage" else pt_model
+    doc_layers = ft_layers if method == "single-stage" else pt_layers
+    d_grads = [sequence_gradients(doc_model, TASK, b, doc_layers) for b in docs]
+    pre = precondition(q_grads, ScoreArguments(method=method, alpha=alpha), pt_f, ft_f)
+
+    q, d = _flat(q_grads), torch.cat([_flat(g) for g in d_grads])
+    eye = torch.eye(q.shape[1], dtype=torch.float64)
+    h_pt, h_ft = _block_diag_matrix(pt_f, pt_layers), _block_diag_matrix(ft_f, ft_layers)
+    if method == "multi-stage":
+        lam = _block_damping(pre.damping, pt_layers)
+        m = alpha * torch.linalg.inv(h_ft + alpha * eye) @ torch.linalg.inv(h_pt + lam)
+    elif method == "pt-inverse-dropped":
+        m = alpha * torch.linalg.inv(h_ft + alpha * eye)
+    elif method == "single-stage":
+        m = torch.linalg.inv(h_ft + _block_damping(pre.damping, ft_layers))
+    else:
+        m = eye
+    expected = q @ m @ d.T
+    if method == "gradient-cosine":
+        expected = expected / q.norm(dim=1, keepdim=True) / d.norm(dim=1)
+    # relative damping is 0.1 x the mean eigenvalue of each layer, as documented
+    for name, value in pre.damping.items():
+        f = ft_f if method == "single-stage" else pt_f
+        assert value == pytest.approx(0.1 * f.layers[name].corrected_eigenvalues.mean().item())
+    streamed = score_documents(doc_model, TASK, docs, doc_layers, pre, progress=False)
+    torch.testing.assert_close(streamed, expected, rtol=1e-7, atol=1e-10)
+    in_memory = score_gradients(pre, {k: torch.cat([g[k] for g in d_grads]) for k in d_grads[0]})
+    torch.testing.assert_close(in_memory, expected, rtol=1e-7, atol=1e-10)
+    assert expected.abs().max() > 0
+
+
+def test_token_and_layer_contributions_sum_to_total(pt_model, ft_model, two_stage):
+    pt_layers, ft_layers, pt_f, ft_f, query, docs = two_stage
+    args = ScoreArguments(method="multi-stage", alpha=0.5)
+    pre = precondition(sequence_gradients(ft_model, TASK, query, ft_layers), args, pt_f, ft_f)
+    total = score_documents(pt_model, TASK, docs[:1], pt_layers, pre, progress=False)
+    att = attribute_tokens(pt_model, TASK, docs[0], pt_layers, pre, chunk=1)
+    torch.testing.assert_close(att.token_scores.sum(-1), total)
+    torch.testing.assert_close(att.layer_scores.sum(-1), total)
+    # padded positions carry nothing
+    assert att.token_scores[:, docs[0]["attention_mask"] == 0].abs().max() == 0
+    # the per-layer numbers are each layer's own <u_l, G_l>
+    g = sequence_gradients(pt_model, TASK, docs[0], pt_layers)
+    for j, l in enumerate(pt_layers):
+        expected = torch.einsum("qoi,boi->qb", pre.vectors[l.name], g[l.name])
+        torch.testing.assert_close(att.layer_scores[:, :, j], expected)
+
+
+def test_answer_token_split_sums_to_answer_score(pt_model, ft_model, two_stage):
+    pt_layers, ft_layers, pt_f, ft_f, query, docs = two_stage
+    args = ScoreArguments(method="multi-stage", alpha=0.5)
+    whole = precondition(sequence_gradients(ft_model, TASK, query, ft_layers), args, pt_f, ft_f)
+    split, positions = TASK.split_targets(query)
+    assert len(positions) == int((query["labels"] != -100).sum())
+    per_token = precondition(sequence_gradients(ft_model, TASK, split, ft_layers), args, pt_f, ft_f)
+    s_whole = score_documents(pt_model, TASK, docs, pt_layers, whole, progress=False)
+    s_split = score_documents(pt_model, TASK, docs, pt_layers, per_token, progress=False)
+    for row in range(query["input_ids"].shape[0]):
+        torch.testing.assert_close(s_split[positions[:, 0] == row].sum(0), s_whole[row])
+    # answer-token x document-token map: its entries sum to the document's total score
+    att = attribute_tokens(pt_model, TASK, docs[0], pt_layers, per_token)
+    torch.testing.assert_close(att.token_scores[positions[:, 0] == 0].sum((0, 2)), s_whole[0, :3])
+
+
+def test_positive_score_means_document_raises_answer_likelihood(pt_model, two_stage):
+    """Sign convention, end to end: a small gradient step on a document changes the answer's
+    log-likelihood by step * (gradient-dot score)."""
+    pt_layers, _, _, _, query, docs = two_stage
+    model = copy.deepcopy(pt_model)
+    layers = find_tracked_layers(model)
+    doc = {k: v[:1] for k, v in docs[0].items()}
+    pre = precondition(sequence_gradients(model, TASK, query, layers), ScoreArguments(method="gradient-dot"))
+    score = score_documents(model, TASK, [doc], layers, pre, progress=False)[:, 0]
+    before = -TASK.sequence_losses(model, query).detach()
+    step = 1e-6
+    g_doc = sequence_gradients(model, TASK, doc, layers)
+    with torch.no_grad():
+        for l in layers:
+            for pname, grad in l.parameter_gradients(g_doc[l.name][0]).items():
+                getattr(l.module, pname).sub_(step * grad)  # gradient descent on the document
+    after = -TASK.sequence_losses(model, query).detach()
+    torch.testing.assert_close((after - before) / step, score, rtol=1e-3, atol=1e-6)
+
+
+def test_batch_size_and_padding_invariance(pt_model, layers):
+    docs = [lm_batch(1, n, seed=s, ragged=False) for s, n in [(1, 9), (2, 5), (3, 7), (4, 9)]]
+    width = 9
+
+    def pad(d):
+        extra = width - d["input_ids"].shape[1]
+        return {"input_ids": torch.nn.functional.pad(d["input_ids"], (0, extra)),
+                "attention_mask": torch.nn.functional.pad(d["attention_mask"], (0, extra)),
+                "labels": torch.nn.functional.pad(d["labels"], (0, extra), value=-100)}
+
+    together = [{k: torch.cat([pad(d)[k] for d in docs]) for k in docs[0]}]
+    args = FactorArguments(fisher="empirical", progress=False)
+    f_one, f_all = (fit_factors(pt_model, TASK, data, layers, args) for data in (docs, together))
+    for name in f_one.layers:
+        for key, t in f_one.layers[name].tensors().items():
+            if "eigenvectors" not in key:  # eigenvectors are defined up to sign
+                torch.testing.assert_close(t, getattr(f_all.layers[name], key))
+    pre = precondition(sequence_gradients(pt_model, TASK, docs[0], layers), ScoreArguments(method="gradient-dot"))
+    torch.testing.assert_close(score_documents(pt_model, TASK, docs, layers, pre, progress=False),
+                               score_documents(pt_model, TASK, together, layers, pre, progress=False))
+
+
+def test_factors_round_trip_and_mismatch(tmp_path, pt_model, ft_model, empirical_factors, layers):
+    path = tmp_path / "factors" / "pt.safetensors"
+    empirical_factors.save(path)
+    loaded = Factors.load(path)
+    assert loaded.strategy == "ekfac" and loaded.num_sequences == 12
+    assert loaded.arguments["fisher"] == "empirical"
+    for name, lf in empirical_factors.layers.items():
+        for key, t in lf.tensors().items():
+            torch.testing.assert_close(getattr(loaded.layers[name], key), t, rtol=0, atol=0)
+    loaded.check_compatible(pt_model, layers)
+    with pytest.raises(FactorMismatchError, match="weights do not match"):
+        loaded.check_compatible(ft_model, find_tracked_layers(ft_model))
+    other = tiny_neox(seed=0, hidden=12)
+    with pytest.raises(FactorMismatchError, match="tracked layers differ"):
+        loaded.check_compatible(other, find_tracked_layers(other))
+    assert not list(path.parent.glob("*.tmp"))  # the atomic write left no temporary behind
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        Factors.load(tmp_path / "bad.safetensors")
+
+
+def test_bad_arguments_say_what_is_wrong(pt_model, layers, empirical_factors):
+    grads = sequence_gradients(pt_model, TASK, lm_batch(1, 6, seed=1), layers)
+    with pytest.raises(ValueError, match="alpha"):
+        precondition(grads, ScoreArguments(method="multi-stage"), empirical_factors, empirical_factors)
+    with pytest.raises(ValueError, match="pretrained model's factors"):
+        precondition(grads, ScoreArguments(method="multi-stage", alpha=1.0), None, empirical_factors)
+    with pytest.raises(ValueError, match="unknown method"):
+        precondition(grads, ScoreArguments(method="magic"))
+    with pytest.raises(ValueError, match="no linear layer"):
+        find_tracked_layers(pt_model, include=[r"does-not-exist"])
+    with pytest.raises(ValueError, match="no batch"):
+        fit_factors(pt_model, TASK, [], layers, FactorArguments(progress=False))
+    with pytest.raises(ValueError, match="unknown curvature"):
+        fit_factors(pt_model, TASK, loader(), layers, FactorArguments(strategy="nope", progress=False))
