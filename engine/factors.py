@@ -35,6 +35,7 @@ class FactorArguments:
     strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity
     fisher: str = "true"  # true: labels sampled from the model; empirical: the data's labels
     seed: int = 0  # label sampling
+    label_samples: int = 1  # label draws per sequence (true Fisher); more draws, less noise
     max_batches: int | None = None  # per pass; None = the whole loader
     progress: bool = True
 
@@ -146,15 +147,20 @@ class _Accumulator:
 
 
 def _passes(model, task, loader, layers, args: FactorArguments, label: str, seed: int):
-    """Yield (a, g, mask, batch_size) per batch with labels as the Fisher type asks."""
+    """Yield (a, g, mask, batch_size) per batch and label draw, labels as the Fisher type asks.
+
+    Statistics are averaged over draws: each draw counts as one sequence in the sums.
+    """
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     sample = args.fisher == "true"
+    draws = args.label_samples if sample else 1
     bar = tqdm(iterate_batches(loader, args.max_batches), desc=label, disable=not args.progress,
                unit="batch", leave=False)
     for batch in bar:
-        acts, grads, mask = capture(model, task, batch, layers, sample=sample, generator=generator)
-        yield acts, grads, mask, task.batch_size(batch)
+        for _ in range(draws):
+            acts, grads, mask = capture(model, task, batch, layers, sample=sample, generator=generator)
+            yield acts, grads, mask, task.batch_size(batch)
 
 
 def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
@@ -167,6 +173,8 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
     args = args or FactorArguments()
     if args.fisher not in ("true", "empirical"):
         raise ValueError(f"fisher must be 'true' or 'empirical', got {args.fisher!r}")
+    if args.label_samples < 1:
+        raise ValueError(f"label_samples must be >= 1, got {args.label_samples}")
     strategy = get_strategy(args.strategy)
     factors = {layer.name: LayerFactors() for layer in layers}
     tokens = sequences = 0
@@ -186,8 +194,10 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
         for name, lf in factors.items():
             lf.activation_covariance = act_cov.sums[name] / tokens
             lf.gradient_covariance = grad_cov.sums[name] / sequences
-            lf.activation_eigenvalues, lf.activation_eigenvectors = torch.linalg.eigh(lf.activation_covariance)
-            lf.gradient_eigenvalues, lf.gradient_eigenvectors = torch.linalg.eigh(lf.gradient_covariance)
+            lf.activation_eigenvalues, lf.activation_eigenvectors = torch.linalg.eigh(
+                lf.activation_covariance)
+            lf.gradient_eigenvalues, lf.gradient_eigenvectors = torch.linalg.eigh(
+                lf.gradient_covariance)
 
     second = [p for p in ("correction", "diagonal") if p in strategy.passes]
     if second:
@@ -198,7 +208,7 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
         for acts, grads, mask, n in _passes(model, task, loader, layers, args, second[0], args.seed + 1):
             for name in acts:
                 a, g = acts[name], grads[name]
-                if "correction" in second:  # rotate a and g first: Q_S^T G Q_A = sum_t (Q_S^T g)(Q_A^T a)^T
+                if "correction" in second:  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T
                     q_s, q_a = basis[name]
                     a, g = a @ q_a.to(a), g @ q_s.to(g)
                 per_sequence = torch.einsum("bto,bti->boi", g, a)
@@ -212,7 +222,9 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
             else:
                 lf.diagonal = acc.sums[name] / seqs
 
-    return Factors(strategy.name, factors, sequences, tokens, model_fingerprint(model, layers),
+    draws = args.label_samples if args.fisher == "true" else 1
+    return Factors(strategy.name, factors, sequences // draws, tokens // draws,
+                   model_fingerprint(model, layers),
                    asdict(args))
 
 

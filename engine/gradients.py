@@ -36,8 +36,8 @@ def capture(model: nn.Module, task: Task, batch: Any, layers: Sequence[TrackedLa
             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
     """Activations and output gradients of every tracked layer for one batch.
 
-    Returns ``(a, g, mask)`` with ``a[name]`` (B, T, in[+1]) and ``g[name]`` (B, T, out) in float32,
-    both zero at masked positions, and the (B, T) mask itself (None when every position counts).
+    Returns ``(a, g, mask)`` with ``a[name]`` (B, T, in[+1]) and ``g[name]`` (B, T, out), upcast
+    to float32 (float64 kept), both zero at masked positions, and the (B, T) mask (None: all count).
     """
     batch = to_device(batch, model_device(model))
     mask = task.activation_mask(batch)

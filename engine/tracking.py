@@ -132,7 +132,7 @@ class LayerCapture:
         self.outputs.clear()
 
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None) -> torch.Tensor:
-        """Inputs as (B, T, in[+1]) in float32, a bias column of ones appended, masked positions 0."""
+        """Inputs (B, T, in[+1]), upcast to float32 (float64 kept), bias column of ones, mask applied."""
         a = upcast(self.inputs[layer.name])
         if a.dim() == 2:  # a non-sequence model: one "token" per example
             a = a.unsqueeze(1)
@@ -142,7 +142,7 @@ class LayerCapture:
 
     def output_gradients(self, loss: torch.Tensor, mask: torch.Tensor | None,
                          retain_graph: bool = False) -> dict[str, torch.Tensor]:
-        """g = dL/ds per layer as (B, T, out) float32, masked positions 0."""
+        """g = dL/ds per layer, (B, T, out), upcast like the activations, masked positions 0."""
         missing = [l.name for l in self.layers if l.name not in self.outputs]
         if missing:
             raise RuntimeError(f"tracked layers did not run in the forward pass: {missing}")

@@ -145,13 +145,15 @@ def test_eigenvalue_correction_equals_brute_force(pt_model, layers, empirical_fa
 
 def test_true_fisher_samples_labels_reproducibly(pt_model, layers):
     """The correction pass with sampled labels equals brute force with the same samples."""
-    args = FactorArguments(fisher="true", seed=5, progress=False)
+    args = FactorArguments(fisher="true", seed=5, label_samples=2, progress=False)
     fitted = fit_factors(pt_model, TASK, loader(), layers, args)
+    assert fitted.num_sequences == 12  # draws are averaged, not counted as sequences
     generator = torch.Generator().manual_seed(args.seed + 1)  # the correction pass's stream
     grads = []
     for b in loader():
-        grads.append(autograd_gradients(pt_model, layers, b, lambda b=b: TASK.sequence_losses(
-            pt_model, b, sample=True, generator=generator)))
+        for _ in range(args.label_samples):
+            grads.append(autograd_gradients(pt_model, layers, b, lambda b=b: TASK.sequence_losses(
+                pt_model, b, sample=True, generator=generator)))
     empirical = fit_factors(pt_model, TASK, loader(), layers,
                             FactorArguments(fisher="empirical", progress=False))
     for l in layers:
