@@ -43,18 +43,22 @@ class FactorArguments:
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[str, Any]:
     """Identity of a model as seen by its tracked layers: names, shapes and a weight hash.
 
-    The hash covers a strided sample of every tracked weight rounded to bfloat16, so the same
-    checkpoint loaded in float32 or bfloat16 on any device matches, and a fine-tuned child does not.
+    The hash covers every tracked bias and 4096 pseudo-randomly placed values of every tracked
+    weight (all of a small one), rounded to bfloat16: the same checkpoint loaded in float32 or
+    bfloat16 on any device matches, a fine-tuned child does not, and hashing stays cheap for
+    billions of parameters.
     """
     digest = hashlib.sha256()
     shapes = {}
     for layer in layers:
-        w = layer.module.weight.detach()
         shapes[layer.name] = list(layer.gradient_shape)
-        flat = w.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 512)][:512]
         digest.update(layer.name.encode())
-        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        for param in layer.module.parameters(recurse=False):
+            flat = param.detach().reshape(-1)
+            if flat.numel() > 4096:
+                picks = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(flat.numel()))
+                flat = flat[picks[:4096].to(flat.device)]
+            digest.update(flat.to(torch.bfloat16).float().cpu().numpy().tobytes())
     config = getattr(model, "config", None)
     return {
         "class": type(model).__name__,
@@ -188,7 +192,7 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
                 g = grads[name].flatten(0, 1)
                 act_cov.add(name, a.T @ a)
                 grad_cov.add(name, g.T @ g)
-            tokens += int(mask.sum()) if mask is not None else n * next(iter(acts.values())).shape[1]
+            tokens += _count_tokens(mask, acts, n)
             sequences += n
         _check_nonempty(sequences)
         for name, lf in factors.items():
@@ -205,7 +209,9 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
         seqs = 0
         basis = {name: (lf.gradient_eigenvectors, lf.activation_eigenvectors)
                  for name, lf in factors.items() if lf.gradient_eigenvectors is not None}
+        tokens = 0
         for acts, grads, mask, n in _passes(model, task, loader, layers, args, second[0], args.seed + 1):
+            tokens += _count_tokens(mask, acts, n)
             for name in acts:
                 a, g = acts[name], grads[name]
                 if "correction" in second:  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T
@@ -226,6 +232,10 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
     return Factors(strategy.name, factors, sequences // draws, tokens // draws,
                    model_fingerprint(model, layers),
                    asdict(args))
+
+
+def _count_tokens(mask: torch.Tensor | None, acts: dict[str, torch.Tensor], n: int) -> int:
+    return int(mask.sum()) if mask is not None else n * next(iter(acts.values())).shape[1]
 
 
 def _check_nonempty(sequences: int) -> None:

@@ -22,8 +22,15 @@ IGNORE = -100
 
 
 def _sampled_targets(logits: torch.Tensor, keep: torch.Tensor, generator) -> torch.Tensor:
-    probs = torch.softmax(upcast(logits), dim=-1).reshape(-1, logits.shape[-1])
-    drawn = torch.multinomial(probs, 1, generator=generator).view(keep.shape)
+    """One label per position drawn from softmax(logits), by inverse CDF.
+
+    One uniform number and a binary search per position: an order of magnitude faster than
+    ``torch.multinomial``, which draws one exponential per vocabulary entry.
+    """
+    cdf = torch.softmax(upcast(logits), dim=-1).cumsum_(dim=-1)
+    u = torch.rand(keep.shape + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype)
+    drawn = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    drawn = drawn.clamp_max_(logits.shape[-1] - 1)
     return torch.where(keep, drawn, torch.full_like(drawn, IGNORE))
 
 

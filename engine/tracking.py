@@ -71,10 +71,11 @@ def find_tracked_layers(
 
     A layer is tracked when some ``include`` pattern matches (``re.search``) and no ``exclude``
     pattern does. Defaults: every Linear/Conv1D inside the transformer blocks; embeddings and
-    the LM head excluded.
+    the LM head excluded (the exclusions apply only when ``include`` is not given).
     """
+    if exclude is None:  # naming layers explicitly (e.g. the LM head) lifts the default exclusions
+        exclude = DEFAULT_EXCLUDE if include is None else ()
     include = DEFAULT_INCLUDE if include is None else tuple(include)
-    exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
     layers = []
     for name, module in model.named_modules():
         layer = _describe(name, module)
@@ -85,9 +86,24 @@ def find_tracked_layers(
     if not layers:
         raise ValueError(
             f"no linear layer of {type(model).__name__} matches include={list(include)} "
-            f"exclude={list(exclude)}; pass include patterns naming the layers to track"
+            f"exclude={list(exclude)}; pass include/exclude patterns naming the layers to track"
         )
+    _reject_shared_weights(model, layers)
     return layers
+
+
+def _reject_shared_weights(model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
+    """A weight used by two modules (a tied LM head) has a gradient no single layer's (a, g) gives."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            users.setdefault(id(param), []).append(name)
+    for layer in layers:
+        shared = users[id(layer.module.weight)]
+        if len(shared) > 1:
+            raise ValueError(f"{layer.name} shares its weight with {[n for n in shared if n != layer.name]} "
+                             "(tied embeddings); its per-layer gradient would be partial, so it "
+                             "cannot be tracked")
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

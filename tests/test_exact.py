@@ -141,6 +141,7 @@ def test_eigenvalue_correction_equals_brute_force(pt_model, layers, empirical_fa
     for l in layers:
         g = torch.cat([gr[l.name] for gr in grads])
         torch.testing.assert_close(diag.layers[l.name].diagonal, g.square().mean(0))
+    assert diag.num_tokens == empirical_factors.num_tokens and diag.num_sequences == 12
 
 
 def test_true_fisher_samples_labels_reproducibly(pt_model, layers):
@@ -332,6 +333,11 @@ def test_factors_round_trip_and_mismatch(tmp_path, pt_model, ft_model, empirical
     loaded.check_compatible(pt_model, layers)
     with pytest.raises(FactorMismatchError, match="weights do not match"):
         loaded.check_compatible(ft_model, find_tracked_layers(ft_model))
+    nudged = copy.deepcopy(pt_model)  # a change confined to one bias is still caught
+    with torch.no_grad():
+        find_tracked_layers(nudged)[-1].module.bias.add_(1e-2)
+    with pytest.raises(FactorMismatchError):
+        loaded.check_compatible(nudged, find_tracked_layers(nudged))
     other = tiny_neox(seed=0, hidden=12)
     with pytest.raises(FactorMismatchError, match="tracked layers differ"):
         loaded.check_compatible(other, find_tracked_layers(other))
