@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,50 @@ def _precompute(args) -> int:
     study = run_pipeline(config, args.out, progress=not args.quiet)
     print(f"study ready: {study.root}")
     return 0
+
+
+def _read_prompts(args) -> list[dict]:
+    if args.prompt is not None:
+        return [{"prompt": args.prompt, "answer": args.answer}]
+    rows = []
+    for n, line in enumerate(Path(args.prompts_file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{args.prompts_file}:{n}: not JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{args.prompts_file}:{n}: expected {{"prompt": "..."}}')
+        rows.append({"prompt": row["prompt"], "answer": row.get("answer", args.answer)})
+    if not rows:
+        raise ValueError(f"{args.prompts_file} holds no prompts")
+    return rows
+
+
+def _query(args) -> int:
+    from explorer.tracer import Tracer
+
+    prompts = _read_prompts(args)
+    tracer = Tracer(args.study, device=args.device)  # models load once for all prompts
+    for row in prompts:
+        trace = tracer.trace(row["prompt"], row["answer"], method=args.method, top_k=args.top_k)
+        if args.json:
+            print(json.dumps(trace.to_json()), flush=True)
+        else:
+            print(_format_trace(trace), flush=True)
+    return 0
+
+
+def _format_trace(trace) -> str:
+    lines = [f"prompt:  {trace.prompt}", f"answer:  {trace.answer}", f"method:  {trace.method} ({trace.settings['retrieval']}; "
+             f"{trace.timings['total']:.2f}s)", "positive = raises the answer's log-likelihood"]
+    for label, hits in (("proponents", trace.proponents), ("opponents", trace.opponents)):
+        lines.append(f"{label}:")
+        for rank, hit in enumerate(hits, 1):
+            snippet = " ".join(hit.text.split())[:90]
+            lines.append(f"  {rank:>3}. {hit.score:+.4e}  doc {hit.doc_id:<6} {snippet}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
     pre.add_argument("--quiet", action="store_true", help="no progress bars")
     pre.set_defaults(run=_precompute)
+
+    from explorer.tracer import ALL_METHODS  # light: no model is loaded at import
+
+    query = commands.add_parser("query", help="answer prompts and trace the answers to documents",
+                                description="Generates the fine-tuned model's answer (or scores "
+                                            "--answer), retrieves proponents and opponents, "
+                                            "re-scores them exactly and prints them.")
+    query.add_argument("--study", required=True, type=Path, help="study directory")
+    given = query.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="one prompt (the instruction)")
+    given.add_argument("--prompts-file", type=Path, help='JSONL, one {"prompt": ...} per line')
+    query.add_argument("--answer", help="score this answer instead of generating one")
+    query.add_argument("--method", default="multi-stage", choices=ALL_METHODS)
+    query.add_argument("--top-k", type=int, default=10)
+    query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    query.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    query.set_defaults(run=_query)
     return parser
 
 

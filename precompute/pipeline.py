@@ -11,7 +11,9 @@ Stages, each resumable and recorded in the manifest:
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +21,16 @@ from typing import Iterator, Sequence
 
 import datasets
 import torch
+from tqdm.auto import tqdm
 
-from engine import (FactorArguments, LanguageModelingTask, encode_documents, encode_prompt_answer,
-                    find_tracked_layers, fit_factors)
+import numpy as np
+
+from engine import (FactorArguments, GradientIndex, KroneckerProjector, LanguageModelingTask,
+                    encode_documents, encode_prompt_answer, find_tracked_layers, fit_factors,
+                    iter_projected_documents)
 
 from .config import StudyConfig, format_prompt
-from .study import Study, atomic_path
+from .study import Study, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 TASK = LanguageModelingTask()
@@ -32,6 +38,13 @@ DOCUMENTS = "corpus/documents.parquet"
 RECORDS = "finetune/records.parquet"
 PT_FACTORS = "factors/pretrained.safetensors"
 FT_FACTORS = "factors/finetuned.safetensors"
+PROJECTOR = "gradients/projector.safetensors"
+SHARDS = "gradients/shards"
+PROJECTED = "gradients/projected.npy"
+SQ_NORMS = "gradients/sq_norms.npy"
+INDEX = "index/gradients.faiss"
+COSINE_INDEX = "index/gradients-normalized.faiss"
+SHARD_SIZE = 1024  # documents per resumable shard
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +61,12 @@ def load_model(path: str, dtype: str, device: torch.device):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device).eval()
+
+
+def model_path(study: Study, path: str) -> str:
+    """Paths inside the study (the demo's models) are stored relative to it, so a study can move."""
+    local = study.path(path)
+    return str(local) if path and local.exists() else path
 
 
 def load_tokenizer(path: str):
@@ -102,7 +121,7 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
                     config=asdict(config.finetuning))
 
     device = resolve_device(config.models.device)
-    tokenizer = load_tokenizer(config.models.tokenizer or config.models.finetuned)
+    tokenizer = load_tokenizer(model_path(study, config.models.tokenizer or config.models.finetuned))
     inf = config.influence
     docs = datasets.Dataset.from_parquet(str(study.path(DOCUMENTS)))
     records = datasets.Dataset.from_parquet(str(study.path(RECORDS)))
@@ -112,8 +131,8 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
                      "template": config.template, "inputs": study.checksums(DOCUMENTS, RECORDS)}
 
     def fit(which: str, path: str, loader) -> list[str]:
-        model_path = config.models.base if which == "pretrained" else config.models.finetuned
-        model = load_model(model_path, config.models.dtype, device)
+        which_path = config.models.base if which == "pretrained" else config.models.finetuned
+        model = load_model(model_path(study, which_path), config.models.dtype, device)
         started = time.perf_counter()
         factors = fit_factors(model, TASK, loader, tracked_layers(model, config), fargs)
         log.info("fitted %s factors in %.1fs", which, time.perf_counter() - started)
@@ -126,7 +145,69 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
         config=factor_config)
     study.run_stage("factors-finetuned", lambda: fit("finetuned", FT_FACTORS, _Loader(
         lambda: record_batches(tokenizer, config, records, inf.batch_size))), config=factor_config)
+
+    projection_config = {**factor_config, "shard_size": SHARD_SIZE}
+    study.run_stage("projection", lambda: _project(study, config, tokenizer, docs["text"], device,
+                                                   progress), config=projection_config)
+    study.run_stage("index", lambda: _index(study, inf.index),
+                    config={"index": inf.index, "inputs": study.checksums(PROJECTED, SQ_NORMS)})
     return study
+
+
+def _project(study: Study, config: StudyConfig, tokenizer, texts: Sequence[str],
+             device: torch.device, progress: bool) -> list[str]:
+    """Projected gradients of every pretraining document at theta_pt, shard by shard.
+
+    A shard that exists is complete (atomic writes), so a rerun after a crash starts at the first
+    missing shard. Shards left by a different configuration are removed first.
+    """
+    inf = config.influence
+    model = load_model(model_path(study, config.models.base), config.models.dtype, device)
+    layers = tracked_layers(model, config)
+    projector = KroneckerProjector.for_layers(layers, inf.projection_dim, seed=inf.seed)
+    shard_dir = study.path(SHARDS)
+    stamp = {"projector": projector.checksum(), "documents": study.checksums(DOCUMENTS)}
+    stamp_path = shard_dir / "stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
+        shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp_path, stamp)
+    starts = range(0, len(texts), SHARD_SIZE)
+    for start in tqdm(starts, desc="projection shards", disable=not progress, unit="shard"):
+        path = shard_dir / f"shard-{start // SHARD_SIZE:05d}.npz"
+        if path.exists():
+            continue
+        chunk = texts[start:start + SHARD_SIZE]
+        parts = list(iter_projected_documents(
+            model, TASK, document_batches(tokenizer, chunk, inf.max_length, inf.batch_size), layers,
+            projector, norms=True, progress=False))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, vectors=np.concatenate([p.vectors for p in parts]),
+                         sq_norms=np.concatenate([p.sq_norms for p in parts]))
+    shards = [np.load(shard_dir / f"shard-{i:05d}.npz") for i in range(len(starts))]
+    _save_npy(study.path(PROJECTED), np.concatenate([s["vectors"] for s in shards]))
+    _save_npy(study.path(SQ_NORMS), np.concatenate([s["sq_norms"] for s in shards]))
+    projector.save(study.path(PROJECTOR), include_matrices=True,
+                   metadata={"model": config.models.base})
+    shutil.rmtree(shard_dir)
+    return [PROJECTOR, PROJECTED, SQ_NORMS]
+
+
+def _index(study: Study, kind: str) -> list[str]:
+    """Inner-product index over projected gradients, and one over gradients / ||G|| (cosine)."""
+    vectors = np.load(study.path(PROJECTED))
+    norms = np.sqrt(np.load(study.path(SQ_NORMS))).clip(min=1e-30)
+    kind = kind if len(vectors) >= 1000 else "flat"  # IVF needs enough points to train
+    GradientIndex.build(vectors, kind=kind).save(study.path(INDEX))
+    GradientIndex.build(vectors / norms[:, None], kind=kind).save(study.path(COSINE_INDEX))
+    return [INDEX, COSINE_INDEX]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
 
 
 def _write_dataset(study: Study, relative: str, ds: datasets.Dataset) -> list[str]:

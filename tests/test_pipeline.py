@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from engine import Factors, find_tracked_layers
+from engine import Factors, GradientIndex, find_tracked_layers
 from precompute.config import StudyConfig
 from precompute.pipeline import run_pipeline
 from precompute.study import Study, StudyError
@@ -64,8 +65,8 @@ def _config(inputs, **influence):
 
 def test_pipeline_builds_a_verifiable_study(inputs, tmp_path):
     study = run_pipeline(_config(inputs), tmp_path / "study", progress=False)
-    manifest = study.verify(["corpus", "finetune-data", "factors-pretrained", "factors-finetuned"],
-                            checksums=True)
+    manifest = study.verify(["corpus", "finetune-data", "factors-pretrained", "factors-finetuned",
+                             "projection", "index"], checksums=True)
     assert manifest["config"]["influence"]["alpha"] == 2.0
     assert "factors/pretrained.safetensors" in manifest["files"]
     pt = Factors.load(study.path("factors/pretrained.safetensors"))
@@ -74,6 +75,38 @@ def test_pipeline_builds_a_verifiable_study(inputs, tmp_path):
     base = GPTNeoXForCausalLM.from_pretrained(inputs / "base")
     pt.check_compatible(base, find_tracked_layers(base))
     assert pt.model["weights_sha256"] != ft.model["weights_sha256"]
+    vectors = np.load(study.path("gradients/projected.npy"))
+    assert vectors.shape[0] == len(DOCS) and np.isfinite(vectors).all()
+    index = GradientIndex.load(study.path("index/gradients.faiss"))
+    assert index.ntotal == len(DOCS)
+    assert not study.path("gradients/shards").exists()  # shards are merged, then removed
+
+
+def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):
+    import precompute.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "SHARD_SIZE", 4)
+    calls = []
+    real = pipeline.iter_projected_documents
+
+    def crash_on_third_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "iter_projected_documents", crash_on_third_shard)
+    out = tmp_path / "study"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(_config(inputs), out, progress=False)
+    assert sorted(p.name for p in (out / "gradients/shards").glob("shard-*.npz")) == [
+        "shard-00000.npz", "shard-00001.npz"]
+    assert not list((out / "gradients/shards").glob(".*tmp"))
+    run_pipeline(_config(inputs), out, progress=False)
+    assert len(calls) == 4  # shards 0 and 1 were kept; 2 was redone
+    resumed = np.load(out / "gradients/projected.npy")
+    fresh = run_pipeline(_config(inputs), tmp_path / "fresh", progress=False)
+    np.testing.assert_allclose(resumed, np.load(fresh.path("gradients/projected.npy")), rtol=1e-5)
 
 
 def test_pipeline_resumes_and_reruns_changed_stages(inputs, tmp_path):
@@ -93,12 +126,12 @@ def test_tampered_or_missing_study_is_reported(inputs, tmp_path):
     with pytest.raises(StudyError, match="no study"):
         Study(tmp_path / "nowhere").verify(["corpus"])
     study = run_pipeline(_config(inputs), tmp_path / "study", progress=False)
+    with pytest.raises(StudyError, match="missing stages: app-cache"):
+        study.verify(["index", "app-cache"])
     with open(study.path("factors/finetuned.safetensors"), "ab") as f:
         f.write(b"x")
     with pytest.raises(StudyError, match="changed after the study was built"):
         study.verify(["corpus"])
-    with pytest.raises(StudyError, match="missing stages: index"):
-        study.verify(["index"])
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -111,3 +144,64 @@ def test_config_errors_are_clear(tmp_path):
         StudyConfig.from_toml(bad)
     with pytest.raises(ValueError, match="does not exist"):
         StudyConfig.from_toml(tmp_path / "missing.toml")
+
+
+@pytest.fixture(scope="module")
+def built(inputs, tmp_path_factory):
+    # a projection as large as the gradients is the identity: retrieval is then exact
+    return run_pipeline(_config(inputs, projection_dim=100_000), tmp_path_factory.mktemp("built") / "study",
+                        progress=False)
+
+
+@pytest.mark.parametrize("method", ["multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot",
+                                    "gradient-cosine", "representation", "bm25"])
+def test_query_cli_json(built, method, capsys):
+    from precompute.cli import main
+
+    assert main(["query", "--study", str(built.root), "--prompt", "What colour is fox 2?",
+                 "--answer", "The fox is green.", "--method", method, "--top-k", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert list(result)[:5] == ["prompt", "answer", "method", "proponents", "opponents"]
+    assert result["answer"] == "The fox is green." and result["method"] == method
+    pro, opp = result["proponents"], result["opponents"]
+    assert len(pro) == len(opp) == 3
+    assert [h["score"] for h in pro] == sorted((h["score"] for h in pro), reverse=True)
+    assert [h["score"] for h in opp] == sorted(h["score"] for h in opp)
+    if method not in ("representation", "bm25"):
+        for hit in pro + opp:  # token heatmaps sum to the exact score
+            assert len(hit["tokens"]) == len(hit["token_scores"]) > 0
+            assert sum(hit["token_scores"]) == pytest.approx(hit["score"], rel=1e-3, abs=1e-6)
+
+
+def test_query_index_matches_exact_scoring(built):
+    """Retrieved-and-rescored proponents equal the exact top-k over the whole corpus."""
+    from explorer.tracer import TASK, Tracer
+    from engine import score_documents
+
+    tracer = Tracer(built.root, device="cpu")
+    trace = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False)
+    prompt = tracer.prompt_for("What colour is fox 1?")
+    query = tracer.query_vectors(prompt, "The fox is blue.", "multi-stage")
+    exact = score_documents(tracer.pt_model, TASK, tracer._batches(range(len(DOCS))),
+                            tracer.pt_layers, query, progress=False)[0]
+    top = exact.argsort(descending=True)[:3].tolist()
+    assert [h.doc_id for h in trace.proponents] == top
+    np.testing.assert_allclose([h.score for h in trace.proponents], exact[top].numpy(), rtol=1e-4)
+
+
+def test_query_cli_reads_prompts_file_and_reports_bad_input(built, tmp_path, capsys):
+    from precompute.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What colour is fox 0?"}\n{"prompt": "What colour is fox 3?"}\n')
+    assert main(["query", "--study", str(built.root), "--prompts-file", str(prompts),
+                 "--answer", "The fox is red.", "--json", "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(l)["prompt"] for l in lines] == ["What colour is fox 0?", "What colour is fox 3?"]
+    assert main(["query", "--study", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "no study" in capsys.readouterr().err
+    assert main(["query", "--study", str(built.root), "--prompt", "   ", "--answer", "x"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    prompts.write_text("not json\n")
+    assert main(["query", "--study", str(built.root), "--prompts-file", str(prompts)]) == 2
+    assert "not JSON" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+"""Answer a prompt and trace the answer to pretraining documents: the library behind the CLI and app.
+
+A :class:`Tracer` opens a study once (models, factors, projector, index, corpus) and then serves
+queries. It speaks in documents, scores and tokens; the curvature lives in the engine.
+Scores follow the project's sign convention: positive = the document raises the answer's
+log-likelihood (proponent), negative = lowers it (opponent).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+import torch
+
+from engine import (BM25, METHODS, Factors, GradientIndex, KroneckerProjector, LanguageModelingTask,
+                    ScoreArguments, attribute_tokens, encode_documents, encode_prompt_answer,
+                    precondition, pooled_representations, cosine_similarity, rescore, retrieve,
+                    score_documents, sequence_gradients)
+from precompute import pipeline as P
+from precompute.config import StudyConfig, format_prompt
+from precompute.study import Study, StudyError
+
+TASK = LanguageModelingTask()
+GRADIENT_METHODS = METHODS  # multi-stage, pt-inverse-dropped, single-stage, gradient-dot, -cosine
+ALL_METHODS = GRADIENT_METHODS + ("representation", "bm25")
+INDEXED = ("multi-stage", "pt-inverse-dropped", "gradient-dot", "gradient-cosine")
+REQUIRED_STAGES = ["corpus", "finetune-data", "factors-pretrained", "factors-finetuned",
+                   "projection", "index"]
+MAX_PROMPT_CHARS = 8000
+
+
+@dataclass
+class DocumentHit:
+    doc_id: int
+    score: float  # exact influence (or baseline similarity), never a projected estimate
+    title: str
+    text: str
+    tokens: list[str] = field(default_factory=list)  # document tokens as text pieces
+    token_scores: list[float] = field(default_factory=list)  # per token, sums to score
+    layer_scores: dict[str, float] = field(default_factory=dict)  # per tracked layer
+    projected_score: float | None = None  # the index's estimate, when retrieval used one
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Trace:
+    prompt: str
+    answer: str
+    method: str
+    proponents: list[DocumentHit]
+    opponents: list[DocumentHit]
+    answer_tokens: list[str]
+    settings: dict[str, Any]
+    timings: dict[str, float]
+
+    def to_json(self, with_text: bool = False) -> dict[str, Any]:
+        def hit(h: DocumentHit) -> dict[str, Any]:
+            data = h.to_json()
+            if not with_text:
+                data.pop("text")
+            return data
+        return {"prompt": self.prompt, "answer": self.answer, "method": self.method,
+                "proponents": [hit(h) for h in self.proponents],
+                "opponents": [hit(h) for h in self.opponents],
+                "answer_tokens": self.answer_tokens, "settings": self.settings,
+                "timings": self.timings}
+
+
+def check_prompt(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("the prompt is empty: type a question or instruction")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+    return text
+
+
+class Tracer:
+    """Everything a query needs, loaded once. Thread-safe: queries run one at a time."""
+
+    def __init__(self, study_dir: str | Path, device: str = "auto", progress: bool = False):
+        self.study = Study(study_dir)
+        manifest = self.study.verify(REQUIRED_STAGES)
+        self.manifest = manifest
+        self.config = StudyConfig.from_dict(manifest["config"])
+        self.device = P.resolve_device(device if device != "auto" else self.config.models.device)
+        self.progress = progress
+        self._lock = threading.Lock()
+        m = self.config.models
+        self.tokenizer = P.load_tokenizer(P.model_path(self.study, m.tokenizer or m.finetuned))
+        self.pt_model = P.load_model(P.model_path(self.study, m.base), m.dtype, self.device)
+        self.ft_model = P.load_model(P.model_path(self.study, m.finetuned), m.dtype, self.device)
+        self.pt_layers = P.tracked_layers(self.pt_model, self.config)
+        self.ft_layers = P.tracked_layers(self.ft_model, self.config)
+        self.pt_factors = Factors.load(self.study.path(P.PT_FACTORS))
+        self.ft_factors = Factors.load(self.study.path(P.FT_FACTORS))
+        self.pt_factors.check_compatible(self.pt_model, self.pt_layers)
+        self.ft_factors.check_compatible(self.ft_model, self.ft_layers)
+        self.projector = KroneckerProjector.load(self.study.path(P.PROJECTOR))
+        self.projector.check_compatible(self.pt_layers)
+        self.index = GradientIndex.load(self.study.path(P.INDEX))
+        self.cosine_index = GradientIndex.load(self.study.path(P.COSINE_INDEX))
+        self.documents = datasets.Dataset.from_parquet(str(self.study.path(P.DOCUMENTS)))
+        self.records = datasets.Dataset.from_parquet(str(self.study.path(P.RECORDS)))
+        self._bm25: BM25 | None = None
+        self._representations: np.ndarray | None = None
+
+    # -- answering ------------------------------------------------------------------------------
+    def prompt_for(self, instruction: str, context: str = "") -> str:
+        return format_prompt(self.config, check_prompt(instruction), context)
+
+    @torch.no_grad()
+    def generate(self, instruction: str, context: str = "", max_new_tokens: int = 48,
+                 temperature: float = 0.0) -> str:
+        prompt = self.prompt_for(instruction, context)
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        limit = self.config.influence.max_length - max_new_tokens
+        if limit < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt")
+        ids = ids[:, -limit:].to(self.device)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+            "do_sample": False}
+        with self._lock:
+            out = self.ft_model.generate(ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=max_new_tokens,
+                                         pad_token_id=self.tokenizer.pad_token_id,
+                                         eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return answer.split("### End")[0].strip()
+
+    # -- tracing --------------------------------------------------------------------------------
+    def score_arguments(self, method: str) -> ScoreArguments:
+        inf = self.config.influence
+        return ScoreArguments(method=method, alpha=inf.alpha, damping=inf.damping,
+                              damping_factor=inf.damping_factor)
+
+    def query_vectors(self, prompt: str, answer: str, method: str, per_token: bool = False):
+        """Preconditioned query u for the answer (or one per answer token with ``per_token``)."""
+        batch = encode_prompt_answer(self.tokenizer, [prompt], [answer], self.config.influence.max_length)
+        if per_token:
+            batch, _ = TASK.split_targets(batch)
+        grads = sequence_gradients(self.ft_model, TASK, batch, self.ft_layers)
+        return precondition(grads, self.score_arguments(method), self.pt_factors, self.ft_factors)
+
+    def trace(self, instruction: str, answer: str | None = None, method: str = "multi-stage",
+              top_k: int = 10, context: str = "", heatmaps: bool = True) -> Trace:
+        if method not in ALL_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        if answer is None or not answer.strip():
+            answer = self.generate(instruction, context)
+            timings["generate"] = time.perf_counter() - started
+        if not answer.strip():
+            raise ValueError("the model's answer is empty; type an answer to trace")
+        prompt = self.prompt_for(instruction, context)
+        top_k = min(top_k, len(self.documents))
+        with self._lock:
+            t0 = time.perf_counter()
+            pro, opp, query = self._rank(prompt, answer, method, top_k)
+            timings["rank"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if heatmaps and query is not None:
+                self._attach_heatmaps(pro + opp, query, method)
+            timings["heatmaps"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - started
+        settings = {"alpha": self.config.influence.alpha, "top_k": top_k,
+                    "damping": query.damping if query is not None else {},
+                    "retrieval": "index + exact re-scoring" if method in INDEXED else "exact, all documents"}
+        answer_ids = encode_prompt_answer(self.tokenizer, [prompt], [answer],
+                                          self.config.influence.max_length)
+        answer_tokens = self._pieces(answer_ids["input_ids"][0][answer_ids["labels"][0] != -100])
+        settings["model_prompt"] = prompt
+        return Trace(instruction.strip(), answer, method, pro, opp, answer_tokens, settings, timings)
+
+    def _rank(self, prompt, answer, method, k):
+        if method in ("representation", "bm25"):
+            scores = self._baseline_scores(prompt, answer, method)
+            return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), None
+        query = self.query_vectors(prompt, answer, method)
+        if method in INDEXED:
+            index = self.cosine_index if method == "gradient-cosine" else self.index
+            found = retrieve(self.projector.project_gradients(query.vectors), index, k)
+            found = rescore(found, self.pt_model, TASK, self.pt_layers, query, self._batches)
+            pro = self._hits(found.proponent_ids[0], None, found.proponent_exact[0], found.proponent_projected[0])
+            opp = self._hits(found.opponent_ids[0], None, found.opponent_exact[0], found.opponent_projected[0])
+            return pro, opp, query
+        # single-stage treats pretraining documents as training data of theta_ft: exact, all docs
+        scores = score_documents(self.ft_model, TASK, self._batches(range(len(self.documents))),
+                                 self.ft_layers, query, progress=self.progress)[0].double().numpy()
+        return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), query
+
+    def _baseline_scores(self, prompt: str, answer: str, method: str) -> np.ndarray:
+        if method == "bm25":
+            if self._bm25 is None:
+                self._bm25 = BM25(self.documents["text"])
+            return self._bm25.score_prompt_answer([prompt], [answer])[0]
+        if self._representations is None:
+            self._representations = pooled_representations(
+                self.ft_model, self._batches(range(len(self.documents))), progress=self.progress)
+        batch = encode_prompt_answer(self.tokenizer, [prompt], [answer], self.config.influence.max_length)
+        q = pooled_representations(self.ft_model, [batch], progress=False)
+        return cosine_similarity(q, self._representations)[0]
+
+    def _batches(self, doc_ids: Sequence[int]):
+        texts = self.documents.select(list(doc_ids))["text"] if len(doc_ids) else []
+        inf = self.config.influence
+        return list(P.document_batches(self.tokenizer, texts, inf.max_length, inf.batch_size))
+
+    def _hits(self, ids, scores=None, exact=None, projected=None) -> list[DocumentHit]:
+        hits = []
+        for j, doc_id in enumerate(int(i) for i in ids):
+            row = self.documents[doc_id]
+            score = float(exact[j]) if exact is not None else float(scores[doc_id])
+            hits.append(DocumentHit(doc_id, score, row["title"], row["text"],
+                                    projected_score=None if projected is None else float(projected[j])))
+        return hits
+
+    def _attach_heatmaps(self, hits: list[DocumentHit], query, method: str) -> None:
+        if not hits:
+            return
+        model, layers = ((self.ft_model, self.ft_layers) if method == "single-stage"
+                         else (self.pt_model, self.pt_layers))
+        for batch_hits, batch in zip(_chunks(hits, self.config.influence.batch_size),
+                                     self._batches([h.doc_id for h in hits])):
+            att = attribute_tokens(model, TASK, batch, layers, query)
+            for b, hit in enumerate(batch_hits):
+                n = int(batch["attention_mask"][b].sum())
+                hit.tokens = self._pieces(batch["input_ids"][b, :n])
+                hit.token_scores = att.token_scores[0, b, :n].double().tolist()
+                hit.layer_scores = dict(zip(att.layer_names, att.layer_scores[0, b].double().tolist()))
+
+    def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int) -> dict[str, Any]:
+        """Answer-token x document-token influence for one document (rows sum to the answer tokens'
+        scores, everything sums to the document's score)."""
+        with self._lock:
+            query = self.query_vectors(prompt, answer, method, per_token=True)
+            model, layers = ((self.ft_model, self.ft_layers) if method == "single-stage"
+                             else (self.pt_model, self.pt_layers))
+            batch = self._batches([doc_id])[0]
+            att = attribute_tokens(model, TASK, batch, layers, query)
+        answer_ids = encode_prompt_answer(self.tokenizer, [prompt], [answer],
+                                          self.config.influence.max_length)
+        return {"answer_tokens": self._pieces(answer_ids["input_ids"][0][answer_ids["labels"][0] != -100]),
+                "document_tokens": self._pieces(batch["input_ids"][0]),
+                "matrix": att.token_scores[:, 0, :].double().numpy()}
+
+    def _pieces(self, ids) -> list[str]:
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def open_tracer(study_dir: str | Path, device: str = "auto") -> Tracer:
+    """A Tracer, with a one-line explanation instead of a traceback when the study is unusable."""
+    try:
+        return Tracer(study_dir, device)
+    except StudyError:
+        raise
+    except FileNotFoundError as err:
+        raise StudyError(f"{study_dir}: {err}") from None
