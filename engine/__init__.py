@@ -19,6 +19,11 @@ from .influence import METHODS, PreconditionedQuery, ScoreArguments, preconditio
 from .tasks import ClassificationTask, LanguageModelingTask, Task  # noqa: E402
 from .text import encode_documents, encode_prompt_answer  # noqa: E402
 from .tracking import TrackedLayer, find_tracked_layers  # noqa: E402
+from .projection import (KroneckerProjector, ProjectedDocuments, gradient_sq_norms,  # noqa: E402
+                         iter_projected_documents, project_documents, project_gradients)
+from .retrieval import GradientIndex, Retrieval, rescore, retrieve  # noqa: E402
+from .baselines import (BM25, bm25_tokenize, cosine_similarity, pooled_representations,  # noqa: E402
+                        representation_similarity)
 
 __all__ = [
     "FactorArguments", "FactorMismatchError", "Factors", "LayerFactors", "METHODS", "STRATEGIES",
@@ -27,4 +32,8 @@ __all__ = [
     "encode_prompt_answer", "find_tracked_layers", "fit_factors", "flatten", "get_strategy",
     "model_fingerprint", "precondition", "score_documents", "score_gradients", "sequence_gradients",
     "stack_gradients",
+    "KroneckerProjector", "ProjectedDocuments", "gradient_sq_norms", "iter_projected_documents",
+    "project_documents", "project_gradients", "GradientIndex", "Retrieval", "rescore", "retrieve",
+    "BM25", "bm25_tokenize", "cosine_similarity", "pooled_representations",
+    "representation_similarity",
 ]
