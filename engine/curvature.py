@@ -55,6 +55,10 @@ class Curvature(ABC):
     def precondition(self, f: LayerFactors, v: torch.Tensor, damping: float) -> torch.Tensor:
         """(H + damping * I)^-1 V."""
 
+    def to_eigenbasis(self, f: LayerFactors, v: torch.Tensor) -> torch.Tensor:
+        """V in the basis where H is diagonal with ``eigenvalues`` (an orthogonal change)."""
+        return v
+
 
 class EKFAC(Curvature):
     """H = (Q_A x Q_S) diag(Lambda) (Q_A x Q_S)^T with Lambda fitted per sequence (George et al.)."""
@@ -63,6 +67,9 @@ class EKFAC(Curvature):
 
     def eigenvalues(self, f):
         return f.corrected_eigenvalues
+
+    def to_eigenbasis(self, f, v):
+        return _rotate(v, f.gradient_eigenvectors.to(v), f.activation_eigenvectors.to(v))
 
     def precondition(self, f, v, damping):
         q_s = f.gradient_eigenvectors.to(v)

@@ -74,6 +74,11 @@ def _damping(factors: Factors, name: str, args: ScoreArguments) -> float:
     return relative_damping(get_strategy(factors.strategy), factors.layers[name], args.damping_factor)
 
 
+def damping_values(factors: Factors, args: ScoreArguments) -> dict[str, float]:
+    """lambda per layer as ``precondition`` uses it with these factors."""
+    return {name: _damping(factors, name, args) for name in factors.layers}
+
+
 def precondition(query_grads: dict[str, torch.Tensor], args: ScoreArguments,
                  pt_factors: Factors | None = None, ft_factors: Factors | None = None,
                  ) -> PreconditionedQuery:

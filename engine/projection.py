@@ -333,3 +333,44 @@ def project_documents(model: nn.Module, task: Task, loader: Iterable[Any],
 def project_gradients(grads: Mapping[str, torch.Tensor], projector: KroneckerProjector) -> torch.Tensor:
     """Function form of :meth:`KroneckerProjector.project_gradients`."""
     return projector.project_gradients(grads)
+
+
+class Whitening:
+    """Half of the pretraining-side inverse moved onto the documents, for multi-stage retrieval.
+
+    With H_pt + lambda I = Q diag(Lambda + lambda) Q^T (EK-FAC, per layer) and any query vector u,
+
+        <u, G> = <Q^T u Q * sqrt(Lambda + lambda),  Q^T G Q / sqrt(Lambda + lambda)>
+
+    (both sides in the eigenbasis; the scalings cancel). The multi-stage u contains
+    (H_pt + lambda I)^-1, so its raw form is nearly orthogonal to every document gradient and a
+    random projection drowns the signal; after this split both sides are "half-preconditioned"
+    and projected inner products keep their ranking. Documents cost one rotated per-sequence
+    gradient per layer (like the EK-FAC correction pass); the index then depends on the
+    pretraining factors and lambda, which are fixed per study.
+    """
+
+    def __init__(self, factors, damping: Mapping[str, float]):
+        from .curvature import get_strategy
+
+        self.strategy = get_strategy(factors.strategy)
+        if self.strategy.eigenvalues(next(iter(factors.layers.values()))) is None:
+            raise ValueError(f"whitening needs curvature eigenvalues; {factors.strategy} has none")
+        self.factors = factors
+        self.scale = {name: torch.sqrt(self.strategy.eigenvalues(lf).double() + damping[name])
+                      for name, lf in factors.layers.items()}
+
+    def documents(self, acts: Mapping[str, torch.Tensor],
+                  grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(B, out, in[+1]) per layer: Q^T G Q / sqrt(Lambda + lambda) from one capture."""
+        out = {}
+        for name, a in acts.items():
+            lf = self.factors.layers[name]
+            g = torch.einsum("bto,bti->boi", grads[name], a)
+            out[name] = self.strategy.to_eigenbasis(lf, g) / self.scale[name].to(g)
+        return out
+
+    def queries(self, vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(Q, out, in[+1]) per layer: Q^T u Q * sqrt(Lambda + lambda)."""
+        return {name: self.strategy.to_eigenbasis(self.factors.layers[name], u) * self.scale[name].to(u)
+                for name, u in vectors.items()}

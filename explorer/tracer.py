@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engine import (BM25, METHODS, Factors, GradientIndex, KroneckerProjector, LanguageModelingTask,
-                    ScoreArguments, attribute_tokens, encode_documents, encode_prompt_answer,
+                    ScoreArguments, attribute_tokens, encode_prompt_answer,
                     precondition, pooled_representations, cosine_similarity, rescore, retrieve,
                     score_documents, sequence_gradients)
 from precompute import pipeline as P
@@ -108,6 +108,8 @@ class Tracer:
         self.projector.check_compatible(self.pt_layers)
         self.index = GradientIndex.load(self.study.path(P.INDEX))
         self.cosine_index = GradientIndex.load(self.study.path(P.COSINE_INDEX))
+        self.whitened_index = GradientIndex.load(self.study.path(P.WHITENED_INDEX))
+        self.whitening = P.whitening_for(self.pt_factors, self.config)
         self.documents = datasets.Dataset.from_parquet(str(self.study.path(P.DOCUMENTS)))
         self.records = datasets.Dataset.from_parquet(str(self.study.path(P.RECORDS)))
         self._bm25: BM25 | None = None
@@ -189,9 +191,7 @@ class Tracer:
             return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), None
         query = self.query_vectors(prompt, answer, method)
         if method in INDEXED:
-            index = self.cosine_index if method == "gradient-cosine" else self.index
-            found = retrieve(self.projector.project_gradients(query.vectors), index, k)
-            found = rescore(found, self.pt_model, TASK, self.pt_layers, query, self._batches)
+            found = self.retrieve(query, max(k, self.config.influence.candidates)).head(k)
             pro = self._hits(found.proponent_ids[0], None, found.proponent_exact[0], found.proponent_projected[0])
             opp = self._hits(found.opponent_ids[0], None, found.opponent_exact[0], found.opponent_projected[0])
             return pro, opp, query
@@ -199,6 +199,16 @@ class Tracer:
         scores = score_documents(self.ft_model, TASK, self._batches(range(len(self.documents))),
                                  self.ft_layers, query, progress=self.progress)[0].double().numpy()
         return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), query
+
+    def retrieve(self, query, pool: int, whiten: bool = True):
+        """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly."""
+        vectors, index = query.vectors, self.index
+        if query.method == "gradient-cosine":
+            index = self.cosine_index
+        elif query.method == "multi-stage" and whiten:  # split (H_pt + lambda)^-1 between sides
+            vectors, index = self.whitening.queries(vectors), self.whitened_index
+        found = retrieve(self.projector.project_gradients(vectors), index, pool)
+        return rescore(found, self.pt_model, TASK, self.pt_layers, query, self._batches)
 
     def _baseline_scores(self, prompt: str, answer: str, method: str) -> np.ndarray:
         if method == "bm25":

@@ -65,6 +65,7 @@ class InfluenceConfig:
     exclude: list[str] = field(default_factory=list)
     projection_dim: int = 256  # per tracked layer (k_out * k_in)
     index: str = "flat"  # flat (exact inner product) | ivf
+    candidates: int = 50  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
 
 

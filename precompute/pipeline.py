@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 import numpy as np
 
-from engine import (FactorArguments, GradientIndex, KroneckerProjector, LanguageModelingTask,
-                    encode_documents, encode_prompt_answer, find_tracked_layers, fit_factors,
-                    iter_projected_documents)
+from engine import (FactorArguments, Factors, GradientIndex, KroneckerProjector,
+                    LanguageModelingTask, ScoreArguments, capture, encode_documents,
+                    encode_prompt_answer, find_tracked_layers, fit_factors, gradient_sq_norms)
+from engine.influence import damping_values
+from engine.projection import Whitening
 
 from .config import StudyConfig, format_prompt
 from .study import Study, atomic_path, write_json
@@ -44,6 +46,8 @@ PROJECTED = "gradients/projected.npy"
 SQ_NORMS = "gradients/sq_norms.npy"
 INDEX = "index/gradients.faiss"
 COSINE_INDEX = "index/gradients-normalized.faiss"
+WHITENED = "gradients/whitened.npy"
+WHITENED_INDEX = "index/gradients-whitened.faiss"
 SHARD_SIZE = 1024  # documents per resumable shard
 
 
@@ -146,17 +150,28 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
     study.run_stage("factors-finetuned", lambda: fit("finetuned", FT_FACTORS, _Loader(
         lambda: record_batches(tokenizer, config, records, inf.batch_size))), config=factor_config)
 
-    projection_config = {**factor_config, "shard_size": SHARD_SIZE}
+    projection_config = {**factor_config, "shard_size": SHARD_SIZE,
+                         "inputs": study.checksums(DOCUMENTS, RECORDS, PT_FACTORS)}
     study.run_stage("projection", lambda: _project(study, config, tokenizer, docs["text"], device,
                                                    progress), config=projection_config)
     study.run_stage("index", lambda: _index(study, inf.index),
-                    config={"index": inf.index, "inputs": study.checksums(PROJECTED, SQ_NORMS)})
+                    config={"index": inf.index,
+                            "inputs": study.checksums(PROJECTED, WHITENED, SQ_NORMS)})
     return study
+
+
+def whitening_for(factors: Factors, config: StudyConfig) -> Whitening:
+    """The pretraining-side half-inverse with the study's damping (as multi-stage scoring uses)."""
+    inf = config.influence
+    args = ScoreArguments(method="multi-stage", alpha=inf.alpha, damping=inf.damping,
+                          damping_factor=inf.damping_factor)
+    return Whitening(factors, damping_values(factors, args))
 
 
 def _project(study: Study, config: StudyConfig, tokenizer, texts: Sequence[str],
              device: torch.device, progress: bool) -> list[str]:
-    """Projected gradients of every pretraining document at theta_pt, shard by shard.
+    """Projected gradients of every pretraining document at theta_pt, shard by shard: raw
+    (gradient-dot, cosine, pt-inverse-dropped), whitened (multi-stage) and exact norms.
 
     A shard that exists is complete (atomic writes), so a rerun after a crash starts at the first
     missing shard. Shards left by a different configuration are removed first.
@@ -165,8 +180,9 @@ def _project(study: Study, config: StudyConfig, tokenizer, texts: Sequence[str],
     model = load_model(model_path(study, config.models.base), config.models.dtype, device)
     layers = tracked_layers(model, config)
     projector = KroneckerProjector.for_layers(layers, inf.projection_dim, seed=inf.seed)
+    whitening = whitening_for(Factors.load(study.path(PT_FACTORS)), config)
     shard_dir = study.path(SHARDS)
-    stamp = {"projector": projector.checksum(), "documents": study.checksums(DOCUMENTS)}
+    stamp = {"projector": projector.checksum(), "inputs": study.checksums(DOCUMENTS, PT_FACTORS)}
     stamp_path = shard_dir / "stamp.json"
     if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
         shutil.rmtree(shard_dir)
@@ -177,31 +193,42 @@ def _project(study: Study, config: StudyConfig, tokenizer, texts: Sequence[str],
         path = shard_dir / f"shard-{start // SHARD_SIZE:05d}.npz"
         if path.exists():
             continue
-        chunk = texts[start:start + SHARD_SIZE]
-        parts = list(iter_projected_documents(
-            model, TASK, document_batches(tokenizer, chunk, inf.max_length, inf.batch_size), layers,
-            projector, norms=True, progress=False))
+        parts = {"vectors": [], "whitened": [], "sq_norms": []}
+        for batch in document_batches(tokenizer, texts[start:start + SHARD_SIZE], inf.max_length,
+                                      inf.batch_size):
+            acts, grads, _ = capture_documents(model, batch, layers)
+            with torch.no_grad():
+                parts["vectors"].append(projector.project_captured(acts, grads).cpu().numpy())
+                white = projector.project_gradients(whitening.documents(acts, grads))
+                parts["whitened"].append(white.cpu().numpy())
+                parts["sq_norms"].append(gradient_sq_norms(acts, grads).cpu().numpy())
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, vectors=np.concatenate([p.vectors for p in parts]),
-                         sq_norms=np.concatenate([p.sq_norms for p in parts]))
+                np.savez(f, **{k: np.concatenate(v).astype(np.float32 if k != "sq_norms" else np.float64)
+                               for k, v in parts.items()})
     shards = [np.load(shard_dir / f"shard-{i:05d}.npz") for i in range(len(starts))]
-    _save_npy(study.path(PROJECTED), np.concatenate([s["vectors"] for s in shards]))
-    _save_npy(study.path(SQ_NORMS), np.concatenate([s["sq_norms"] for s in shards]))
+    for key, rel in (("vectors", PROJECTED), ("whitened", WHITENED), ("sq_norms", SQ_NORMS)):
+        _save_npy(study.path(rel), np.concatenate([s[key] for s in shards]))
     projector.save(study.path(PROJECTOR), include_matrices=True,
                    metadata={"model": config.models.base})
     shutil.rmtree(shard_dir)
-    return [PROJECTOR, PROJECTED, SQ_NORMS]
+    return [PROJECTOR, PROJECTED, WHITENED, SQ_NORMS]
+
+
+def capture_documents(model, batch, layers):
+    """One forward/backward of pretraining text (separate so tests can interrupt a build)."""
+    return capture(model, TASK, batch, layers)
 
 
 def _index(study: Study, kind: str) -> list[str]:
-    """Inner-product index over projected gradients, and one over gradients / ||G|| (cosine)."""
+    """Inner-product indexes: raw projections, raw / ||G|| (cosine), whitened (multi-stage)."""
     vectors = np.load(study.path(PROJECTED))
     norms = np.sqrt(np.load(study.path(SQ_NORMS))).clip(min=1e-30)
     kind = kind if len(vectors) >= 1000 else "flat"  # IVF needs enough points to train
     GradientIndex.build(vectors, kind=kind).save(study.path(INDEX))
     GradientIndex.build(vectors / norms[:, None], kind=kind).save(study.path(COSINE_INDEX))
-    return [INDEX, COSINE_INDEX]
+    GradientIndex.build(np.load(study.path(WHITENED)), kind=kind).save(study.path(WHITENED_INDEX))
+    return [INDEX, COSINE_INDEX, WHITENED_INDEX]
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -87,15 +87,15 @@ def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "SHARD_SIZE", 4)
     calls = []
-    real = pipeline.iter_projected_documents
+    real = pipeline.capture_documents
 
-    def crash_on_third_shard(*args, **kwargs):
+    def crash_on_third_shard(*args, **kwargs):  # one batch per shard here (shard 4, batch 4)
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "iter_projected_documents", crash_on_third_shard)
+    monkeypatch.setattr(pipeline, "capture_documents", crash_on_third_shard)
     out = tmp_path / "study"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(_config(inputs), out, progress=False)
