@@ -361,3 +361,30 @@ def test_bad_arguments_say_what_is_wrong(pt_model, layers, empirical_factors):
         fit_factors(pt_model, TASK, [], layers, FactorArguments(progress=False))
     with pytest.raises(ValueError, match="unknown curvature"):
         fit_factors(pt_model, TASK, loader(), layers, FactorArguments(strategy="nope", progress=False))
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_whitening_keeps_inner_products(pt_model, layers, strategy):
+    """<u, G> = <W^-1 u, W G> with W = (H_pt + lambda I)^-1/2, and W G is explicit."""
+    from engine.gradients import capture
+    from engine.influence import damping_values
+    from engine.projection import Whitening
+
+    factors = fit_factors(pt_model, TASK, loader(), layers,
+                          FactorArguments(strategy=strategy, fisher="empirical", progress=False))
+    damping = damping_values(factors, ScoreArguments())
+    white = Whitening(factors, damping)
+    query = precondition(sequence_gradients(pt_model, TASK, lm_batch(2, 8, seed=5), layers),
+                         ScoreArguments(method="gradient-dot"))
+    docs = lm_batch(3, 9, seed=6)
+    acts, grads, _ = capture(pt_model, TASK, docs, layers)
+    w_docs, w_query = white.documents(acts, grads), white.queries(query.vectors)
+    whitened = sum(torch.einsum("qoi,boi->qb", w_query[k], w_docs[k]) for k in w_docs)
+    torch.testing.assert_close(whitened, score_gradients(query, sequence_gradients(pt_model, TASK, docs, layers)))
+    g = sequence_gradients(pt_model, TASK, docs, layers)
+    for l in layers:  # ||W G||^2 = G^T (H + lambda I)^-1 G with the explicit matrix
+        h = kron_matrix(factors.layers[l.name], strategy)
+        inv = torch.linalg.inv(h + damping[l.name] * torch.eye(len(h), dtype=h.dtype))
+        flat = g[l.name].flatten(1)
+        torch.testing.assert_close(w_docs[l.name].flatten(1).square().sum(1),
+                                   torch.einsum("bi,ij,bj->b", flat, inv, flat))
