@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .curvature import LayerFactors, get_strategy
 from .gradients import capture, iterate_batches, model_device
+from .storage import save_tensors
 from .tasks import Task
 from .tracking import TrackedLayer
 
@@ -94,7 +93,7 @@ class Factors:
                 f"given {found.get('name_or_path') or found['class']!r})")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then a rename."""
+        """Write atomically (a temporary file in the same folder, then a rename)."""
         tensors = {f"{name}/{key}": t.detach().cpu().contiguous()
                    for name, lf in self.layers.items() for key, t in lf.tensors().items()}
         metadata = {
@@ -107,16 +106,7 @@ class Factors:
             "arguments": json.dumps(self.arguments),
             "dtype": "float64",
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_tensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Factors":

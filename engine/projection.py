@@ -30,20 +30,19 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .gradients import capture
+from .storage import save_tensors
 from .tasks import Task
 from .tracking import TrackedLayer
 
@@ -224,7 +223,7 @@ class KroneckerProjector:
         meta = {"format": FORMAT, "engine_version": __version__, "seed": str(self.seed),
                 "layers": json.dumps(self.layout()), "dim": str(self.dim),
                 "sha256": self.checksum(), "metadata": json.dumps(dict(metadata or {}))}
-        _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        save_tensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KroneckerProjector":
@@ -250,18 +249,6 @@ class KroneckerProjector:
     def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("metadata", "{}"))
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def gradient_sq_norms(acts: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> torch.Tensor:

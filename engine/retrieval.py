@@ -12,9 +12,7 @@ Document ids are row positions in the order vectors were added to the index.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import faiss
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from .influence import PreconditionedQuery, score_documents
+from .storage import atomic_path
 from .tasks import Task
 from .tracking import TrackedLayer
 
@@ -122,16 +121,8 @@ class GradientIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """faiss.write_index to a temporary file in the same folder, then an atomic rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GradientIndex":

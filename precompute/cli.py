@@ -21,6 +21,21 @@ def _precompute(args) -> int:
     return 0
 
 
+def _build_demo(args) -> int:
+    import time
+
+    from .demo import build_demo, qa_summary, tiny_recipe
+
+    started = time.perf_counter()
+    study = build_demo(args.out, seed=args.seed, recipe=tiny_recipe() if args.tiny else None,
+                       progress=not args.quiet)
+    qa = qa_summary(study)["pretrain_only"]
+    print(f"demo study ready: {study.root} ({time.perf_counter() - started:.0f}s this run)")
+    print(f"fine-tuned model on pretraining-only questions: {100 * qa['contains_answer']:.1f}% "
+          f"answer correctly, {100 * qa['strict_em']:.1f}% word for word (n={qa['n']})")
+    return 0
+
+
 def _read_prompts(args) -> list[dict]:
     if args.prompt is not None:
         return [{"prompt": args.prompt, "answer": args.answer}]
@@ -83,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
     pre.add_argument("--quiet", action="store_true", help="no progress bars")
     pre.set_defaults(run=_precompute)
+
+    demo = commands.add_parser("build-demo", help="build the default demo study offline (CPU, minutes)",
+                               description="Generate a world with known facts, pretrain a small "
+                                           "GPT-NeoX on it, fine-tune a dolly-style child, and run "
+                                           "the influence pipeline. Idempotent and resumable.")
+    demo.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
+    demo.add_argument("--seed", type=int, default=0, help="same seed, same study")
+    demo.add_argument("--tiny", action="store_true", help="a seconds-sized world (tests, CI)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_build_demo)
 
     from explorer.tracer import ALL_METHODS  # light: no model is loaded at import
 

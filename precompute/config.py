@@ -77,6 +77,7 @@ class StudyConfig:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     template: str = DOLLY_TEMPLATE
     context_template: str = DOLLY_CONTEXT_TEMPLATE
+    response_suffix: str = ""  # appended to responses when fitting H_ft, as in training (e.g. EOS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

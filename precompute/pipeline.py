@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -68,7 +68,8 @@ def load_model(path: str, dtype: str, device: torch.device):
 
 
 def model_path(study: Study, path: str) -> str:
-    """Paths inside the study (the demo's models) are stored relative to it, so a study can move."""
+    """Paths inside the study (the demo's models and data) are stored relative to it, so a study
+    can move; anything else (a hub id, an absolute path) is returned as is."""
     local = study.path(path)
     return str(local) if path and local.exists() else path
 
@@ -98,7 +99,8 @@ def record_batches(tokenizer, config: StudyConfig, records: datasets.Dataset, ba
     for start in range(0, len(records), batch_size):
         rows = records[start:start + batch_size]
         prompts = [format_prompt(config, i, c) for i, c in zip(rows["instruction"], rows["context"])]
-        yield encode_prompt_answer(tokenizer, prompts, rows["response"], config.influence.max_length)
+        answers = [r + config.response_suffix for r in rows["response"]]
+        yield encode_prompt_answer(tokenizer, prompts, answers, config.influence.max_length)
 
 
 class _Loader:
@@ -118,11 +120,13 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
     config.validate()
     study = Study(out)
     study.update_manifest(config=config.to_dict())
-    study.run_stage("corpus", lambda: _write_dataset(study, DOCUMENTS, load_documents(config.pretraining)),
-                    config=asdict(config.pretraining))
+    pt_data = replace(config.pretraining, path=model_path(study, config.pretraining.path))
+    ft_data = replace(config.finetuning, path=model_path(study, config.finetuning.path))
+    study.run_stage("corpus", lambda: _write_dataset(study, DOCUMENTS, load_documents(pt_data)),
+                    config={**asdict(config.pretraining), "inputs": _source_stamp(pt_data.path)})
     study.run_stage("finetune-data",
-                    lambda: _write_dataset(study, RECORDS, load_finetune_records(config.finetuning)),
-                    config=asdict(config.finetuning))
+                    lambda: _write_dataset(study, RECORDS, load_finetune_records(ft_data)),
+                    config={**asdict(config.finetuning), "inputs": _source_stamp(ft_data.path)})
 
     device = resolve_device(config.models.device)
     tokenizer = load_tokenizer(model_path(study, config.models.tokenizer or config.models.finetuned))
@@ -139,6 +143,7 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
         model = load_model(model_path(study, which_path), config.models.dtype, device)
         started = time.perf_counter()
         factors = fit_factors(model, TASK, loader, tracked_layers(model, config), fargs)
+        factors.model["name_or_path"] = which_path  # as configured, not this machine's path
         log.info("fitted %s factors in %.1fs", which, time.perf_counter() - started)
         factors.save(study.path(path))
         return [path]
@@ -235,6 +240,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def _source_stamp(path: str) -> dict:
+    """Size and mtime of a local data file, so an edited input re-runs its stage."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    stat = p.stat()
+    return {"size": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
 def _write_dataset(study: Study, relative: str, ds: datasets.Dataset) -> list[str]:
