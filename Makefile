@@ -1,5 +1,5 @@
 # Two entry points that do all set-up themselves on a fresh machine:
-#   make demo   - creates .venv, installs, runs the demo
+#   make demo   - creates .venv, installs, builds the demo study, traces its demo questions
 #   make test   - creates .venv, installs with test extras, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,8 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+STUDY ?= studies/demo
+
 demo: $(VENV)/.installed
-	$(PY) examples/walkthrough.py
+	$(VENV)/bin/msif build-demo --out $(STUDY)
+	$(VENV)/bin/msif query --study $(STUDY) --prompts-file $(STUDY)/world/demo_prompts.jsonl --top-k 5
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

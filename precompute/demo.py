@@ -18,7 +18,7 @@ import torch
 from . import training, world as world_lib
 from .config import DatasetConfig, FinetuneDataConfig, InfluenceConfig, ModelsConfig, StudyConfig
 from .pipeline import run_pipeline
-from .study import Study, atomic_dir, write_json
+from .study import Study, atomic_dir, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ TOKENIZER_DIR = "tokenizer"
 PRETRAINED_DIR = "models/pretrained"
 FINETUNED_DIR = "models/finetuned"
 QA_EVAL = "world/qa_eval.json"
+DEMO_PROMPTS = "world/demo_prompts.jsonl"  # pretraining-only questions the model gets right
 
 
 @dataclass
@@ -74,7 +75,8 @@ def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
     ft_config = {**pt_config, "finetune": asdict(recipe.finetune)}
     study.run_stage("finetune", lambda: _finetune(study, world, tokenizer, recipe, reports),
                     config=ft_config, info=lambda: {"report": reports.pop("finetune")})
-    study.run_stage("qa-eval", lambda: _evaluate(study, world, tokenizer, recipe), config=ft_config)
+    study.run_stage("qa-eval", lambda: _evaluate(study, world, tokenizer, recipe),
+                    config={**ft_config, "outputs": [QA_EVAL, DEMO_PROMPTS]})
 
     alpha = study.manifest()["stages"]["finetune"]["report"]["alpha_engine"]
     run_pipeline(study_config(recipe, alpha, tokenizer.eos_token), out, progress=progress)
@@ -142,7 +144,11 @@ def _evaluate(study: Study, world, tokenizer, recipe: DemoRecipe) -> list[str]:
     for split, r in result.items():
         log.info("%s questions: %.1f%% contain the answer, %.1f%% strict exact match (n=%d)",
                  split, 100 * r["contains_answer"], 100 * r["strict_em"], r["n"])
-    return [QA_EVAL]
+    rows = result["pretrain_only"]["rows"]
+    chosen = [r for r in rows if r["contains_answer"]][:5] or rows[:5]
+    with atomic_path(study.path(DEMO_PROMPTS)) as tmp:
+        tmp.write_text("".join(json.dumps({"prompt": r["question"]}) + "\n" for r in chosen))
+    return [QA_EVAL, DEMO_PROMPTS]
 
 
 def qa_summary(study: Study) -> dict:
