@@ -70,10 +70,10 @@ def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
 
     pt_config = {**tok_config, "model": recipe.model, "pretrain": asdict(recipe.pretrain)}
     reports: dict = {}
-    study.run_stage("pretrain", lambda: _pretrain(study, world, tokenizer, recipe, reports),
+    study.run_stage("pretrain", lambda: _pretrain(study, world, tokenizer, recipe, reports, progress),
                     config=pt_config, info=lambda: {"report": reports.pop("pretrain")})
     ft_config = {**pt_config, "finetune": asdict(recipe.finetune)}
-    study.run_stage("finetune", lambda: _finetune(study, world, tokenizer, recipe, reports),
+    study.run_stage("finetune", lambda: _finetune(study, world, tokenizer, recipe, reports, progress),
                     config=ft_config, info=lambda: {"report": reports.pop("finetune")})
     study.run_stage("qa-eval", lambda: _evaluate(study, world, tokenizer, recipe),
                     config={**ft_config, "outputs": [QA_EVAL, DEMO_PROMPTS]})
@@ -118,17 +118,20 @@ def _train_tokenizer(study: Study, world, recipe: DemoRecipe) -> list[str]:
     return study.files_under(TOKENIZER_DIR)
 
 
-def _pretrain(study: Study, world, tokenizer, recipe: DemoRecipe, reports: dict) -> list[str]:
+def _pretrain(study: Study, world, tokenizer, recipe: DemoRecipe, reports: dict,
+              progress: bool) -> list[str]:
     config = training.demo_model_config(len(tokenizer), **recipe.model)
-    model, report = training.pretrain(config, tokenizer, world.documents, recipe.pretrain)
+    model, report = training.pretrain(config, tokenizer, world.documents, recipe.pretrain, progress)
     _save_model(study, PRETRAINED_DIR, model, tokenizer)
     reports["pretrain"] = _summary(report)
     return study.files_under(PRETRAINED_DIR)
 
 
-def _finetune(study: Study, world, tokenizer, recipe: DemoRecipe, reports: dict) -> list[str]:
+def _finetune(study: Study, world, tokenizer, recipe: DemoRecipe, reports: dict,
+              progress: bool) -> list[str]:
     pt_model = _load(study, PRETRAINED_DIR)
-    model, report = training.finetune(pt_model, tokenizer, world.finetune_records, recipe.finetune)
+    model, report = training.finetune(pt_model, tokenizer, world.finetune_records, recipe.finetune,
+                                      progress)
     _save_model(study, FINETUNED_DIR, model, tokenizer)
     reports["finetune"] = _summary(report)
     return study.files_under(FINETUNED_DIR)
