@@ -153,7 +153,14 @@ class Tracer:
         return precondition(grads, self.score_arguments(method), self.pt_factors, self.ft_factors)
 
     def trace(self, instruction: str, answer: str | None = None, method: str = "multi-stage",
-              top_k: int = 10, context: str = "", heatmaps: bool = True) -> Trace:
+              top_k: int = 10, context: str = "", heatmaps: bool = True,
+              exhaustive: bool = False) -> Trace:
+        """Answer (unless ``answer`` is given) and rank documents by ``method``.
+
+        Indexed methods retrieve candidates from projected gradients and re-score them exactly;
+        the candidate set can miss true top documents (see benchmarks/retrieval.py).
+        ``exhaustive=True`` scores every document exactly instead (slower, the reference).
+        """
         if method not in ALL_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
         if top_k < 1:
@@ -169,7 +176,7 @@ class Tracer:
         top_k = min(top_k, len(self.documents))
         with self._lock:
             t0 = time.perf_counter()
-            pro, opp, query = self._rank(prompt, answer, method, top_k)
+            pro, opp, query = self._rank(prompt, answer, method, top_k, exhaustive)
             timings["rank"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if heatmaps and query is not None:
@@ -178,26 +185,30 @@ class Tracer:
         timings["total"] = time.perf_counter() - started
         settings = {"alpha": self.config.influence.alpha, "top_k": top_k,
                     "damping": query.damping if query is not None else {},
-                    "retrieval": "index + exact re-scoring" if method in INDEXED else "exact, all documents"}
+                    "retrieval": (f"index candidates ({self.config.influence.candidates} per sign) "
+                                  "re-scored exactly" if method in INDEXED and not exhaustive
+                                  else "exact, all documents")}
         answer_ids = encode_prompt_answer(self.tokenizer, [prompt], [answer],
                                           self.config.influence.max_length)
         answer_tokens = self._pieces(answer_ids["input_ids"][0][answer_ids["labels"][0] != -100])
         settings["model_prompt"] = prompt
         return Trace(instruction.strip(), answer, method, pro, opp, answer_tokens, settings, timings)
 
-    def _rank(self, prompt, answer, method, k):
+    def _rank(self, prompt, answer, method, k, exhaustive=False):
         if method in ("representation", "bm25"):
             scores = self._baseline_scores(prompt, answer, method)
             return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), None
         query = self.query_vectors(prompt, answer, method)
-        if method in INDEXED:
+        if method in INDEXED and not exhaustive:
             found = self.retrieve(query, max(k, self.config.influence.candidates)).head(k)
             pro = self._hits(found.proponent_ids[0], None, found.proponent_exact[0], found.proponent_projected[0])
             opp = self._hits(found.opponent_ids[0], None, found.opponent_exact[0], found.opponent_projected[0])
             return pro, opp, query
-        # single-stage treats pretraining documents as training data of theta_ft: exact, all docs
-        scores = score_documents(self.ft_model, TASK, self._batches(range(len(self.documents))),
-                                 self.ft_layers, query, progress=self.progress)[0].double().numpy()
+        # single-stage treats pretraining documents as training data of theta_ft
+        model, layers = ((self.ft_model, self.ft_layers) if method == "single-stage"
+                         else (self.pt_model, self.pt_layers))
+        scores = score_documents(model, TASK, self._batches(range(len(self.documents))), layers,
+                                 query, progress=self.progress)[0].double().numpy()
         return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), query
 
     def retrieve(self, query, pool: int, whiten: bool = True):

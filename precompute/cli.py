@@ -61,7 +61,8 @@ def _query(args) -> int:
     prompts = _read_prompts(args)
     tracer = Tracer(args.study, device=args.device)  # models load once for all prompts
     for row in prompts:
-        trace = tracer.trace(row["prompt"], row["answer"], method=args.method, top_k=args.top_k)
+        trace = tracer.trace(row["prompt"], row["answer"], method=args.method, top_k=args.top_k,
+                             exhaustive=args.exhaustive)
         if args.json:
             print(json.dumps(trace.to_json()), flush=True)
         else:
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--method", default="multi-stage", choices=ALL_METHODS)
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    query.add_argument("--exhaustive", action="store_true",
+                       help="score every document exactly instead of index candidates (slow, exact)")
     query.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     query.set_defaults(run=_query)
     return parser

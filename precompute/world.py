@@ -311,8 +311,8 @@ class World:
             paths[name] = directory / f"{name}.jsonl"
             _write_jsonl(paths[name], rows)
         paths["world"] = directory / "world.json"
-        paths["world"].write_text(json.dumps({"seed": self.seed, "config": asdict(self.config),
-                                              "stats": self.stats()}, indent=2) + "\n")
+        _write_atomic(paths["world"], json.dumps({"seed": self.seed, "config": asdict(self.config),
+                                                  "stats": self.stats()}, indent=2) + "\n")
         return paths
 
     @classmethod
@@ -323,12 +323,14 @@ class World:
                    _read_jsonl(directory / "facts.jsonl"), _read_jsonl(directory / "finetune.jsonl"))
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict]:

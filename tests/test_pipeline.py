@@ -187,6 +187,9 @@ def test_query_index_matches_exact_scoring(built):
     top = exact.argsort(descending=True)[:3].tolist()
     assert [h.doc_id for h in trace.proponents] == top
     np.testing.assert_allclose([h.score for h in trace.proponents], exact[top].numpy(), rtol=1e-4)
+    full = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False,
+                        exhaustive=True)
+    assert [h.doc_id for h in full.proponents] == top and full.settings["retrieval"] == "exact, all documents"
 
 
 def test_query_cli_reads_prompts_file_and_reports_bad_input(built, tmp_path, capsys):
