@@ -213,12 +213,11 @@ class Tracer:
 
     def retrieve(self, query, pool: int, whiten: bool = True):
         """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly."""
-        vectors, index = query.vectors, self.index
-        if query.method == "gradient-cosine":
-            index = self.cosine_index
-        elif query.method == "multi-stage" and whiten:  # split (H_pt + lambda)^-1 between sides
-            vectors, index = self.whitening.queries(vectors), self.whitened_index
-        found = retrieve(self.projector.project_gradients(vectors), index, pool)
+        if query.method == "multi-stage" and whiten:  # split (H_pt + lambda)^-1 between sides
+            found = retrieve(self.whitening.query_vectors(query.vectors), self.whitened_index, pool)
+        else:
+            index = self.cosine_index if query.method == "gradient-cosine" else self.index
+            found = retrieve(self.projector.project_gradients(query.vectors), index, pool)
         return rescore(found, self.pt_model, TASK, self.pt_layers, query, self._batches)
 
     def _baseline_scores(self, prompt: str, answer: str, method: str) -> np.ndarray:

@@ -63,7 +63,8 @@ class InfluenceConfig:
     batch_size: int = 8
     include: list[str] = field(default_factory=list)  # tracked-layer regexes; empty = default
     exclude: list[str] = field(default_factory=list)
-    projection_dim: int = 256  # per tracked layer (k_out * k_in)
+    projection_dim: int = 256  # per tracked layer (k_out * k_in), for the raw-gradient indexes
+    eigen_dim: int = 1024  # per tracked layer: top eigen-coordinates kept for multi-stage retrieval
     index: str = "flat"  # flat (exact inner product) | ivf
     candidates: int = 50  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0

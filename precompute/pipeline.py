@@ -135,8 +135,12 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
     records = datasets.Dataset.from_parquet(str(study.path(RECORDS)))
     fargs = FactorArguments(strategy=inf.strategy, seed=inf.seed, label_samples=inf.label_samples,
                             progress=progress)
-    factor_config = {"models": asdict(config.models), "influence": asdict(inf),
-                     "template": config.template, "inputs": study.checksums(DOCUMENTS, RECORDS)}
+    fit_keys = ("strategy", "label_samples", "factor_documents", "max_length", "include",
+                "exclude", "seed")  # what the factors depend on; retrieval knobs are not
+    factor_config = {"models": asdict(config.models),
+                     "influence": {k: getattr(inf, k) for k in fit_keys},
+                     "template": config.template, "response_suffix": config.response_suffix,
+                     "inputs": study.checksums(DOCUMENTS, RECORDS)}
 
     def fit(which: str, path: str, loader) -> list[str]:
         which_path = config.models.base if which == "pretrained" else config.models.finetuned
@@ -156,6 +160,8 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
         lambda: record_batches(tokenizer, config, records, inf.batch_size))), config=factor_config)
 
     projection_config = {**factor_config, "shard_size": SHARD_SIZE,
+                         "retrieval": {k: getattr(inf, k) for k in (
+                             "projection_dim", "eigen_dim", "alpha", "damping", "damping_factor")},
                          "inputs": study.checksums(DOCUMENTS, RECORDS, PT_FACTORS)}
     study.run_stage("projection", lambda: _project(study, config, tokenizer, docs["text"], device,
                                                    progress), config=projection_config)
@@ -170,13 +176,14 @@ def whitening_for(factors: Factors, config: StudyConfig) -> Whitening:
     inf = config.influence
     args = ScoreArguments(method="multi-stage", alpha=inf.alpha, damping=inf.damping,
                           damping_factor=inf.damping_factor)
-    return Whitening(factors, damping_values(factors, args))
+    return Whitening(factors, damping_values(factors, args), keep=inf.eigen_dim)
 
 
 def _project(study: Study, config: StudyConfig, tokenizer, texts: Sequence[str],
              device: torch.device, progress: bool) -> list[str]:
-    """Projected gradients of every pretraining document at theta_pt, shard by shard: raw
-    (gradient-dot, cosine, pt-inverse-dropped), whitened (multi-stage) and exact norms.
+    """Per pretraining document at theta_pt, shard by shard: raw projected gradients
+    (gradient-dot, cosine, pt-inverse-dropped), whitened top eigen-coordinates (multi-stage) and
+    exact norms.
 
     A shard that exists is complete (atomic writes), so a rerun after a crash starts at the first
     missing shard. Shards left by a different configuration are removed first.
@@ -204,8 +211,7 @@ def _project(study: Study, config: StudyConfig, tokenizer, texts: Sequence[str],
             acts, grads, _ = capture_documents(model, batch, layers)
             with torch.no_grad():
                 parts["vectors"].append(projector.project_captured(acts, grads).cpu().numpy())
-                white = projector.project_gradients(whitening.documents(acts, grads))
-                parts["whitened"].append(white.cpu().numpy())
+                parts["whitened"].append(whitening.document_vectors(acts, grads).cpu().numpy())
                 parts["sq_norms"].append(gradient_sq_norms(acts, grads).cpu().numpy())
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:

@@ -381,6 +381,14 @@ def test_whitening_keeps_inner_products(pt_model, layers, strategy):
     w_docs, w_query = white.documents(acts, grads), white.queries(query.vectors)
     whitened = sum(torch.einsum("qoi,boi->qb", w_query[k], w_docs[k]) for k in w_docs)
     torch.testing.assert_close(whitened, score_gradients(query, sequence_gradients(pt_model, TASK, docs, layers)))
+    complete = Whitening(factors, damping, keep=10**9)  # every coordinate kept: exact
+    torch.testing.assert_close(complete.query_vectors(query.vectors) @ complete.document_vectors(acts, grads).T,
+                               whitened)
+    few = Whitening(factors, damping, keep=5)
+    assert few.dim == 5 * len(layers)
+    for l in layers:  # the kept coordinates are the largest eigenvalues
+        lam = get_strategy(strategy).eigenvalues(factors.layers[l.name]).flatten()
+        assert lam[few.kept[l.name]].min() >= lam.sort(descending=True).values[4]
     g = sequence_gradients(pt_model, TASK, docs, layers)
     for l in layers:  # ||W G||^2 = G^T (H + lambda I)^-1 G with the explicit matrix
         h = kron_matrix(factors.layers[l.name], strategy)
