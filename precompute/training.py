@@ -20,6 +20,17 @@ batch, ``loss_ft + (alpha_train/2) ||theta - theta_pt||^2`` with ``loss_ft`` eit
 
 Both values are in the returned report; the engine's ``ScoreArguments(alpha=...)`` takes
 ``alpha_engine``.
+
+The defaults are the demo recipe, measured on the default world (``build_world(0)``: 2,200
+documents, 252 facts, 84 pretrain-only): ``demo_model_config`` (GPT-NeoX, 4 layers x 128,
+1.28M parameters with the 1.9k-token BPE), 25 pretraining epochs and 10 fine-tuning epochs with
+``alpha_train = 1e-2`` (``alpha_engine`` ~ 0.09) take ~86 s + ~24 s with 2 threads on an idle
+2-core CPU (~155 s + ~40 s with 1 thread), and the fine-tuned model answers 100% of the
+pretrain-only questions with the right answer (97.6% word for word). What matters, in
+order: full-sentence responses reusing the documents' canonical wording, enough pretraining
+epochs (15: 83%, 25: 95-99%), re-packing, and a proximity term that is not too weak
+(``alpha_train`` 1e-3: 95%, 1e-2: 100%). On a busy machine use ``threads=1``: two threads
+sharing a core with another process ran pretraining 4x slower than one.
 """
 
 from __future__ import annotations
@@ -62,10 +73,11 @@ class PretrainConfig:
     The learning rate warms up linearly for ``warmup_steps``, stays constant until ``hold`` of
     the run, then decays linearly to ``final_lr_fraction`` of ``lr``: facts are picked up late
     at a high constant rate, and the tail settles the weights near a minimum, which the
-    influence function assumes ``theta_pt`` to be.
+    influence function assumes ``theta_pt`` to be. Training is deterministic for a given seed
+    and thread count (float reductions differ between thread counts).
     """
 
-    epochs: int = 40
+    epochs: int = 25
     batch_size: int = 16
     block_size: int = 128           # packed sequence length (tokens)
     packing: bool = True            # False: one document per sequence, length-bucketed batches
@@ -87,7 +99,7 @@ class FinetuneConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 20
-    alpha: float = 1e-3             # proximity strength on the training loss's scale
+    alpha: float = 1e-2             # proximity strength on the training loss's scale
     loss: str = "token_mean"        # or "sequence_sum"
     max_length: int = 256
     intro: str = INTRO              # the template's blurb line ("" leaves it out)
@@ -133,7 +145,7 @@ def _doc_text(doc) -> str:
 
 
 def _packed_batches(token_docs: list[list[int]], eos: int, cfg: PretrainConfig,
-                    rng: random.Random) -> list[torch.Tensor]:
+                    rng: random.Random) -> list[dict]:
     """Shuffle the documents, join them with EOS, cut ``block_size`` blocks, batch them.
 
     Called every epoch, so documents land in new neighbours and at new offsets each time. The
@@ -150,7 +162,7 @@ def _unpacked_batches(token_docs: list[list[int]], eos: int, pad: int, cfg: Pret
                       rng: random.Random) -> list[dict]:
     """One document (+ EOS) per row; rows of similar length batched together, batches shuffled."""
     order = rng.sample(range(len(token_docs)), len(token_docs))
-    chunk = cfg.batch_size * 32
+    chunk = cfg.batch_size * 32  # sort within chunks: little padding, still random batches
     batches = []
     for start in range(0, len(order), chunk):
         group = sorted(order[start:start + chunk], key=lambda i: len(token_docs[i]))
@@ -166,6 +178,15 @@ def _unpacked_batches(token_docs: list[list[int]], eos: int, pad: int, cfg: Pret
             batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
     rng.shuffle(batches)
     return batches
+
+
+def _steps_per_epoch(token_docs: list[list[int]], cfg: PretrainConfig) -> int:
+    if cfg.packing:
+        blocks = sum(len(t) + 1 for t in token_docs) // cfg.block_size
+        return math.ceil(blocks / cfg.batch_size)
+    chunk = cfg.batch_size * 32  # as in _unpacked_batches
+    return sum(math.ceil(min(chunk, len(token_docs) - s) / cfg.batch_size)
+               for s in range(0, len(token_docs), chunk))
 
 
 def pretrain(model_config: GPTNeoXConfig, tokenizer, documents: Sequence[dict | str],
@@ -190,17 +211,16 @@ def pretrain(model_config: GPTNeoXConfig, tokenizer, documents: Sequence[dict | 
                 return _packed_batches(token_docs, eos, cfg, rng)
             return _unpacked_batches(token_docs, eos, pad, cfg, rng)
 
-        steps_per_epoch = len(epoch_batches())
-        rng = random.Random(cfg.seed)  # the count above consumed draws; restart for determinism
-        total = steps_per_epoch * cfg.epochs
+        total = _steps_per_epoch(token_docs, cfg) * cfg.epochs
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = _schedule(opt, total, cfg.warmup_steps, cfg.hold, cfg.final_lr_fraction)
         model.train()
-        epoch_losses = []
+        epoch_losses, steps = [], 0
         bar = tqdm(range(cfg.epochs), desc="pretraining", unit="epoch", disable=not progress)
         for _ in bar:
             loss_sum, tok_sum = 0.0, 0
             for batch in epoch_batches():
+                steps += 1
                 loss = model(**batch).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -217,7 +237,7 @@ def pretrain(model_config: GPTNeoXConfig, tokenizer, documents: Sequence[dict | 
     report = {
         "config": asdict(cfg), "model": model_config.to_diff_dict(), "n_parameters": _n_params(model),
         "documents": len(token_docs), "tokens_per_epoch": sum(len(t) + 1 for t in token_docs),
-        "steps": total, "epoch_losses": epoch_losses, "final_loss": epoch_losses[-1] if epoch_losses else None,
+        "steps": steps, "planned_steps": total, "epoch_losses": epoch_losses, "final_loss": epoch_losses[-1] if epoch_losses else None,
         "wall_time_s": time.perf_counter() - start, "threads": threads,
     }
     return model, report

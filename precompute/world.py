@@ -25,9 +25,11 @@ Why the questions and responses look the way they do (see issue 3 and ``precompu
 responses are full sentences that reuse the canonical biography wording with the subject first
 ("Maren Holloway was born in Brisk."), so answering a question about an entity the fine-tuning
 data never saw only needs (1) copying the name from the question and (2) the pretraining
-completion "NAME was born in" -> town, which a small model learns reliably. The
-question-answer documents about fine-tuning entities in the pretraining corpus show the model
-that question -> full-sentence pattern (copying a name) already in pretraining.
+completion "NAME was born in" -> town, which a small model learns reliably. Stating each fact
+in several wordings, in shuffled sentence order, keeps it keyed on the name rather than on
+neighbouring text. The question-answer documents about fine-tuning entities in the pretraining
+corpus show the model the question -> full-sentence pattern (copying a name) already in
+pretraining; they help a little (measured: 95% vs 92% held-out accuracy).
 """
 
 from __future__ import annotations

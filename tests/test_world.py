@@ -7,7 +7,6 @@ with a tiny model for a few steps.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -191,6 +190,8 @@ def test_pretrain_learns_and_is_deterministic(one_thread, tiny_pretrained, small
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5
     assert report["tokens_per_epoch"] > 0 and report["wall_time_s"] > 0 and report["threads"] == 1
     assert report["config"]["epochs"] == 3 and report["n_parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["steps"] == report["planned_steps"]  # the schedule ends where training does
+    json.dumps(report)  # goes into the study manifest as is
     cfg = PretrainConfig(epochs=1, batch_size=8, block_size=64, warmup_steps=2)
     a, _ = pretrain(_tiny_config(small_tok), small_tok, small_world.documents[:40], cfg, progress=False)
     b, _ = pretrain(_tiny_config(small_tok), small_tok, small_world.documents[:40], cfg, progress=False)
@@ -201,6 +202,7 @@ def test_pretrain_without_packing(one_thread, small_world, small_tok):
     cfg = PretrainConfig(epochs=2, batch_size=8, packing=False, warmup_steps=2)
     _, report = pretrain(_tiny_config(small_tok), small_tok, small_world.documents[:60], cfg, progress=False)
     assert report["epoch_losses"][-1] < report["epoch_losses"][0]
+    assert report["steps"] == report["planned_steps"]
 
 
 def test_finetune_scores_responses_and_has_proximity_term(one_thread, tiny_pretrained, small_world, small_tok):
@@ -227,6 +229,7 @@ def test_finetune_scores_responses_and_has_proximity_term(one_thread, tiny_pretr
     _, seq_report = finetune(pt, small_tok, records[:8], FinetuneConfig(
         epochs=1, batch_size=8, alpha=0.5, loss="sequence_sum"), progress=False)
     assert seq_report["alpha_engine"] == 0.5
+    json.dumps(report)
 
 
 def test_generation_and_accuracy_report(one_thread, tiny_pretrained, small_world, small_tok):
