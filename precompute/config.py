@@ -66,7 +66,7 @@ class InfluenceConfig:
     projection_dim: int = 256  # per tracked layer (k_out * k_in), for the raw-gradient indexes
     eigen_dim: int = 1024  # per tracked layer: top eigen-coordinates kept for multi-stage retrieval
     index: str = "flat"  # flat (exact inner product) | ivf
-    candidates: int = 50  # per sign: retrieved by the index, re-scored exactly, best top_k shown
+    candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
 
 

@@ -40,7 +40,7 @@ class DemoRecipe:
     pretrain: training.PretrainConfig = field(default_factory=training.PretrainConfig)
     finetune: training.FinetuneConfig = field(default_factory=training.FinetuneConfig)
     influence: InfluenceConfig = field(default_factory=lambda: InfluenceConfig(
-        label_samples=2, max_length=256, batch_size=16, projection_dim=256, candidates=50))
+        label_samples=2, max_length=256, batch_size=16, projection_dim=256, candidates=150))
 
 
 def tiny_recipe() -> DemoRecipe:
