@@ -24,11 +24,10 @@ from engine import (BM25, METHODS, Factors, GradientIndex, KroneckerProjector, L
                     score_documents, sequence_gradients)
 from precompute import pipeline as P
 from precompute.config import StudyConfig, format_prompt
-from precompute.study import Study, StudyError
+from precompute.study import Study
 
 TASK = LanguageModelingTask()
-GRADIENT_METHODS = METHODS  # multi-stage, pt-inverse-dropped, single-stage, gradient-dot, -cosine
-ALL_METHODS = GRADIENT_METHODS + ("representation", "bm25")
+ALL_METHODS = METHODS + ("representation", "bm25")
 INDEXED = ("multi-stage", "pt-inverse-dropped", "gradient-dot", "gradient-cosine")
 REQUIRED_STAGES = ["corpus", "finetune-data", "factors-pretrained", "factors-finetuned",
                    "projection", "index"]
@@ -188,11 +187,9 @@ class Tracer:
                     "retrieval": (f"index candidates ({self.config.influence.candidates} per sign) "
                                   "re-scored exactly" if method in INDEXED and not exhaustive
                                   else "exact, all documents")}
-        answer_ids = encode_prompt_answer(self.tokenizer, [prompt], [answer],
-                                          self.config.influence.max_length)
-        answer_tokens = self._pieces(answer_ids["input_ids"][0][answer_ids["labels"][0] != -100])
         settings["model_prompt"] = prompt
-        return Trace(instruction.strip(), answer, method, pro, opp, answer_tokens, settings, timings)
+        return Trace(instruction.strip(), answer, method, pro, opp,
+                     self._answer_pieces(prompt, answer), settings, timings)
 
     def _rank(self, prompt, answer, method, k, exhaustive=False):
         if method in ("representation", "bm25"):
@@ -204,9 +201,7 @@ class Tracer:
             pro = self._hits(found.proponent_ids[0], None, found.proponent_exact[0], found.proponent_projected[0])
             opp = self._hits(found.opponent_ids[0], None, found.opponent_exact[0], found.opponent_projected[0])
             return pro, opp, query
-        # single-stage treats pretraining documents as training data of theta_ft
-        model, layers = ((self.ft_model, self.ft_layers) if method == "single-stage"
-                         else (self.pt_model, self.pt_layers))
+        model, layers = self._document_side(method)
         scores = score_documents(model, TASK, self._batches(range(len(self.documents))), layers,
                                  query, progress=self.progress)[0].double().numpy()
         return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), query
@@ -249,8 +244,7 @@ class Tracer:
     def _attach_heatmaps(self, hits: list[DocumentHit], query, method: str) -> None:
         if not hits:
             return
-        model, layers = ((self.ft_model, self.ft_layers) if method == "single-stage"
-                         else (self.pt_model, self.pt_layers))
+        model, layers = self._document_side(method)
         for batch_hits, batch in zip(_chunks(hits, self.config.influence.batch_size),
                                      self._batches([h.doc_id for h in hits])):
             att = attribute_tokens(model, TASK, batch, layers, query)
@@ -265,15 +259,24 @@ class Tracer:
         scores, everything sums to the document's score)."""
         with self._lock:
             query = self.query_vectors(prompt, answer, method, per_token=True)
-            model, layers = ((self.ft_model, self.ft_layers) if method == "single-stage"
-                             else (self.pt_model, self.pt_layers))
+            model, layers = self._document_side(method)
             batch = self._batches([doc_id])[0]
             att = attribute_tokens(model, TASK, batch, layers, query)
-        answer_ids = encode_prompt_answer(self.tokenizer, [prompt], [answer],
-                                          self.config.influence.max_length)
-        return {"answer_tokens": self._pieces(answer_ids["input_ids"][0][answer_ids["labels"][0] != -100]),
+        return {"answer_tokens": self._answer_pieces(prompt, answer),
                 "document_tokens": self._pieces(batch["input_ids"][0]),
                 "matrix": att.token_scores[:, 0, :].double().numpy()}
+
+    def _answer_pieces(self, prompt: str, answer: str) -> list[str]:
+        """The answer's tokens as scored (after the prompt), as text pieces."""
+        batch = encode_prompt_answer(self.tokenizer, [prompt], [answer], self.config.influence.max_length)
+        return self._pieces(batch["input_ids"][0][batch["labels"][0] != -100])
+
+    def _document_side(self, method: str):
+        """Model and layers where documents' gradients live: theta_ft for single-stage (documents
+        treated as training data of the fine-tuned model), theta_pt otherwise."""
+        if method == "single-stage":
+            return self.ft_model, self.ft_layers
+        return self.pt_model, self.pt_layers
 
     def _pieces(self, ids) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
@@ -283,12 +286,3 @@ def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
-
-def open_tracer(study_dir: str | Path, device: str = "auto") -> Tracer:
-    """A Tracer, with a one-line explanation instead of a traceback when the study is unusable."""
-    try:
-        return Tracer(study_dir, device)
-    except StudyError:
-        raise
-    except FileNotFoundError as err:
-        raise StudyError(f"{study_dir}: {err}") from None
