@@ -1,5 +1,5 @@
 # Two entry points that do all set-up themselves on a fresh machine:
-#   make demo   - creates .venv, installs, builds the demo study, traces its demo questions
+#   make demo   - creates .venv, installs, builds the demo study if missing, opens the explorer
 #   make test   - creates .venv, installs with test extras, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,9 +15,10 @@ $(VENV)/.installed: pyproject.toml
 
 STUDY ?= studies/demo
 
+PORT ?= 8501
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/msif build-demo --out $(STUDY)
-	$(VENV)/bin/msif query --study $(STUDY) --prompts-file $(STUDY)/world/demo_prompts.jsonl --top-k 5
+	$(VENV)/bin/msif app --study $(STUDY) --port $(PORT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -15,9 +15,10 @@ from .attribution import TokenAttribution, attribute_tokens  # noqa: E402
 from .curvature import STRATEGIES, LayerFactors, get_strategy  # noqa: E402
 from .factors import FactorArguments, FactorMismatchError, Factors, fit_factors, model_fingerprint  # noqa: E402
 from .gradients import capture, flatten, sequence_gradients, stack_gradients  # noqa: E402
-from .influence import METHODS, PreconditionedQuery, ScoreArguments, precondition, score_documents, score_gradients  # noqa: E402
+from .influence import (METHODS, PreconditionedQuery, ScoreArguments, damping_values, precondition,  # noqa: E402
+                        score_documents, score_gradients)
 from .tasks import ClassificationTask, LanguageModelingTask, Task  # noqa: E402
-from .text import encode_documents, encode_prompt_answer  # noqa: E402
+from .text import encode_document_batches, encode_documents, encode_prompt_answer  # noqa: E402
 from .tracking import TrackedLayer, find_tracked_layers  # noqa: E402
 from .projection import (KroneckerProjector, ProjectedDocuments, gradient_sq_norms,  # noqa: E402
                          iter_projected_documents, project_documents, project_gradients)
@@ -29,8 +30,8 @@ __all__ = [
     "FactorArguments", "FactorMismatchError", "Factors", "LayerFactors", "METHODS", "STRATEGIES",
     "ClassificationTask", "LanguageModelingTask", "PreconditionedQuery", "ScoreArguments", "Task",
     "TokenAttribution", "TrackedLayer", "attribute_tokens", "capture", "encode_documents",
-    "encode_prompt_answer", "find_tracked_layers", "fit_factors", "flatten", "get_strategy",
-    "model_fingerprint", "precondition", "score_documents", "score_gradients", "sequence_gradients",
+    "encode_document_batches", "encode_prompt_answer", "find_tracked_layers", "fit_factors", "flatten", "get_strategy",
+    "damping_values", "model_fingerprint", "precondition", "score_documents", "score_gradients", "sequence_gradients",
     "stack_gradients",
     "KroneckerProjector", "ProjectedDocuments", "gradient_sq_norms", "iter_projected_documents",
     "project_documents", "project_gradients", "GradientIndex", "Retrieval", "rescore", "retrieve",

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -91,6 +92,21 @@ class Factors:
                 f"model weights do not match the factors (fitted on "
                 f"{self.model.get('name_or_path') or self.model['class']!r}, "
                 f"given {found.get('name_or_path') or found['class']!r})")
+
+    def spectrum(self, name: str, points: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's approximate-Fisher eigenvalues, largest first: (ranks, values), 1-based ranks.
+
+        Large layers have millions of eigenvalues; ``points`` log-spaced ranks (always including
+        the first and last) keep a plot's shape without shipping them all.
+        """
+        lam = get_strategy(self.strategy).eigenvalues(self.layers[name])
+        if lam is None:
+            return np.ones(1), np.ones(1)  # H = I
+        values = torch.sort(lam.double().flatten(), descending=True).values.cpu().numpy()
+        n = len(values)
+        ranks = (np.arange(1, n + 1) if n <= points else
+                 np.unique(np.geomspace(1, n, num=points).round().astype(np.int64)))
+        return ranks.astype(np.float64), values[ranks - 1]
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (a temporary file in the same folder, then a rename)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -38,6 +38,26 @@ def encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> dict[s
             raise ValueError(f"document too short to score (needs 2+ tokens): {text[:40]!r}")
         rows.append((ids, list(ids)))
     return _collate(rows, _pad_id(tokenizer))
+
+
+def encode_document_batches(tokenizer, texts: Sequence[str], max_length: int,
+                            max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Pretraining-style batches of ``texts`` in order, each holding at most ``max_tokens`` tokens
+    counting padding (short documents share a batch; few large batches beat many small ones)."""
+    pad = _pad_id(tokenizer)
+    rows: list[tuple[list[int], list[int]]] = []
+    width = 0
+    for text, ids in zip(texts, tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        ids = ids[:max_length]
+        if len(ids) < 2:
+            raise ValueError(f"document too short to score (needs 2+ tokens): {text[:40]!r}")
+        if rows and max(width, len(ids)) * (len(rows) + 1) > max_tokens:
+            yield _collate(rows, pad)
+            rows, width = [], 0
+        rows.append((ids, list(ids)))
+        width = max(width, len(ids))
+    if rows:
+        yield _collate(rows, pad)
 
 
 def encode_prompt_answer(tokenizer, prompts: Sequence[str], answers: Sequence[str],

@@ -12,14 +12,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import datasets
 import numpy as np
 import torch
 
-from engine import (BM25, METHODS, Factors, GradientIndex, KroneckerProjector, LanguageModelingTask,
-                    ScoreArguments, attribute_tokens, encode_prompt_answer,
+from engine import (BM25, METHODS, Factors, damping_values, GradientIndex, KroneckerProjector, LanguageModelingTask,
+                    ScoreArguments, attribute_tokens, encode_document_batches, encode_prompt_answer,
                     precondition, pooled_representations, cosine_similarity, rescore, retrieve,
                     score_documents, sequence_gradients)
 from precompute import pipeline as P
@@ -54,11 +54,12 @@ class Trace:
     prompt: str
     answer: str
     method: str
-    proponents: list[DocumentHit]
-    opponents: list[DocumentHit]
+    proponents: list[DocumentHit]  # up to top_k, score > 0 (raise the answer's log-likelihood)
+    opponents: list[DocumentHit]  # up to top_k, score < 0; baselines: least similar, unsigned
     answer_tokens: list[str]
     settings: dict[str, Any]
     timings: dict[str, float]
+    pool_scores: list[float] = field(default_factory=list)  # exact scores of every document scored
 
     def to_json(self, with_text: bool = False) -> dict[str, Any]:
         def hit(h: DocumentHit) -> dict[str, Any]:
@@ -70,7 +71,7 @@ class Trace:
                 "proponents": [hit(h) for h in self.proponents],
                 "opponents": [hit(h) for h in self.opponents],
                 "answer_tokens": self.answer_tokens, "settings": self.settings,
-                "timings": self.timings}
+                "timings": self.timings, "pool_scores": self.pool_scores}
 
 
 def check_prompt(text: str) -> str:
@@ -153,13 +154,16 @@ class Tracer:
 
     def trace(self, instruction: str, answer: str | None = None, method: str = "multi-stage",
               top_k: int = 10, context: str = "", heatmaps: bool = True,
-              exhaustive: bool = False) -> Trace:
+              exhaustive: bool = False, on_stage: Callable[[str], None] | None = None,
+              max_new_tokens: int = 48, temperature: float = 0.0) -> Trace:
         """Answer (unless ``answer`` is given) and rank documents by ``method``.
 
         Indexed methods retrieve candidates from projected gradients and re-score them exactly;
         the candidate set can miss true top documents (see benchmarks/retrieval.py).
         ``exhaustive=True`` scores every document exactly instead (slower, the reference).
+        ``on_stage`` is told, in words, what starts next (for a progress display).
         """
+        stage = on_stage or (lambda _: None)
         if method not in ALL_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
         if top_k < 1:
@@ -167,7 +171,8 @@ class Tracer:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         if answer is None or not answer.strip():
-            answer = self.generate(instruction, context)
+            stage("The fine-tuned model is answering")
+            answer = self.generate(instruction, context, max_new_tokens, temperature)
             timings["generate"] = time.perf_counter() - started
         if not answer.strip():
             raise ValueError("the model's answer is empty; type an answer to trace")
@@ -175,11 +180,15 @@ class Tracer:
         top_k = min(top_k, len(self.documents))
         with self._lock:
             t0 = time.perf_counter()
-            pro, opp, query = self._rank(prompt, answer, method, top_k, exhaustive)
+            stage(f"Ranking documents by {method}")
+            pro, opp, query, pool_scores = self._rank(prompt, answer, method, top_k, exhaustive)
+            if query is not None:  # influence has a sign: a proponent must raise the answer's log-likelihood
+                pro, opp = [h for h in pro if h.score > 0], [h for h in opp if h.score < 0]
             timings["rank"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if heatmaps and query is not None:
-                self._attach_heatmaps(pro + opp, query, method)
+                stage("Token heatmaps of the top documents")
+                self._attach_heatmaps(pro + opp, query, *self._document_side(method), self._batches)
             timings["heatmaps"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
         settings = {"alpha": self.config.influence.alpha, "top_k": top_k,
@@ -188,23 +197,31 @@ class Tracer:
                                   "re-scored exactly" if method in INDEXED and not exhaustive
                                   else "exact, all documents")}
         settings["model_prompt"] = prompt
+        settings["context"] = context
         return Trace(instruction.strip(), answer, method, pro, opp,
-                     self._answer_pieces(prompt, answer), settings, timings)
+                     self._answer_pieces(prompt, answer), settings, timings, pool_scores)
 
     def _rank(self, prompt, answer, method, k, exhaustive=False):
+        """(proponents, opponents, query or None, exact scores of every document scored)."""
         if method in ("representation", "bm25"):
             scores = self._baseline_scores(prompt, answer, method)
-            return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), None
+            return (*self._ranked(scores, k), None, scores.tolist())
         query = self.query_vectors(prompt, answer, method)
         if method in INDEXED and not exhaustive:
-            found = self.retrieve(query, max(k, self.config.influence.candidates)).head(k)
+            pool = self.retrieve(query, max(k, self.config.influence.candidates))
+            found = pool.head(k)
             pro = self._hits(found.proponent_ids[0], None, found.proponent_exact[0], found.proponent_projected[0])
             opp = self._hits(found.opponent_ids[0], None, found.opponent_exact[0], found.opponent_projected[0])
-            return pro, opp, query
+            scored = dict(zip(pool.proponent_ids[0].tolist(), pool.proponent_exact[0].tolist()))
+            scored.update(zip(pool.opponent_ids[0].tolist(), pool.opponent_exact[0].tolist()))
+            return pro, opp, query, list(scored.values())
         model, layers = self._document_side(method)
         scores = score_documents(model, TASK, self._batches(range(len(self.documents))), layers,
                                  query, progress=self.progress)[0].double().numpy()
-        return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores), query
+        return (*self._ranked(scores, k), query, scores.tolist())
+
+    def _ranked(self, scores: np.ndarray, k: int):
+        return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores)
 
     def retrieve(self, query, pool: int, whiten: bool = True):
         """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly."""
@@ -228,9 +245,11 @@ class Tracer:
         return cosine_similarity(q, self._representations)[0]
 
     def _batches(self, doc_ids: Sequence[int]):
+        """Documents in order, batched by a token budget (batch_size x max_length tokens)."""
         texts = self.documents.select(list(doc_ids))["text"] if len(doc_ids) else []
         inf = self.config.influence
-        return list(P.document_batches(self.tokenizer, texts, inf.max_length, inf.batch_size))
+        return list(encode_document_batches(self.tokenizer, texts, inf.max_length,
+                                            inf.batch_size * inf.max_length))
 
     def _hits(self, ids, scores=None, exact=None, projected=None) -> list[DocumentHit]:
         hits = []
@@ -241,18 +260,101 @@ class Tracer:
                                     projected_score=None if projected is None else float(projected[j])))
         return hits
 
-    def _attach_heatmaps(self, hits: list[DocumentHit], query, method: str) -> None:
+    def _attach_heatmaps(self, hits: list[DocumentHit], query, model, layers, batches_for) -> None:
         if not hits:
             return
-        model, layers = self._document_side(method)
-        for batch_hits, batch in zip(_chunks(hits, self.config.influence.batch_size),
-                                     self._batches([h.doc_id for h in hits])):
+        start = 0
+        for batch in batches_for([h.doc_id for h in hits]):
+            batch_hits, start = hits[start:start + len(batch["input_ids"])], start + len(batch["input_ids"])
             att = attribute_tokens(model, TASK, batch, layers, query)
             for b, hit in enumerate(batch_hits):
                 n = int(batch["attention_mask"][b].sum())
                 hit.tokens = self._pieces(batch["input_ids"][b, :n])
                 hit.token_scores = att.token_scores[0, b, :n].double().tolist()
                 hit.layer_scores = dict(zip(att.layer_names, att.layer_scores[0, b].double().tolist()))
+
+    def finetune_examples(self, instruction: str, answer: str, top_k: int = 10, context: str = "",
+                          heatmaps: bool = True) -> Trace:
+        """The fine-tuning records most influential on ``answer`` (single-stage influence).
+
+        Records are the fine-tuned model's own training data, so their gradients are taken at
+        theta_ft on the response tokens, exactly as they were trained, and preconditioned with
+        (H_ft + lambda I)^-1. Every record is scored exactly (there is no index of records).
+        """
+        if not answer.strip():
+            raise ValueError("there is no answer to trace; trace a prompt first or type an answer")
+        prompt = self.prompt_for(instruction, context)
+        started = time.perf_counter()
+        with self._lock:
+            query = self.query_vectors(prompt, answer, "single-stage")
+            scores = score_documents(self.ft_model, TASK, self._record_batches(range(len(self.records))),
+                                     self.ft_layers, query, progress=self.progress)[0].double().numpy()
+            k = min(top_k, len(self.records))
+            pro, opp = (self._record_hits(np.argsort(order * scores)[:k], scores) for order in (-1, 1))
+            pro, opp = [h for h in pro if h.score > 0], [h for h in opp if h.score < 0]
+            if heatmaps:
+                self._attach_heatmaps(pro + opp, query, self.ft_model, self.ft_layers, self._record_batches)
+        timings = {"total": time.perf_counter() - started}
+        settings = {"alpha": self.config.influence.alpha, "top_k": k, "damping": query.damping,
+                    "retrieval": f"exact, all {len(self.records)} fine-tuning records",
+                    "model_prompt": prompt, "context": context}
+        return Trace(instruction.strip(), answer, "single-stage", pro, opp,
+                     self._answer_pieces(prompt, answer), settings, timings, scores.tolist())
+
+    def _record_batches(self, record_ids: Sequence[int]):
+        rows = self.records.select(list(record_ids))
+        return list(P.record_batches(self.tokenizer, self.config, rows, self.config.influence.batch_size))
+
+    def _record_hits(self, ids, scores: np.ndarray) -> list[DocumentHit]:
+        hits = []
+        for record_id in (int(i) for i in ids):
+            row = self.records[record_id]
+            text = format_prompt(self.config, row["instruction"], row["context"]) + row["response"]
+            hits.append(DocumentHit(record_id, float(scores[record_id]), row["instruction"], text))
+        return hits
+
+    # -- the study ------------------------------------------------------------------------------
+    def spectra(self, points: int = 256) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Eigenvalues of both approximate Fishers, per stage and layer: (ranks, values, lambda),
+        largest first, with the damping lambda that layer uses."""
+        out = {}
+        for stage, factors in (("pretrained", self.pt_factors), ("fine-tuned", self.ft_factors)):
+            damping = damping_values(factors, self.score_arguments("multi-stage"))
+            out[stage] = {name: (*factors.spectrum(name, points), damping[name])
+                          for name in factors.layers}
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What the study holds: models, corpus and fine-tuning data, factors, build settings."""
+        def model_info(model, factors, layers):
+            return {"class": type(model).__name__,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "tracked_layers": len(layers),
+                    "tracked_parameters": sum(l.out_features * (l.in_features + l.has_bias) for l in layers),
+                    "weights_sha256": factors.model["weights_sha256"][:16],
+                    "factor_strategy": factors.strategy,
+                    "factor_sequences": factors.num_sequences, "factor_tokens": factors.num_tokens}
+        m = self.config.models
+        return {
+            "study": str(self.study.root),
+            "device": str(self.device),
+            "models": {"pretrained": {"path": m.base, **model_info(self.pt_model, self.pt_factors, self.pt_layers)},
+                       "fine-tuned": {"path": m.finetuned, **model_info(self.ft_model, self.ft_factors, self.ft_layers)}},
+            "documents": len(self.documents), "finetune_records": len(self.records),
+            "record_categories": _counts(self.records["category"]),
+            "index": {"documents": self.whitened_index.ntotal, "kind": self.whitened_index.kind,
+                      "candidates_per_sign": self.config.influence.candidates},
+            "influence": asdict(self.config.influence),
+            "stages": self.manifest.get("stages", {}),
+            "software": self.manifest.get("software", {}),
+        }
+
+    def document_lengths(self, limit: int = 5000) -> np.ndarray:
+        """Token counts of (up to ``limit``, evenly spaced) documents, before truncation."""
+        step = max(1, len(self.documents) // limit)
+        texts = self.documents[::step]["text"] if step == 1 else self.documents.select(
+            range(0, len(self.documents), step))["text"]
+        return np.array([len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
     def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int) -> dict[str, Any]:
         """Answer-token x document-token influence for one document (rows sum to the answer tokens'
@@ -282,7 +384,11 @@ class Tracer:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _counts(values: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v or "(none)"] = out.get(v or "(none)", 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 

@@ -36,6 +36,72 @@ def _build_demo(args) -> int:
     return 0
 
 
+DEMO_STUDY = Path("studies/demo")
+
+
+def _app(args) -> int:
+    from .study import Study, StudyError
+
+    study = args.study
+    if args.study.resolve() == DEMO_STUDY.resolve() or args.build_demo:
+        from .demo import build_demo
+
+        print(f"checking the demo study at {study} (built on first use, about 5 minutes on CPU)…",
+              flush=True)
+        build_demo(study, seed=0, progress=True)  # idempotent: finished stages are skipped
+    else:
+        try:
+            from explorer.tracer import REQUIRED_STAGES
+            Study(study).verify(REQUIRED_STAGES)
+        except StudyError as err:
+            raise ValueError(f"{err}; build it with `msif precompute` (or `msif build-demo --out {study}`)") from None
+    return serve(study, args.host, args.port, args.device, open_browser=not args.no_browser)
+
+
+def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False) -> int:
+    """Run the Streamlit app on ``study`` until interrupted; returns the server's exit code."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+    import webbrowser
+
+    app = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
+    env = dict(os.environ, MSIF_STUDY=str(study.resolve()), MSIF_DEVICE=device)
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host,
+               "--server.port", str(port), "--server.headless", "true",
+               "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+               "--theme.base", "light", "--client.toolbarMode", "viewer"]
+    server = subprocess.Popen(command, env=env)
+    url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}"
+
+    def stop(signum, frame):  # a terminated `msif app` must not leave its server running
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for _ in range(600):  # wait for the server, then say where it is
+            if server.poll() is not None:
+                return server.returncode
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        print(f"\nMSIF Explorer on {study}: {url}  (Ctrl+C stops it)", flush=True)
+        if open_browser:
+            webbrowser.open(url)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        return 0
+
+
 def _read_prompts(args) -> list[dict]:
     if args.prompt is not None:
         return [{"prompt": args.prompt, "answer": args.answer}]
@@ -110,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_build_demo)
 
+    app = commands.add_parser("app", help="open the explorer (Streamlit) on a study",
+                              description="Serve the explorer on localhost. On the default demo "
+                                          "study it builds the study first if it is missing.")
+    app.add_argument("--study", type=Path, default=DEMO_STUDY, help=f"study directory (default {DEMO_STUDY})")
+    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("--host", default="localhost",
+                     help="address to listen on (default: this machine only; 0.0.0.0 exposes it)")
+    app.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    app.add_argument("--build-demo", action="store_true", help="build (or finish) a demo study at --study first")
+    app.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    app.set_defaults(run=_app)
+
     from explorer.tracer import ALL_METHODS  # light: no model is loaded at import
 
     query = commands.add_parser("query", help="answer prompts and trace the answers to documents",
@@ -131,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Our own progress bars say what is happening; the libraries' per-file bars are noise."""
     import datasets
     from transformers.utils import logging as hf_logging
@@ -149,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.run(args)
     except (ValueError, RuntimeError, FileNotFoundError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,13 @@ def ft_model(pt_model):
         for p in child.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return child
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> Path:
+    """A tiny demo study (seconds to build), built once through the CLI and shared read-only."""
+    from precompute.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-demo") / "study"
+    assert main(["build-demo", "--out", str(out), "--tiny", "--quiet", "--seed", "3"]) == 0
+    return out

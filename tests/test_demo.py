@@ -15,10 +15,8 @@ STAGES = ["world", "tokenizer", "pretrain", "finetune", "qa-eval", "corpus", "fi
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "study"
-    assert main(["build-demo", "--out", str(out), "--tiny", "--quiet", "--seed", "3"]) == 0
-    return Study(out)
+def demo(tiny_study):
+    return Study(tiny_study)  # built with `msif build-demo --tiny --seed 3` (conftest)
 
 
 def test_demo_study_is_complete_and_self_describing(demo):

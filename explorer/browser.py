@@ -1,0 +1,123 @@
+"""Drive the running app in headless Chromium (the browser test and the latency benchmark).
+
+Uses the system's Chromium and chromedriver (Debian: ``apt install chromium chromium-driver``);
+nothing is downloaded. Selenium is a test extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1800"]
+HEATMAP_TOKEN = "span.msif-tok"
+FIRST_RESULT = "//*[@data-testid='stExpander']//summary[contains(normalize-space(.), '#1 ')]"
+RUNNING = '[data-testid="stStatusWidget"]'  # Streamlit's "running" indicator
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """(browser, driver) executables, or None when either is missing."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (binary, driver) if binary and driver else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(study: str | Path, log: Path, port: int | None = None,
+                timeout: float = 120.0) -> Iterator[str]:
+    """``msif app --study STUDY`` in a subprocess; yields its URL once it answers health checks."""
+    port = port or free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "precompute.cli", "app", "--study", str(study),
+                                    "--port", str(port), "--no-browser"], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://localhost:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the app did not start within {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield url
+    finally:  # the CLI stops its server on SIGTERM; the group kill is a safety net
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator["webdriver.Chrome"]:  # noqa: F821
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    found = find_chromium()
+    if found is None:
+        raise RuntimeError("chromium and chromedriver are required: apt install chromium chromium-driver")
+    with tempfile.TemporaryDirectory(prefix="msif-chromium-") as profile:
+        options = Options()
+        options.binary_location = found[0]
+        for flag in FLAGS + [f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(found[1]), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def open_app(driver, url: str, timeout: float = 120.0):
+    """Load the trace page and wait until its prompt box is usable; returns the box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    return WebDriverWait(driver, timeout).until(
+        EC.element_to_be_clickable((By.CSS_SELECTOR, 'textarea[aria-label="Prompt"]')))
+
+
+def trace_in_browser(driver, url: str, prompt: str, timeout: float = 120.0) -> float:
+    """Type ``prompt``, click Trace, and wait for ranked documents with heatmaps and the end of
+    the run. Returns seconds from the click to that point (polled every 50 ms)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = open_app(driver, url, timeout)
+    box.send_keys(prompt)
+    button = driver.find_element(By.XPATH, "//button[normalize-space(.)='Trace']")
+    started = time.perf_counter()
+    button.click()
+
+    def done(d) -> bool:
+        return bool(d.find_elements(By.CSS_SELECTOR, HEATMAP_TOKEN) and d.find_elements(By.XPATH, FIRST_RESULT)
+                    and not d.find_elements(By.CSS_SELECTOR, RUNNING))
+
+    WebDriverWait(driver, timeout, poll_frequency=0.05).until(done)
+    return time.perf_counter() - started

@@ -1,0 +1,35 @@
+"""Results as files: CSV (one row per ranked document) and JSON (everything, token scores too)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from .heatmap import snippet
+from .tracer import Trace
+
+COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "projected_score", "top_tokens",
+           "snippet", "prompt", "answer"]
+
+
+def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
+    rows = []
+    for sign, hits in (("proponent", trace.proponents), ("opponent", trace.opponents)):
+        for rank, hit in enumerate(hits, start=1):
+            order = sorted(range(len(hit.token_scores)), key=lambda i: -abs(hit.token_scores[i]))
+            rows.append({"method": trace.method, "sign": sign, "rank": rank, "doc_id": hit.doc_id,
+                         "title": hit.title, "score": hit.score, "projected_score": hit.projected_score,
+                         "top_tokens": " | ".join(f"{hit.tokens[i]!r}:{hit.token_scores[i]:+.3g}"
+                                                  for i in order[:top_tokens]),
+                         "snippet": snippet(hit.text, hit.tokens, hit.token_scores),
+                         "prompt": trace.prompt, "answer": trace.answer})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def to_csv(trace: Trace) -> bytes:
+    return hits_frame(trace).to_csv(index=False).encode("utf-8")
+
+
+def to_json(trace: Trace) -> bytes:
+    return json.dumps(trace.to_json(with_text=True), indent=1, ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,67 @@
+"""Streamlit glue shared by the pages: one Tracer per process, and the URL <-> form state.
+
+The Tracer (models, factors, index) is created once per process with ``st.cache_resource`` and
+shared by every browser session; it serialises model use with its own lock. Each session keeps
+its own results in ``st.session_state``, so sessions cannot see or overwrite each other's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from precompute.cli import quiet_libraries
+from precompute.study import StudyError
+
+from .tracer import ALL_METHODS, Tracer
+
+STUDY_ENV, DEVICE_ENV = "MSIF_STUDY", "MSIF_DEVICE"
+DEFAULT_STUDY = "studies/demo"
+# URL query parameter -> session-state key of the widget it fills
+URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "method": "method"}
+
+
+@st.cache_resource(max_entries=1, show_spinner="Opening the study: models, factors, index…")
+def _open(study_dir: str, device: str, built: float) -> Tracer:
+    """``built`` (the manifest's mtime) is part of the key: a rebuilt study is reopened."""
+    quiet_libraries()
+    return Tracer(study_dir, device)
+
+
+def study_dir() -> Path:
+    return Path(os.environ.get(STUDY_ENV, DEFAULT_STUDY)).resolve()
+
+
+def get_tracer() -> Tracer:
+    """The process-wide Tracer, or a clear message and a stopped page if the study is unusable."""
+    path = study_dir()
+    manifest = path / "manifest.json"
+    try:
+        if not manifest.exists():
+            raise StudyError(f"no study at {path} (manifest.json is missing)")
+        return _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
+    except (StudyError, ValueError, OSError) as err:  # FactorMismatchError is a ValueError
+        st.error(f"Cannot open the study: {err}")
+        st.info("Build the demo study with `msif build-demo --out studies/demo`, or start the app "
+                "on another study with `msif app --study DIR`.")
+        st.stop()
+
+
+def restore_from_url() -> bool:
+    """Fill the form from ?prompt=&answer=&method= once per session; True if a prompt came in."""
+    if st.session_state.get("_url_restored"):
+        return False
+    st.session_state["_url_restored"] = True
+    params = st.query_params
+    for param, key in URL_FIELDS.items():
+        value = params.get(param)
+        if value is None or (param == "method" and value not in ALL_METHODS):
+            continue
+        st.session_state[key] = value
+    return bool(params.get("prompt", "").strip())
+
+
+def share_in_url(prompt: str, answer: str, method: str) -> None:
+    st.query_params.from_dict({"prompt": prompt, "answer": answer, "method": method})

@@ -1,0 +1,46 @@
+"""The fine-tuning records most influential on the traced answer (single-stage influence)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer import charts
+from explorer.session import get_tracer
+from explorer.tracer import Trace
+from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
+
+tracer = get_tracer()
+st.title("Fine-tuning examples behind the answer")
+st.caption("Single-stage influence of each fine-tuning record on the same answer: the record's "
+           "gradient at the fine-tuned weights (response tokens, as it was trained), preconditioned "
+           "by (H_ft + λI)⁻¹. Every record is scored exactly.")
+
+trace: Trace | None = st.session_state.get("trace")
+if trace is None:
+    st.info("Trace a prompt first; this page then shows the fine-tuning records behind its answer.")
+    st.page_link("views/trace.py", label="Trace an answer", icon=":material/search:")
+    st.stop()
+
+st.markdown("**Prompt**")
+answer_block(trace.prompt)
+st.markdown("**Answer**")
+answer_block(trace.answer)
+
+key = (trace.settings["model_prompt"], trace.answer, len(trace.proponents))
+found = st.session_state.get("finetune")
+if found is None or found[0] != key:
+    with st.spinner(f"Scoring {len(tracer.records)} fine-tuning records…"):
+        try:
+            result = tracer.finetune_examples(trace.prompt, trace.answer, len(trace.proponents),
+                                              trace.settings.get("context", ""))
+        except ValueError as err:
+            st.error(str(err))
+            st.stop()
+    found = st.session_state["finetune"] = (key, result)
+result: Trace = found[1]
+
+st.caption(f"{result.settings['retrieval']} · {result.timings['total']:.2f} s · " + POSITION_NOTE)
+ranked_columns(result.proponents, result.opponents, "single-stage",
+               st.session_state.get("shared_scale", False), record=True)
+st.plotly_chart(charts.score_distribution(result.pool_scores, [h.score for h in result.proponents + result.opponents],
+                                          "all fine-tuning records"), key="ft-distribution")

@@ -1,0 +1,76 @@
+"""The study: models, corpus, fine-tuning data, curvature spectra and how it was built."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from explorer import charts
+from explorer.session import get_tracer
+
+tracer = get_tracer()
+
+
+@st.cache_data(show_spinner=False)
+def _summary(study: str, _tracer) -> dict:
+    return _tracer.summary()
+
+
+@st.cache_data(show_spinner="Counting document tokens…")
+def _lengths(study: str, _tracer):
+    return _tracer.document_lengths()
+
+
+@st.cache_data(show_spinner=False)
+def _spectra(study: str, _tracer):
+    return _tracer.spectra()
+
+
+key = str(tracer.study.root)
+summary = _summary(key, tracer)
+st.title("Study")
+st.caption(f"{summary['study']} · running on {summary['device']}")
+
+cols = st.columns(4)
+cols[0].metric("Pretraining documents", f"{summary['documents']:,}")
+cols[1].metric("Fine-tuning records", f"{summary['finetune_records']:,}")
+cols[2].metric("Indexed documents", f"{summary['index']['documents']:,}")
+cols[3].metric("Candidates per sign", summary["index"]["candidates_per_sign"])
+
+st.subheader("Models")
+st.dataframe(pd.DataFrame(summary["models"]).T.astype(str), width="stretch")
+
+st.subheader("Corpus")
+left, right = st.columns(2)
+lengths = _lengths(key, tracer)
+limit = summary["influence"]["max_length"]
+left.plotly_chart(charts.histogram(lengths, f"Document lengths ({len(lengths):,} documents)", "tokens"),
+                  key="lengths")
+left.caption(f"median {int(pd.Series(lengths).median())} tokens; {int((lengths > limit).sum())} "
+             f"longer than max_length = {limit} are truncated when scored.")
+categories = pd.Series(summary["record_categories"], name="records")
+right.plotly_chart(charts.bar(categories, "Fine-tuning records by category"), key="categories")
+
+st.subheader("Curvature")
+curves = _spectra(key, tracer)
+layers = list(next(iter(curves.values())))
+chosen = st.multiselect("Layers", layers, default=layers[:4], key="spectrum_layers")
+if chosen:
+    st.plotly_chart(charts.spectra(curves, chosen), key="spectra")
+st.caption("EK-FAC eigenvalues of each tracked layer's Fisher block, largest first. Directions "
+           "with eigenvalues well below the damping λ are barely preconditioned; the influence is "
+           "dominated by directions near and above it.")
+factor_rows = {stage: {k: v for k, v in info.items() if k.startswith("factor_")}
+               for stage, info in summary["models"].items()}
+st.dataframe(pd.DataFrame(factor_rows).T, width="stretch")
+
+st.subheader("Build settings")
+st.json(summary["influence"], expanded=False)
+stages = pd.DataFrame([{"stage": name, "finished": info.get("finished", ""),
+                        "settings": json.dumps(info.get("config", {}))[:200]}
+                       for name, info in summary["stages"].items()])
+st.dataframe(stages, hide_index=True, width="stretch")
+with st.expander("Software versions"):
+    st.json(summary["software"])

@@ -1,0 +1,194 @@
+"""Trace an answer: prompt -> answer -> ranked pretraining documents with token heatmaps."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import numpy as np
+import streamlit as st
+
+from explorer import charts, export
+from explorer.heatmap import heatmap_html, legend_html, symmetric_scale
+from explorer.session import get_tracer, restore_from_url, share_in_url
+from explorer.tracer import ALL_METHODS, MAX_PROMPT_CHARS, Trace
+from explorer.widgets import BASELINES, POSITION_NOTE, answer_block, ranked_columns
+
+COMPARED = ("multi-stage", "single-stage", "gradient-dot", "pt-inverse-dropped", "bm25")
+METHOD_HELP = {
+    "multi-stage": "Bao et al.: fine-tuned query gradient through (H_ft + αI)⁻¹ and (H_pt + λI)⁻¹",
+    "single-stage": "documents treated as training data of the fine-tuned model (H_ft only)",
+    "pt-inverse-dropped": "multi-stage without the pretraining inverse (an ablation)",
+    "gradient-dot": "raw gradient inner product (no curvature)",
+    "gradient-cosine": "cosine of raw gradients",
+    "representation": "cosine of mean hidden states (baseline)",
+    "bm25": "lexical overlap with prompt + answer (baseline)",
+}
+
+tracer = get_tracer()
+auto_run = restore_from_url()
+
+with st.sidebar:
+    st.header("Settings")
+    method = st.selectbox("Method", ALL_METHODS, key="method", format_func=lambda m: m,
+                          help="\n\n".join(f"**{m}**: {h}" for m, h in METHOD_HELP.items()))
+    top_k = st.slider("Documents per side", 1, 50, 10, key="top_k")
+    exhaustive = st.checkbox("Score every document exactly", key="exhaustive",
+                             help="Skip the index and score the whole corpus: the reference ranking "
+                                  "(slower). By default the index proposes candidates that are then "
+                                  "re-scored exactly; only exact scores are ever shown.")
+    shared_scale = st.checkbox("One colour scale for all documents", key="shared_scale")
+    st.subheader("Generation")
+    max_new_tokens = st.slider("Max new tokens", 4, 128, 48, key="max_new_tokens")
+    temperature = st.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.0, 0.05, key="temperature")
+
+st.title("Why did the model say that?")
+st.caption("Type a prompt for the fine-tuned model. It answers, and the multi-stage influence "
+           "function ranks the pretraining documents that made that answer more (or less) likely.")
+
+with st.form("ask"):
+    instruction = st.text_area("Prompt", key="instruction", max_chars=MAX_PROMPT_CHARS, height=90,
+                               placeholder="e.g. Where was Nelel Wexford born?")
+    with st.expander("Context and answer (optional)"):
+        context = st.text_area("Context (the dolly template's input field)", key="context", height=70)
+        typed_answer = st.text_area("Answer to trace (leave empty and the model answers)",
+                                    key="typed_answer", height=70)
+    submitted = st.form_submit_button("Trace", type="primary")
+
+with st.expander("The prompt the model sees"):
+    st.code(tracer.config.template, language=None)
+
+
+def run_trace() -> Trace | None:
+    with st.status("Tracing…", expanded=False) as status:
+        def on_stage(message: str) -> None:
+            status.update(label=f"{message}…")
+            st.write(message)
+        try:
+            trace = tracer.trace(instruction, typed_answer or None, method, top_k, context,
+                                 exhaustive=exhaustive, on_stage=on_stage,
+                                 max_new_tokens=max_new_tokens, temperature=temperature)
+        except ValueError as err:
+            status.update(label="Could not trace", state="error", expanded=True)
+            st.error(str(err))
+            return None
+        status.update(label=f"Traced in {trace.timings['total']:.2f} s", state="complete")
+    return trace
+
+
+if submitted or auto_run:
+    result = run_trace()
+    if result is not None:
+        st.session_state["trace"] = result
+        share_in_url(result.prompt, result.answer, result.method)
+
+
+def inspect_tab(trace: Trace) -> None:
+    hits = trace.proponents + trace.opponents
+    if trace.method in BASELINES or not hits:
+        st.info("Token maps need an influence method; baselines only rank documents.")
+        return
+    labels = [f"{'proponent' if i < len(trace.proponents) else 'opponent'} "
+              f"#{(i if i < len(trace.proponents) else i - len(trace.proponents)) + 1} · doc {h.doc_id} · "
+              f"{h.title[:60]}" for i, h in enumerate(hits)]
+    choice = st.selectbox("Document", range(len(hits)), format_func=lambda i: labels[i], key="inspect")
+    hit = hits[choice]
+    cache = st.session_state.setdefault("maps", {})
+    key = (trace.settings["model_prompt"], trace.answer, trace.method, hit.doc_id)
+    if key not in cache:
+        with st.spinner("Splitting the influence over answer tokens…"):
+            cache[key] = tracer.answer_token_map(*key)
+    data = cache[key]
+    matrix = data["matrix"]
+    per_answer_token = matrix.sum(axis=1)
+    st.markdown(f"**Which answer tokens this document supports** (sum {per_answer_token.sum():+.4g}; "
+                f"document score {hit.score:+.4g})")
+    st.html(heatmap_html(data["answer_tokens"], per_answer_token.tolist(), label="support"))
+    st.html(legend_html(symmetric_scale(per_answer_token.tolist())))
+    st.markdown("**The document's tokens**")
+    st.html(heatmap_html(data["document_tokens"], matrix.sum(axis=0).tolist()))
+    st.plotly_chart(charts.token_matrix(data["answer_tokens"], data["document_tokens"], matrix,
+                                        "Answer token × document token influence"),
+                    key=f"matrix-{hit.doc_id}")
+    st.caption("Each row is the influence of this document on one answer token's log-probability; "
+               "rows sum to the answer heatmap above, columns to the document heatmap. " + POSITION_NOTE)
+
+
+def charts_tab(trace: Trace) -> None:
+    hits = trace.proponents + trace.opponents
+    pool = trace.settings.get("retrieval", "")
+    st.plotly_chart(charts.score_distribution(trace.pool_scores, [h.score for h in hits],
+                                              f"{len(trace.pool_scores)} documents scored"),
+                    key="distribution")
+    st.caption(f"Exact scores of every document that was scored ({pool}). With the index, that is "
+               "the candidate pool, not the whole corpus; tick “Score every document exactly” for "
+               "the full distribution.")
+    with_layers = [h for h in hits if h.layer_scores]
+    if with_layers:
+        layers = list(with_layers[0].layer_scores)
+        values = np.array([[h.layer_scores[name] for name in layers] for h in with_layers])
+        labels = [f"{'+' if h.score > 0 else '−'} doc {h.doc_id}: {h.title[:28]}" for h in with_layers]
+        st.plotly_chart(charts.layer_contributions(labels, layers, values), key="layers")
+
+
+def compare_tab(trace: Trace) -> None:
+    st.caption("Ranks the same answer with each method and measures how much their top-k agree. "
+               "single-stage scores every document exactly (no index), so it takes longest.")
+    key = (trace.prompt, trace.answer, len(trace.proponents), trace.settings["model_prompt"])
+    comparison = st.session_state.get("comparison")
+    if st.button("Compare methods", key="compare"):
+        rankings, timings = {}, {}
+        progress = st.progress(0.0, text="Comparing methods…")
+        for i, m in enumerate(COMPARED):
+            progress.progress(i / len(COMPARED), text=f"Ranking by {m}…")
+            other = trace if m == trace.method else tracer.trace(
+                trace.prompt, trace.answer, m, len(trace.proponents), context=trace.settings.get("context", ""),
+                heatmaps=False)
+            rankings[m] = [h.doc_id for h in other.proponents]
+            timings[m] = other.timings.get("rank", 0.0)
+        progress.empty()
+        titles = {int(d): tracer.documents[int(d)]["title"] for r in rankings.values() for d in r}
+        comparison = st.session_state["comparison"] = {"key": key, "rankings": rankings,
+                                                       "timings": timings, "titles": titles}
+    if not comparison or comparison["key"] != key:
+        return
+    overlap = charts.top_k_overlap(comparison["rankings"])
+    st.plotly_chart(charts.overlap_heatmap(overlap, len(trace.proponents)), key="overlap")
+    st.dataframe(charts.rank_table(comparison["rankings"], comparison["titles"]))
+    st.caption("Seconds to rank: " + ", ".join(f"{m} {t:.2f}" for m, t in comparison["timings"].items()))
+
+
+def export_tab(trace: Trace) -> None:
+    stem = f"msif-{trace.method}"
+    left, right = st.columns(2)
+    left.download_button("Download CSV", export.to_csv(trace), f"{stem}.csv", "text/csv", key="csv")
+    right.download_button("Download JSON", export.to_json(trace), f"{stem}.json", "application/json",
+                          key="json")
+    query = urlencode({"prompt": trace.prompt, "answer": trace.answer, "method": trace.method})
+    st.markdown("**Share**: this page's address now restores the prompt, answer and method. "
+                "Relative link:")
+    st.code(f"?{query}", language=None)
+    st.dataframe(export.hits_frame(trace).drop(columns=["prompt", "answer"]), hide_index=True)
+
+
+def documents_tab(trace: Trace) -> None:
+    st.caption(POSITION_NOTE)
+    ranked_columns(trace.proponents, trace.opponents, trace.method, shared_scale)
+
+
+TABS = {"Documents": documents_tab, "Inspect a document": inspect_tab, "Charts": charts_tab,
+        "Compare methods": compare_tab, "Export & share": export_tab}
+
+trace: Trace | None = st.session_state.get("trace")
+if trace is not None:
+    st.subheader("Answer")
+    answer_block(trace.answer)
+    damping = trace.settings.get("damping") or {}
+    st.caption(f"method **{trace.method}** · {trace.settings['retrieval']} · "
+               f"{trace.timings['total']:.2f} s · α = {trace.settings['alpha']:.3g}"
+               + (f" · λ from {min(damping.values()):.2g} to {max(damping.values()):.2g}" if damping else ""))
+    # Only the open tab runs (on_change="rerun"): the documents come first and fast.
+    tabs = st.tabs(list(TABS), key="view", on_change="rerun")
+    for tab, render in zip(tabs, TABS.values()):
+        if tab.open:
+            with tab:
+                render(trace)

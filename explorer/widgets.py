@@ -1,0 +1,71 @@
+"""Streamlit pieces shared by the pages: ranked document lists and their heatmaps."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import streamlit as st
+
+from .heatmap import format_score, heatmap_html, legend_html, snippet, symmetric_scale, text_html
+from .tracer import DocumentHit
+
+POSITION_NOTE = ("A token's colour is the influence credited to the position that *reads* it and "
+                 "predicts the next token, so in “born in Ardwick” the town's influence often lights "
+                 "up “in”. Token scores add up to the document's score.")
+BASELINES = ("bm25", "representation")
+
+
+def plain(text: str, limit: int = 90) -> str:
+    """Text for a Markdown label (expander titles): one line, Markdown characters escaped."""
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit].rstrip() + "…"
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~$])", r"\\\1", text)
+
+
+def answer_block(answer: str) -> None:
+    st.html(text_html(answer))
+
+
+def hit_list(hits: Sequence[DocumentHit], kind: str, method: str, shared_scale: bool,
+             record: bool = False) -> None:
+    """Ranked hits, each an expander with score, snippet, metadata and its token heatmap."""
+    if not hits:
+        st.caption("None: no scored document has this sign of influence.")
+        return
+    scale = max((symmetric_scale(h.token_scores) for h in hits), default=0.0) if shared_scale else None
+    unit = "record" if record else "doc"
+    for rank, hit in enumerate(hits, start=1):
+        label = f"**#{rank}** · `{format_score(hit.score)}` · {plain(hit.title or '(untitled)')} · {unit} {hit.doc_id}"
+        # Only open expanders build their heatmap (on_change="rerun"): 20 heatmaps of 256 tokens
+        # are ~0.5 MB of HTML, which the browser needs about a second to take in.
+        box = st.expander(label, expanded=rank == 1, key=f"{unit}-{kind}-{rank}", on_change="rerun")
+        if not box.open:
+            continue
+        with box:
+            meta = [f"{unit} id {hit.doc_id}", f"score {hit.score:+.6g}"]
+            if hit.projected_score is not None:
+                meta.append(f"index estimate {hit.projected_score:+.3g}")
+            if hit.tokens:
+                meta.append(f"{len(hit.tokens)} tokens")
+            st.caption(" · ".join(meta))
+            if hit.tokens:
+                st.html(heatmap_html(hit.tokens, hit.token_scores, scale))
+                st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores)))
+            else:
+                st.html(text_html(snippet(hit.text, [], [], chars=600)))
+                if method in BASELINES:
+                    st.caption(f"{method} is a similarity baseline: it has no token heatmap.")
+
+
+def ranked_columns(proponents, opponents, method: str, shared_scale: bool, record: bool = False) -> None:
+    pro_title, opp_title = (("Most similar", "Least similar") if method in BASELINES else
+                            ("Proponents: raise the answer's log-likelihood",
+                             "Opponents: lower it"))
+    left, right = st.columns(2)
+    with left:
+        st.subheader(pro_title)
+        hit_list(proponents, "proponents", method, shared_scale, record)
+    with right:
+        st.subheader(opp_title)
+        hit_list(opponents, "opponents", method, shared_scale, record)
