@@ -1,6 +1,12 @@
-"""Plotly figures for the explorer. Pure functions of plain data (no Streamlit, no engine)."""
+"""Plotly figures for the explorer. Pure functions of plain data (no Streamlit, no engine).
+
+Plotly reads a few HTML tags in text (<b>, <br>, <a>), so every label that comes from a
+document, a token or a title is escaped first.
+"""
 
 from __future__ import annotations
+
+import html
 
 from typing import Mapping, Sequence
 
@@ -30,7 +36,8 @@ def layer_contributions(labels: Sequence[str], layer_names: Sequence[str], value
     """Documents (rows) x tracked layers (columns): each row sums to the document's score."""
     values = np.asarray(values, dtype=float)
     bound = float(np.abs(values).max()) if values.size else 1.0
-    fig = go.Figure(go.Heatmap(z=values, x=list(layer_names), y=list(labels), colorscale=DIVERGING,
+    fig = go.Figure(go.Heatmap(z=values, x=list(layer_names), y=[html.escape(l) for l in labels],
+                               colorscale=DIVERGING,
                                zmid=0, zmin=-bound, zmax=bound, colorbar=dict(title="score"),
                                hovertemplate="%{y}<br>%{x}: %{z:.3g}<extra></extra>"))
     fig.update_layout(title="Per-layer contribution of the top documents", xaxis_tickangle=-45,
@@ -72,22 +79,28 @@ def token_matrix(row_tokens: Sequence[str], col_tokens: Sequence[str], matrix: n
     the token text as tick labels and in the hover."""
     matrix = np.asarray(matrix, dtype=float)
     bound = float(np.abs(matrix).max()) if matrix.size else 1.0
-    rows = [f"{i}: {t!r}" for i, t in enumerate(row_tokens)]
-    cols = [f"{j}: {t!r}" for j, t in enumerate(col_tokens)]
+    rows = [html.escape(f"{i}: {t!r}") for i, t in enumerate(row_tokens)]
+    cols = [html.escape(f"{j}: {t!r}") for j, t in enumerate(col_tokens)]
     hover = [[f"answer {r}<br>document {c}" for c in cols] for r in rows]
     fig = go.Figure(go.Heatmap(z=matrix, colorscale=DIVERGING, zmid=0, zmin=-bound, zmax=bound,
                                text=hover, hovertemplate="%{text}<br>%{z:.3g}<extra></extra>",
                                colorbar=dict(title="score")))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(cols))),
-                     ticktext=[repr(t)[1:-1] for t in col_tokens], tickangle=-60, tickfont_size=9)
+                     ticktext=[_tick(t) for t in col_tokens], tickangle=-60, tickfont_size=9)
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(rows))),
-                     ticktext=[repr(t)[1:-1] for t in row_tokens], autorange="reversed")
+                     ticktext=[_tick(t) for t in row_tokens], autorange="reversed")
     fig.update_layout(title=title, height=max(320, 22 * len(rows) + 200), **LAYOUT)
     return fig
 
 
-def spectra(curves: Mapping[str, Mapping[str, tuple]], layers: Sequence[str]) -> go.Figure:
-    """Eigenvalues by rank (log-log), one panel per stage; dashed lines = each layer's damping."""
+def _tick(token: str) -> str:
+    return html.escape(repr(token)[1:-1])
+
+
+def spectra(curves: Mapping[str, Mapping[str, tuple]], layers: Sequence[str],
+            alpha: float | None = None) -> go.Figure:
+    """Eigenvalues by rank (log-log), one panel per stage; dashed lines = each layer's damping
+    lambda; the black dotted line on the fine-tuned panel = alpha, multi-stage's damping there."""
     stages = list(curves)
     fig = make_subplots(rows=1, cols=len(stages), subplot_titles=stages, shared_yaxes=True)
     palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
@@ -100,8 +113,12 @@ def spectra(curves: Mapping[str, Mapping[str, tuple]], layers: Sequence[str]) ->
                             name=layer, legendgroup=layer, showlegend=col == 1, line_color=color,
                             row=1, col=col)
             fig.add_hline(y=damping, line_dash="dash", line_color=color, opacity=0.6, row=1, col=col)
+    if alpha is not None and "fine-tuned" in stages:
+        fig.add_hline(y=alpha, line_dash="dot", line_color="black", annotation_text=f"α = {alpha:.3g}",
+                      row=1, col=stages.index("fine-tuned") + 1)
     fig.update_xaxes(type="log", title_text="rank")
-    fig.update_yaxes(type="log", title_text="eigenvalue", col=1)
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text="eigenvalue", col=1)
     fig.update_layout(title="Approximate Fisher spectra (dashed: damping λ)", height=460, **LAYOUT)
     return fig
 

@@ -71,9 +71,16 @@ def test_charts_carry_the_numbers():
     fig = charts.layer_contributions(["d1", "d2"], ["l0", "l1"], values)
     assert np.allclose(np.array(fig.data[0].z), values) and fig.data[0].zmid == 0
     fig = charts.token_matrix(["a", "a"], ["x", "y", "z"], np.arange(6.0).reshape(2, 3), "m")
-    assert list(fig.layout.yaxis.ticktext) == ["a", "a"] and fig.data[0].z.shape == (2, 3)
+    assert list(fig.layout.yaxis.ticktext) == ["a", "a"] and np.shape(fig.data[0].z) == (2, 3)
     fig = charts.score_distribution([1.0, 2.0, -1.0], [2.0, -1.0], "pool")
     assert list(fig.data[0].x) == [1.0, 2.0, -1.0] and list(fig.data[1].x) == [2.0, -1.0]
+
+
+def test_chart_labels_are_escaped():
+    fig = charts.layer_contributions(["<b>doc</b>"], ["l0"], np.ones((1, 1)))
+    assert list(fig.data[0].y) == ["&lt;b&gt;doc&lt;/b&gt;"]
+    fig = charts.token_matrix(["<a>"], ["<br>", "x"], np.ones((1, 2)), "m")
+    assert list(fig.layout.xaxis.ticktext) == ["&lt;br&gt;", "x"] and "<a>" not in str(fig.data[0].text)
 
 
 def _trace() -> Trace:

@@ -28,7 +28,7 @@ def _spectra(study: str, _tracer):
     return _tracer.spectra()
 
 
-key = str(tracer.study.root)
+key = f"{tracer.study.root}@{tracer.manifest.get('updated', '')}"  # a rebuilt study is re-read
 summary = _summary(key, tracer)
 st.title("Study")
 st.caption(f"{summary['study']} · running on {summary['device']}")
@@ -58,10 +58,12 @@ curves = _spectra(key, tracer)
 layers = list(next(iter(curves.values())))
 chosen = st.multiselect("Layers", layers, default=layers[:4], key="spectrum_layers")
 if chosen:
-    st.plotly_chart(charts.spectra(curves, chosen), key="spectra")
-st.caption("EK-FAC eigenvalues of each tracked layer's Fisher block, largest first. Directions "
-           "with eigenvalues well below the damping λ are barely preconditioned; the influence is "
-           "dominated by directions near and above it.")
+    st.plotly_chart(charts.spectra(curves, chosen, summary["influence"]["alpha"]), key="spectra")
+st.caption("EK-FAC eigenvalues of each tracked layer's Fisher block, largest first. The inverse "
+           "(H + λI)⁻¹ treats directions with eigenvalues far below the damping as flat (scaled by "
+           "1/λ) and shrinks those far above it. Multi-stage damps the fine-tuned Fisher with the "
+           "proximity strength α (dotted) and the pretrained one with λ (dashed); single-stage "
+           "uses λ on the fine-tuned one.")
 factor_rows = {stage: {k: v for k, v in info.items() if k.startswith("factor_")}
                for stage, info in summary["models"].items()}
 st.dataframe(pd.DataFrame(factor_rows).T, width="stretch")
