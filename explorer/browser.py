@@ -22,7 +22,8 @@ from typing import Iterator
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1800"]
 HEATMAP_TOKEN = "span.msif-tok"
-FIRST_RESULT = "//*[@data-testid='stExpander']//summary[contains(normalize-space(.), '#1 ')]"
+FIRST_RESULT = "//*[@data-testid='stMarkdownContainer'][starts-with(normalize-space(.), '#1 ·')]"
+RANKED = "//*[@data-testid='stMarkdownContainer'][contains(., ' · doc ')]"  # one per ranked document
 RUNNING = '[data-testid="stStatusWidget"]'  # Streamlit's "running" indicator
 
 

@@ -29,33 +29,35 @@ def answer_block(answer: str) -> None:
 
 def hit_list(hits: Sequence[DocumentHit], kind: str, method: str, shared_scale: bool,
              record: bool = False) -> None:
-    """Ranked hits, each an expander with score, snippet, metadata and its token heatmap."""
+    """Ranked hits: rank, score, title, metadata and a snippet around the heatmap's peak, then the
+    token heatmap in an expander."""
     if not hits:
         st.caption("None: no scored document has this sign of influence.")
         return
     scale = max((symmetric_scale(h.token_scores) for h in hits), default=0.0) if shared_scale else None
     unit = "record" if record else "doc"
     for rank, hit in enumerate(hits, start=1):
-        label = f"**#{rank}** · `{format_score(hit.score)}` · {plain(hit.title or '(untitled)')} · {unit} {hit.doc_id}"
-        # Only open expanders build their heatmap (on_change="rerun"): 20 heatmaps of 256 tokens
-        # are ~0.5 MB of HTML, which the browser needs about a second to take in.
-        box = st.expander(label, expanded=rank == 1, key=f"{unit}-{kind}-{rank}", on_change="rerun")
-        if not box.open:
-            continue
-        with box:
-            meta = [f"{unit} id {hit.doc_id}", f"score {hit.score:+.6g}"]
+        with st.container(border=True):
+            st.markdown(f"**#{rank}** · `{format_score(hit.score)}` · {plain(hit.title or '(untitled)')} "
+                        f"· {unit} {hit.doc_id}")
+            meta = [f"score {hit.score:+.6g}"]
             if hit.projected_score is not None:
                 meta.append(f"index estimate {hit.projected_score:+.3g}")
             if hit.tokens:
                 meta.append(f"{len(hit.tokens)} tokens")
-            st.caption(" · ".join(meta))
-            if hit.tokens:
-                st.html(heatmap_html(hit.tokens, hit.token_scores, scale))
-                st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores)))
-            else:
-                st.html(text_html(snippet(hit.text, [], [], chars=600)))
+            st.caption(" · ".join(meta) + "  \n" + plain(snippet(hit.text, hit.tokens, hit.token_scores), 400))
+            if not hit.tokens:
                 if method in BASELINES:
                     st.caption(f"{method} is a similarity baseline: it has no token heatmap.")
+                continue
+            # Only open expanders build their heatmap (on_change="rerun"): 20 heatmaps of 256 tokens
+            # are ~0.5 MB of HTML, which the browser needs about a second to take in.
+            box = st.expander("Token heatmap", expanded=rank == 1, key=f"{unit}-{kind}-{rank}",
+                              on_change="rerun")
+            if box.open:
+                with box:
+                    st.html(heatmap_html(hit.tokens, hit.token_scores, scale))
+                    st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores)))
 
 
 def ranked_columns(proponents, opponents, method: str, shared_scale: bool, record: bool = False) -> None:

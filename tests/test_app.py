@@ -13,6 +13,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from explorer import session
+from explorer.heatmap import snippet
+from explorer.widgets import plain
 from explorer.tracer import Tracer
 
 APP = str(Path(__file__).resolve().parents[1] / "explorer" / "app.py")
@@ -78,11 +80,15 @@ def test_trace_shows_ranked_documents_with_the_tracers_scores(app, tracer, quest
     assert [h.doc_id for h in trace.proponents] == [h.doc_id for h in direct.proponents]
     assert np.allclose([h.score for h in trace.opponents], [h.score for h in direct.opponents], rtol=1e-6)
     assert trace.proponents or trace.opponents
-    labels = [e.label for e in app.expander if " · doc " in e.label]
+    labels = [m.value for m in app.markdown if " · doc " in m.value]
     assert len(labels) == len(trace.proponents) + len(trace.opponents)
     first = (trace.proponents or trace.opponents)[0]
     assert labels[0].startswith("**#1**") and f"doc {first.doc_id}" in labels[0]
     bodies = _bodies(app)
+    # every document shows its metadata and a snippet around its heatmap's peak, open or not
+    captions = " ".join(c.value for c in app.caption)
+    for hit in trace.proponents + trace.opponents:
+        assert plain(snippet(hit.text, hit.tokens, hit.token_scores), 400) in captions
     # the #1 of each side is open: one span per token, each with its exact value on hover
     opened = [hits[0] for hits in (trace.proponents, trace.opponents) if hits]
     assert bodies.count('class="msif-tok"') == sum(len(h.tokens) for h in opened)
@@ -201,7 +207,7 @@ def test_finetune_page_ranks_records_by_single_stage(app, tracer, question):
     assert len(result.pool_scores) == len(tracer.records)
     if result.proponents:
         assert result.proponents[0].score == pytest.approx(max(result.pool_scores))
-    assert any(" · record " in e.label for e in app.expander)
+    assert any(" · record " in m.value for m in app.markdown)
 
 
 def test_finetune_page_without_a_trace_points_to_the_trace_page(app):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from explorer.browser import FIRST_RESULT, HEATMAP_TOKEN, chromium, find_chromium, running_app, trace_in_browser
+from explorer.browser import FIRST_RESULT, HEATMAP_TOKEN, RANKED, chromium, find_chromium, running_app, trace_in_browser
 
 if find_chromium() is None:
     if os.environ.get("MSIF_REQUIRE_BROWSER"):
@@ -33,7 +33,7 @@ def test_prompt_to_ranked_documents_and_heatmap(tiny_study, tmp_path):
         assert tokens and all("influence" in t for t in titles)  # the value on hover
         assert any("rgba(" in (t.get_attribute("style") or "") for t in tokens)
         assert browser.find_elements(By.XPATH, FIRST_RESULT)
-        ranked = browser.find_elements(By.XPATH, "//*[@data-testid='stExpander']//summary[contains(., ' · doc ')]")
+        ranked = browser.find_elements(By.XPATH, RANKED)
         assert len(ranked) >= 2
         answer = browser.find_elements(By.XPATH, "//h2[normalize-space(.)='Answer'] | //h3[normalize-space(.)='Answer']")
         assert answer, "the answer heading is missing"
