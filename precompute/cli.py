@@ -90,7 +90,9 @@ def serve(study: Path, host: str, port: int, device: str = "auto", open_browser:
             except OSError:
                 time.sleep(0.1)
         print(f"\nMSIF Explorer on {study}: {url}  (Ctrl+C stops it)", flush=True)
-        if open_browser:
+        # Without a display, webbrowser would start a console browser (lynx) in this terminal.
+        if open_browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")
+                             or os.environ.get("WAYLAND_DISPLAY")):
             webbrowser.open(url)
         return server.wait()
     except KeyboardInterrupt:

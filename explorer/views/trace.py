@@ -29,7 +29,7 @@ auto_run = restore_from_url()
 
 with st.sidebar:
     st.header("Settings")
-    method = st.selectbox("Method", ALL_METHODS, key="method", format_func=lambda m: m,
+    method = st.selectbox("Method", ALL_METHODS, key="method",
                           help="\n\n".join(f"**{m}**: {h}" for m, h in METHOD_HELP.items()))
     top_k = st.slider("Documents per side", 1, 50, 10, key="top_k")
     exhaustive = st.checkbox("Score every document exactly", key="exhaustive",
@@ -78,18 +78,23 @@ def run_trace() -> Trace | None:
 if submitted or auto_run:
     result = run_trace()
     if result is not None:
+        for stale in ("inspect", "maps"):  # per-trace state of the tabs
+            st.session_state.pop(stale, None)
         st.session_state["trace"] = result
         share_in_url(result.prompt, result.answer, result.method)
 
 
 def inspect_tab(trace: Trace) -> None:
-    hits = trace.proponents + trace.opponents
-    if trace.method in BASELINES or not hits:
+    if trace.method in BASELINES:
         st.info("Token maps need an influence method; baselines only rank documents.")
         return
-    labels = [f"{'proponent' if i < len(trace.proponents) else 'opponent'} "
-              f"#{(i if i < len(trace.proponents) else i - len(trace.proponents)) + 1} · doc {h.doc_id} · "
-              f"{h.title[:60]}" for i, h in enumerate(hits)]
+    hits = trace.proponents + trace.opponents
+    if not hits:
+        st.info("No document to inspect.")
+        return
+    labels = [f"{side} #{rank} · doc {h.doc_id} · {h.title[:60]}"
+              for side, group in (("proponent", trace.proponents), ("opponent", trace.opponents))
+              for rank, h in enumerate(group, start=1)]
     choice = st.selectbox("Document", range(len(hits)), format_func=lambda i: labels[i], key="inspect")
     hit = hits[choice]
     cache = st.session_state.setdefault("maps", {})
