@@ -33,7 +33,7 @@ import torch
 from explorer.tracer import Tracer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fact_tracing import Case, load_cases  # noqa: E402  (a sibling benchmark script)
+from fact_tracing import Case, load_cases, value_token_mask  # noqa: E402  (a sibling benchmark script)
 
 K = 10
 
@@ -50,17 +50,31 @@ def pick_cases(study: Path, n: int, reference: bool) -> list[Case]:
     return chosen
 
 
-def answer_log_likelihood(model, tokenizer, prompt: str, answer: str, max_length: int) -> float:
-    """log p(answer | prompt), summed over the answer's tokens (the query's loss, negated)."""
+def answer_token_log_probs(model, tokenizer, prompt: str, answer: str, max_length: int) -> np.ndarray:
+    """log p(token | prompt, earlier answer tokens) for each answer token; their sum is the
+    answer's log-likelihood (the query's loss, negated)."""
     from engine import encode_prompt_answer
 
     batch = encode_prompt_answer(tokenizer, [prompt], [answer], max_length)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    labels = batch["labels"][0, 1:]
+    logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
     keep = labels != -100
-    return float(logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep].sum())
+    return logp[keep].gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1).numpy()
+
+
+def measure(model, tracer: Tracer, cases: list[Case], prompts: list[str]) -> dict[str, list]:
+    """Whole-answer and fact-token log-likelihoods, and whether greedy decoding still says the fact."""
+    from precompute import training
+
+    whole, fact = [], []
+    for prompt, case in zip(prompts, cases):
+        lp = answer_token_log_probs(model, tracer.tokenizer, prompt, case.answer, tracer.config.influence.max_length)
+        whole.append(float(lp.sum()))
+        fact.append(float(lp[value_token_mask(tracer, prompt, case).numpy()].sum()))
+    said = training.generate(model, tracer.tokenizer, prompts)
+    return {"whole": whole, "fact": fact, "correct": [c.value in r for c, r in zip(cases, said)]}
 
 
 def choose_removals(tracer: Tracer, cases: list[Case], methods: list[str], seed: int) -> dict[str, list[list[int]]]:
@@ -112,10 +126,8 @@ def run(study: Path, recipe, n_facts: int, methods: list[str], reference: bool, 
     cases = pick_cases(study, n_facts, reference)
     if not cases:
         raise SystemExit(f"{study}: no usable facts")
-    max_length = tracer.config.influence.max_length
     prompts = [tracer.prompt_for(c.question) for c in cases]
-    base = [answer_log_likelihood(tracer.ft_model, tracer.tokenizer, p, c.answer, max_length)
-            for p, c in zip(prompts, cases)]
+    base = measure(tracer.ft_model, tracer, cases, prompts)
     picks = choose_removals(tracer, cases, methods, seed)
     threads = build_threads(study)
     results = {}
@@ -123,11 +135,12 @@ def run(study: Path, recipe, n_facts: int, methods: list[str], reference: bool, 
         removed = {d for per_fact in picks[method] for d in per_fact}
         started = time.perf_counter()
         model = retrain(study, recipe, removed, threads)
-        after = [answer_log_likelihood(model, tracer.tokenizer, p, c.answer, max_length)
-                 for p, c in zip(prompts, cases)]
+        after = measure(model, tracer, cases, prompts)
         sources = [len(set(per_fact) & set(c.sources)) for per_fact, c in zip(picks[method], cases)]
-        results[method] = {"removed": len(removed), "delta": [a - b for a, b in zip(after, base)],
-                           "sources_removed": sources, "seconds": time.perf_counter() - started}
+        results[method] = {"removed": len(removed), "sources_removed": sources,
+                           "delta": [a - b for a, b in zip(after["whole"], base["whole"])],
+                           "fact_delta": [a - b for a, b in zip(after["fact"], base["fact"])],
+                           "correct": sum(after["correct"]), "seconds": time.perf_counter() - started}
         print(f"{method}: removed {len(removed)} documents, mean change "
               f"{np.mean(results[method]['delta']):+.3f} nats ({results[method]['seconds']:.0f} s)", flush=True)
     return {"cases": cases, "base": base, "results": results, "threads": threads}
@@ -140,22 +153,29 @@ def report(out: dict, command: str) -> str:
              f"method), pretraining + fine-tuning re-run with the demo recipe and seed "
              f"({out['threads']} threads). Change in log p(answer | prompt) in nats; negative = the "
              "removal made the model's answer less likely.", "",
-             "| method | documents removed | sources removed / fact | mean change | median change | "
-             "facts lowered |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | documents removed | sources removed / fact | mean change, answer | median | "
+             "facts lowered | mean change, fact tokens | still answers correctly |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| (no removal: the study's models) | 0 | 0 | 0 | 0 | - | 0 | "
+             f"{sum(out['base']['correct'])}/{len(cases)} |"]
     for method, r in results.items():
         lines.append(f"| {method} | {r['removed']} | {np.mean(r['sources_removed']):.1f} | "
                      f"{np.mean(r['delta']):+.3f} | {statistics.median(r['delta']):+.3f} | "
-                     f"{sum(d < 0 for d in r['delta'])}/{len(cases)} |")
+                     f"{sum(d < 0 for d in r['delta'])}/{len(cases)} | {np.mean(r['fact_delta']):+.3f} | "
+                     f"{r['correct']}/{len(cases)} |")
     if "multi-stage" in results and "bm25" in results:
         ms, bm = np.mean(results["multi-stage"]["delta"]), np.mean(results["bm25"]["delta"])
         ratio = ms / bm if bm < 0 else float("inf")
         lines += ["", f"multi-stage / BM25 mean drop: {ratio:.2f}x (goal >= 2x: "
                       f"{'met' if ms < 0 and (bm >= 0 or ratio >= 2) else 'NOT met'})."]
-    lines += ["", "Per fact (base log-likelihood, then the change for each method):", "",
+    if "multi-stage" in results and "bm25" in results:
+        ms, bm = np.mean(results["multi-stage"]["fact_delta"]), np.mean(results["bm25"]["fact_delta"])
+        lines += [f"On the fact's own tokens: multi-stage {ms:+.3f}, BM25 {bm:+.3f} nats."]
+    lines += ["", "Per fact (base log-likelihood of the answer, then its change for each method):", "",
               "| fact | answer | base | " + " | ".join(results) + " |",
               "| --- | --- | ---: |" + " ---: |" * len(results)]
     for i, case in enumerate(cases):
-        lines.append(f"| {case.question} | {case.answer} | {out['base'][i]:.3f} | "
+        lines.append(f"| {case.question} | {case.answer} | {out['base']['whole'][i]:.3f} | "
                      + " | ".join(f"{r['delta'][i]:+.3f}" for r in results.values()) + " |")
     return "\n".join(lines) + "\n"
 

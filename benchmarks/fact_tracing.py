@@ -175,6 +175,8 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False
                       **ranking_metrics(served, cases)})
     variant_rows = [{"method": name, **ranking_metrics(full_rankings(scores[name]), cases)}
                     for name in pt_blocks if name.startswith("multi-stage")]
+    misses = {m: miss_breakdown(study, full_rankings(scores[m]), cases)
+              for m in ("multi-stage", "multi-stage, damping x0.1", "bm25")}
     by_relation = {}
     for method in ("multi-stage", "bm25"):
         ranked = full_rankings(scores[method])
@@ -185,7 +187,23 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False
     info = {"facts": len(cases), "documents": len(tracer.documents), "alpha": inf.alpha,
             "damping_factor": inf.damping_factor, "seconds": exact_seconds,
             "sources per fact": statistics.mean(len(c.sources) for c in cases)}
-    return main_rows, variant_rows, {"info": info, "by_relation": by_relation}
+    return main_rows, variant_rows, {"info": info, "by_relation": by_relation, "misses": misses}
+
+
+def miss_breakdown(study: Path, rankings: list[list[int]], cases: list[Case]) -> dict[str, float]:
+    """What the top-10 holds besides the fact's sources (mean documents per fact), by how the
+    document relates to the fact: about the subject, about the answer (e.g. the town), other."""
+    docs = [json.loads(l) for l in (study / "world" / "documents.jsonl").read_text().splitlines()]
+    counts = {"sources": 0.0, "same subject": 0.0, "about the answer": 0.0, "other entity": 0.0,
+              "filler": 0.0}
+    for ranked, case in zip(rankings, cases):
+        for d in ranked[:K]:
+            doc = docs[d]
+            key = ("sources" if d in case.sources else "same subject" if doc.get("entity") == case.subject
+                   else "about the answer" if doc.get("entity") == case.value
+                   or case.value in doc["text"] else "filler" if doc.get("kind") == "filler" else "other entity")
+            counts[key] += 1 / len(cases)
+    return counts
 
 
 def table(rows: list[dict]) -> str:
@@ -201,6 +219,14 @@ def relation_table(by_relation: dict) -> str:
     lines = ["| relation | facts | multi-stage MRR | BM25 MRR |", "| --- | ---: | ---: | ---: |"]
     for relation, r in by_relation.items():
         lines.append(f"| {relation} | {r['facts']} | {r['multi-stage']:.3f} | {r['bm25']:.3f} |")
+    return "\n".join(lines)
+
+
+def miss_table(misses: dict[str, dict[str, float]]) -> str:
+    cols = list(next(iter(misses.values())))
+    lines = ["| method | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for method, counts in misses.items():
+        lines.append(f"| {method} | " + " | ".join(f"{counts[c]:.2f}" for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -235,6 +261,7 @@ def main(argv=None) -> int:
         "## Methods", table(main_rows),
         "## Multi-stage variants", table(variant_rows),
         "## By relation (MRR)", relation_table(extra["by_relation"]),
+        "## What fills the top 10 (documents per fact)", miss_table(extra["misses"]),
     ]) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

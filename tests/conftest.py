@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,26 @@ def tiny_study(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-demo") / "study"
     assert main(["build-demo", "--out", str(out), "--tiny", "--quiet", "--seed", "3"]) == 0
     return out
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script under benchmarks/ as a module (benchmarks/ is not a package). Registered in
+    sys.modules first: dataclasses look their module up while the file executes."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # scripts import their siblings
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks and some tests set torch's thread count; no test leaks it into the next."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -8,28 +8,18 @@ and 0.96 / 0.88).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from engine import FactorArguments, LanguageModelingTask, fit_factors, flatten
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ihvp_fidelity.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ihvp_fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    return load_benchmark("ihvp_fidelity")
 
 
 @pytest.fixture

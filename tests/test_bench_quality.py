@@ -3,31 +3,16 @@ documented in docs/; these check that the scripts run and their numbers are sane
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
+from conftest import load_benchmark
 
 def test_fact_tracing_smoke(tiny_study, tmp_path):
-    bench = _load("fact_tracing")
+    bench = load_benchmark("fact_tracing")
     out = tmp_path / "fact_tracing.md"
     assert bench.main(["--study", str(tiny_study), "--seed", "3", "--tiny", "--reference-answers",
                        "--limit", "6", "--threads", "1", "--out", str(out)]) == 0
-    text = out.read_text()
+    text, _, fills = out.read_text().partition("## What fills the top 10")
     rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| ---")}
     for method in ("multi-stage", "single-stage", "gradient-dot", "gradient-cosine", "pt-inverse-dropped",
@@ -36,10 +21,13 @@ def test_fact_tracing_smoke(tiny_study, tmp_path):
         assert 0.0 <= mrr <= 1.0 and 0.0 <= recall <= 1.0
     # the tiny world's sources are easy: multi-stage finds them (measured 1.0 on seed 3)
     assert float(rows["multi-stage"][0]) >= 0.8
+    # the top-10 breakdown accounts for all ten places
+    breakdown = [l.split("|")[2:7] for l in fills.splitlines() if l.startswith("| multi-stage |")][0]
+    assert sum(map(float, breakdown)) == pytest.approx(10, abs=0.02)
 
 
 def test_ranking_metrics_by_hand():
-    bench = _load("fact_tracing")
+    bench = load_benchmark("fact_tracing")
     case = lambda sources: bench.Case("q", "a", "v", "r", "s", sources)
     metrics = bench.ranking_metrics([[5, 1, 2, 3], [9, 8, 7]], [case([1, 3]), case([4])])
     assert metrics["MRR"] == pytest.approx((1 / 2 + 0) / 2)
@@ -48,7 +36,7 @@ def test_ranking_metrics_by_hand():
 
 
 def test_counterfactual_smoke(tiny_study, tmp_path):
-    bench = _load("counterfactual")
+    bench = load_benchmark("counterfactual")
     out = tmp_path / "counterfactual.md"
     assert bench.main(["--study", str(tiny_study), "--tiny", "--reference-answers", "--facts", "2",
                        "--methods", "multi-stage", "random", "--out", str(out)]) == 0
@@ -57,6 +45,6 @@ def test_counterfactual_smoke(tiny_study, tmp_path):
     assert len(table) == 2
     for row in table:
         removed, sources, mean = int(row[2]), float(row[3]), float(row[4])
-        assert 1 <= removed <= 20 and np.isfinite(mean)
+        assert 1 <= removed <= 20 and 0 <= sources <= 10 and np.isfinite(mean)
     # multi-stage picks the facts' own source documents; random picks (almost) none
     assert float(table[0][3]) > float(table[1][3])

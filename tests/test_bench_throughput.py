@@ -3,33 +3,23 @@ and the numbers in them hold together; the index helpers find vectors planted fo
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-import torch
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module (benchmarks/ is not a package); torch and faiss threads restored."""
-    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    """The script as a module; faiss's thread count restored (torch's is, by conftest)."""
+    faiss_threads = faiss.omp_get_max_threads()
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield load_benchmark("throughput")
     finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
         faiss.omp_set_num_threads(faiss_threads)
 
 
