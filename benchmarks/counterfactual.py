@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.study} was not built with the {'tiny' if args.tiny else 'default'} "
                          "demo recipe; retraining it another way would not be a counterfactual")
     out = run(args.study, recipe, args.facts, args.methods, args.reference_answers, args.seed)
-    text = report(out, "python benchmarks/counterfactual.py " + " ".join(argv or sys.argv[1:]))
+    text = report(out, " ".join(["python benchmarks/counterfactual.py", *(argv or sys.argv[1:])]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
