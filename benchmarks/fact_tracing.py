@@ -11,7 +11,8 @@ scored exactly by every method (no index), and we report
 for multi-stage EK-FAC, single-stage, gradient dot product, gradient cosine, pt-inverse-dropped,
 representation similarity and BM25; for multi-stage also as the app serves it (index candidates
 re-scored exactly, top 10 only), with its damping and alpha varied, and with the query loss
-restricted to the tokens that spell the fact (e.g. " Ardwick" in "... was born in Ardwick.").
+restricted to the tokens that spell the fact (e.g. " Ardwick" in "... was born in Ardwick."), with
+fewer tracked layers, and with per-head factors for the fused QKV layers (both stages refitted).
 All queries of all variants share one exact gradient pass over the corpus per model.
 
     python benchmarks/fact_tracing.py --seed 0          # reuses studies/demo; other seeds build
@@ -31,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import (PreconditionedQuery, ScoreArguments, encode_prompt_answer, precondition,
-                    score_documents, sequence_gradients)
+from engine import (FactorArguments, PreconditionedQuery, ScoreArguments, encode_prompt_answer,
+                    fit_factors, precondition, score_documents, sequence_gradients)
 from explorer.tracer import TASK, Tracer
 from precompute import pipeline as P
 
@@ -75,13 +76,15 @@ def value_token_mask(tracer: Tracer, prompt: str, case: Case) -> torch.Tensor:
     return torch.tensor(mask)
 
 
-def query_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments) -> dict[str, torch.Tensor]:
+def query_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments, factors: tuple | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Preconditioned query vectors (N, out, in) per layer, one row per case, in one batch."""
     prompts = [tracer.prompt_for(c.question) for c in cases]
     batch = encode_prompt_answer(tracer.tokenizer, prompts, [c.answer for c in cases],
                                  tracer.config.influence.max_length)
     grads = sequence_gradients(tracer.ft_model, TASK, batch, tracer.ft_layers)
-    return precondition(grads, args, tracer.pt_factors, tracer.ft_factors).vectors
+    pt, ft = factors or (tracer.pt_factors, tracer.ft_factors)
+    return precondition(grads, args, pt, ft).vectors
 
 
 def value_span_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments) -> dict[str, torch.Tensor]:
@@ -93,6 +96,21 @@ def value_span_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments) 
         mask = value_token_mask(tracer, prompt, case)
         rows.append({n: v[mask].sum(0, keepdim=True) for n, v in per_token.items()})
     return {n: torch.cat([r[n] for r in rows]) for n in rows[0]}
+
+
+def per_head_factors(tracer: Tracer) -> tuple:
+    """Both stages' factors refitted as the pipeline fits them, with the fused QKV layer's S split
+    per attention head (FactorArguments.split_outputs)."""
+    inf = tracer.config.influence
+    heads = tracer.pt_model.config.num_attention_heads
+    args = FactorArguments(strategy=inf.strategy, seed=inf.seed, label_samples=inf.label_samples,
+                           progress=False, split_outputs={r"attention\.query_key_value": heads})
+    texts = tracer.documents["text"][: inf.factor_documents or None]
+    pt_batches = list(P.document_batches(tracer.tokenizer, texts, inf.max_length, inf.batch_size))
+    pt = fit_factors(tracer.pt_model, TASK, pt_batches, tracer.pt_layers, args)
+    ft = fit_factors(tracer.ft_model, TASK, tracer._record_batches(range(len(tracer.records))),
+                     tracer.ft_layers, args)
+    return pt, ft
 
 
 def exhaustive(tracer: Tracer, blocks: dict[str, dict[str, torch.Tensor]], finetuned: bool) -> dict[str, np.ndarray]:
@@ -124,7 +142,7 @@ def full_rankings(scores: np.ndarray) -> list[list[int]]:
     return [np.argsort(-row, kind="stable").tolist() for row in scores]
 
 
-def run(study: Path, limit: int | None, threads: int, reference: bool = False
+def run(study: Path, limit: int | None, threads: int, reference: bool = False, per_head: bool = True
         ) -> tuple[list[dict], list[dict], dict]:
     torch.set_num_threads(threads)
     tracer = Tracer(study)
@@ -144,6 +162,9 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False
             tracer, cases, ScoreArguments(method="multi-stage", **{**base, "alpha": inf.alpha * scale}))
     pt_blocks["multi-stage, fact tokens only"] = value_span_vectors(
         tracer, cases, ScoreArguments(method="multi-stage", **base))
+    if per_head:
+        pt_blocks["multi-stage, per-head QKV factors"] = query_vectors(
+            tracer, cases, ScoreArguments(method="multi-stage", **base), per_head_factors(tracer))
     # Tracking fewer layers = dropping their blocks: EK-FAC is block-diagonal, so zeroing the
     # other layers' query vectors is exactly the influence with only these layers tracked.
     for group, pattern in (("MLP", ".mlp."), ("attention", ".attention.")):

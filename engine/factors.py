@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -38,6 +39,10 @@ class FactorArguments:
     label_samples: int = 1  # label draws per sequence (true Fisher); more draws, less noise
     max_batches: int | None = None  # per pass; None = the whole loader
     progress: bool = True
+    # {layer-name regex: n}: S of matching layers is block-diagonal over n equal output blocks,
+    # e.g. {"attention.query_key_value": num_heads} for per-head factors of a fused QKV layer
+    # (GPT-NeoX lays its output out head by head). Cross-block output correlations are dropped.
+    split_outputs: dict[str, int] = field(default_factory=dict)
 
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[str, Any]:
@@ -203,7 +208,8 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
         _check_nonempty(sequences)
         for name, lf in factors.items():
             lf.activation_covariance = act_cov.sums[name] / tokens
-            lf.gradient_covariance = grad_cov.sums[name] / sequences
+            lf.gradient_covariance = _split_outputs(grad_cov.sums[name] / sequences, name,
+                                                    args.split_outputs)
             lf.activation_eigenvalues, lf.activation_eigenvectors = torch.linalg.eigh(
                 lf.activation_covariance)
             lf.gradient_eigenvalues, lf.gradient_eigenvectors = torch.linalg.eigh(
@@ -238,6 +244,27 @@ def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
     return Factors(strategy.name, factors, sequences // draws, tokens // draws,
                    model_fingerprint(model, layers),
                    asdict(args))
+
+
+def output_blocks(name: str, out_features: int, split: dict[str, int]) -> int:
+    """How many equal output blocks ``split`` gives the layer ``name`` (1 = no split)."""
+    blocks = [n for pattern, n in split.items() if re.search(pattern, name)]
+    if len(blocks) > 1:
+        raise ValueError(f"{name} matches several split_outputs patterns: {sorted(split)}")
+    n = blocks[0] if blocks else 1
+    if n < 1 or out_features % n:
+        raise ValueError(f"{name}: {out_features} outputs cannot be split into {n} equal blocks")
+    return n
+
+
+def _split_outputs(s: torch.Tensor, name: str, split: dict[str, int]) -> torch.Tensor:
+    """S with the correlations between output blocks set to zero (block-diagonal)."""
+    n = output_blocks(name, s.shape[0], split)
+    if n == 1:
+        return s
+    size = s.shape[0] // n
+    block = torch.arange(s.shape[0], device=s.device) // size
+    return s * (block[:, None] == block[None, :]).to(s)
 
 
 def _count_tokens(mask: torch.Tensor | None, acts: dict[str, torch.Tensor], n: int) -> int:

@@ -185,6 +185,38 @@ def test_inverse_hvp_equals_explicit_solve(pt_model, layers, strategy):
                                    torch.kron(lf.gradient_covariance, lf.activation_covariance))
 
 
+def test_per_head_output_blocks(pt_model, layers):
+    """split_outputs: S is the full S with cross-block entries zeroed, its eigenvectors stay within
+    blocks, and the EK-FAC inverse is still the explicit solve with the resulting matrix."""
+    qkv = next(l for l in layers if "query_key_value" in l.name)
+    heads = pt_model.config.num_attention_heads
+    args = dict(fisher="empirical", progress=False)
+    full = fit_factors(pt_model, TASK, loader(), layers, FactorArguments(**args))
+    split = fit_factors(pt_model, TASK, loader(), layers, FactorArguments(
+        **args, split_outputs={"query_key_value": heads}))
+    size = qkv.out_features // heads
+    s_full, s_split = full.layers[qkv.name].gradient_covariance, split.layers[qkv.name].gradient_covariance
+    for i in range(heads):
+        for j in range(heads):
+            block = (slice(i * size, (i + 1) * size), slice(j * size, (j + 1) * size))
+            expected = s_full[block] if i == j else torch.zeros_like(s_full[block])
+            torch.testing.assert_close(s_split[block], expected)
+    q_s = split.layers[qkv.name].gradient_eigenvectors
+    assert (q_s.abs() > 1e-12).sum(0).max() <= size  # every eigenvector lives in one head's block
+    other = next(l for l in layers if "query_key_value" not in l.name)  # untouched layers
+    torch.testing.assert_close(split.layers[other.name].gradient_covariance,
+                               full.layers[other.name].gradient_covariance)
+    lf = split.layers[qkv.name]
+    v = torch.randn(*qkv.gradient_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = kron_matrix(lf, "ekfac")
+    expected = torch.linalg.solve(h + 0.05 * torch.eye(len(h), dtype=h.dtype), v.flatten())
+    torch.testing.assert_close(get_strategy("ekfac").precondition(lf, v, 0.05).flatten(), expected)
+    assert split.arguments["split_outputs"] == {"query_key_value": heads}
+    with pytest.raises(ValueError, match="cannot be split into 5 equal blocks"):
+        fit_factors(pt_model, TASK, loader(), layers, FactorArguments(
+            **args, split_outputs={"query_key_value": 5}))
+
+
 def _block_diag_matrix(factors, layers):
     return torch.block_diag(*[kron_matrix(factors.layers[l.name], factors.strategy) for l in layers])
 
