@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import (FactorArguments, PreconditionedQuery, ScoreArguments, encode_prompt_answer,
+from engine import (PreconditionedQuery, ScoreArguments, encode_prompt_answer,
                     fit_factors, precondition, score_documents, sequence_gradients)
 from explorer.tracer import TASK, Tracer
 from precompute import pipeline as P
@@ -103,8 +103,7 @@ def per_head_factors(tracer: Tracer) -> tuple:
     per attention head (FactorArguments.split_outputs)."""
     inf = tracer.config.influence
     heads = tracer.pt_model.config.num_attention_heads
-    args = FactorArguments(strategy=inf.strategy, seed=inf.seed, label_samples=inf.label_samples,
-                           progress=False, split_outputs={r"attention\.query_key_value": heads})
+    args = P.factor_arguments(inf, progress=False, split_outputs={r"attention\.query_key_value": heads})
     texts = tracer.documents["text"][: inf.factor_documents or None]
     pt_batches = list(P.document_batches(tracer.tokenizer, texts, inf.max_length, inf.batch_size))
     pt = fit_factors(tracer.pt_model, TASK, pt_batches, tracer.pt_layers, args)

@@ -42,7 +42,7 @@ import faiss
 import numpy as np
 import torch
 
-from engine import (FactorArguments, GradientIndex, fit_factors, gradient_sq_norms,
+from engine import (GradientIndex, fit_factors, gradient_sq_norms,
                     iter_projected_documents, rescore, retrieve, score_documents)
 from engine.gradients import to_device
 from explorer.tracer import TASK, Tracer
@@ -110,9 +110,7 @@ def train_step(model, batches) -> None:
 
 
 def fit(tracer: Tracer, batches) -> None:
-    inf = tracer.config.influence  # the settings run_pipeline passes to fit_factors
-    args = FactorArguments(strategy=inf.strategy, seed=inf.seed, label_samples=inf.label_samples,
-                           progress=False)
+    args = P.factor_arguments(tracer.config.influence, progress=False)  # as run_pipeline fits
     fit_factors(tracer.pt_model, TASK, batches, tracer.pt_layers, args)
 
 

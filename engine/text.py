@@ -31,13 +31,17 @@ def encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> dict[s
     """Pretraining-style batch: every real token is scored."""
     if not texts:
         raise ValueError("no documents to encode")
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
-        if len(ids) < 2:
-            raise ValueError(f"document too short to score (needs 2+ tokens): {text[:40]!r}")
-        rows.append((ids, list(ids)))
+    rows = [_document_row(text, tokenizer(text, add_special_tokens=False)["input_ids"], max_length)
+            for text in texts]
     return _collate(rows, _pad_id(tokenizer))
+
+
+def _document_row(text: str, ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a pretraining document: truncated, every token scored."""
+    ids = ids[:max_length]
+    if len(ids) < 2:
+        raise ValueError(f"document too short to score (needs 2+ tokens): {text[:40]!r}")
+    return ids, list(ids)
 
 
 def encode_document_batches(tokenizer, texts: Sequence[str], max_length: int,
@@ -48,14 +52,12 @@ def encode_document_batches(tokenizer, texts: Sequence[str], max_length: int,
     rows: list[tuple[list[int], list[int]]] = []
     width = 0
     for text, ids in zip(texts, tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
-        ids = ids[:max_length]
-        if len(ids) < 2:
-            raise ValueError(f"document too short to score (needs 2+ tokens): {text[:40]!r}")
-        if rows and max(width, len(ids)) * (len(rows) + 1) > max_tokens:
+        row = _document_row(text, ids, max_length)
+        if rows and max(width, len(row[0])) * (len(rows) + 1) > max_tokens:
             yield _collate(rows, pad)
             rows, width = [], 0
-        rows.append((ids, list(ids)))
-        width = max(width, len(ids))
+        rows.append(row)
+        width = max(width, len(row[0]))
     if rows:
         yield _collate(rows, pad)
 

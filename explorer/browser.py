@@ -14,10 +14,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from precompute.cli import wait_until_serving
 
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1800"]
@@ -51,17 +51,10 @@ def running_app(study: str | Path, log: Path, port: int | None = None,
                                    start_new_session=True)
     url = f"http://localhost:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
+        if not wait_until_serving(url, process, timeout):
             if process.poll() is not None:
                 raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the app did not start within {timeout:.0f} s") from None
-                time.sleep(0.2)
+            raise RuntimeError(f"the app did not start within {timeout:.0f} s")
         yield url
     finally:  # the CLI stops its server on SIGTERM; the group kill is a safety net
         process.terminate()

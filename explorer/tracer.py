@@ -182,8 +182,8 @@ class Tracer:
             t0 = time.perf_counter()
             stage(f"Ranking documents by {method}")
             pro, opp, query, pool_scores = self._rank(prompt, answer, method, top_k, exhaustive)
-            if query is not None:  # influence has a sign: a proponent must raise the answer's log-likelihood
-                pro, opp = [h for h in pro if h.score > 0], [h for h in opp if h.score < 0]
+            if query is not None:
+                pro, opp = _signed(pro, opp)
             timings["rank"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if heatmaps and query is not None:
@@ -220,8 +220,10 @@ class Tracer:
                                  query, progress=self.progress)[0].double().numpy()
         return (*self._ranked(scores, k), query, scores.tolist())
 
-    def _ranked(self, scores: np.ndarray, k: int):
-        return self._hits(np.argsort(-scores)[:k], scores), self._hits(np.argsort(scores)[:k], scores)
+    def _ranked(self, scores: np.ndarray, k: int, hits=None):
+        """The k highest and the k lowest scores as hits (``hits(ids, scores)``, documents by default)."""
+        hits = hits or self._hits
+        return hits(np.argsort(-scores)[:k], scores), hits(np.argsort(scores)[:k], scores)
 
     def retrieve(self, query, pool: int, whiten: bool = True):
         """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly."""
@@ -290,8 +292,7 @@ class Tracer:
             scores = score_documents(self.ft_model, TASK, self._record_batches(range(len(self.records))),
                                      self.ft_layers, query, progress=self.progress)[0].double().numpy()
             k = min(top_k, len(self.records))
-            pro, opp = (self._record_hits(np.argsort(order * scores)[:k], scores) for order in (-1, 1))
-            pro, opp = [h for h in pro if h.score > 0], [h for h in opp if h.score < 0]
+            pro, opp = _signed(*self._ranked(scores, k, self._record_hits))
             if heatmaps:
                 self._attach_heatmaps(pro + opp, query, self.ft_model, self.ft_layers, self._record_batches)
         timings = {"total": time.perf_counter() - started}
@@ -352,8 +353,7 @@ class Tracer:
     def document_lengths(self, limit: int = 5000) -> np.ndarray:
         """Token counts of (up to ``limit``, evenly spaced) documents, before truncation."""
         step = max(1, len(self.documents) // limit)
-        texts = self.documents[::step]["text"] if step == 1 else self.documents.select(
-            range(0, len(self.documents), step))["text"]
+        texts = list(self.documents.select(range(0, len(self.documents), step))["text"])
         return np.array([len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
     def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int) -> dict[str, Any]:
@@ -382,6 +382,11 @@ class Tracer:
 
     def _pieces(self, ids) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+def _signed(pro: list[DocumentHit], opp: list[DocumentHit]):
+    """Influence has a sign: a proponent raises the answer's log-likelihood, an opponent lowers it."""
+    return [h for h in pro if h.score > 0], [h for h in opp if h.score < 0]
 
 
 def _counts(values: Sequence[str]) -> dict[str, int]:

@@ -58,13 +58,27 @@ def _app(args) -> int:
     return serve(study, args.host, args.port, args.device, open_browser=not args.no_browser)
 
 
+def wait_until_serving(url: str, process, timeout: float) -> bool:
+    """True once the Streamlit server at ``url`` answers its health check; False if ``process``
+    exits or ``timeout`` seconds pass first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False) -> int:
     """Run the Streamlit app on ``study`` until interrupted; returns the server's exit code."""
     import os
     import signal
     import subprocess
-    import time
-    import urllib.request
     import webbrowser
 
     app = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
@@ -81,14 +95,8 @@ def serve(study: Path, host: str, port: int, device: str = "auto", open_browser:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        for _ in range(600):  # wait for the server, then say where it is
-            if server.poll() is not None:
-                return server.returncode
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        if not wait_until_serving(url, server, timeout=60) and server.poll() is not None:
+            return server.returncode
         print(f"\nMSIF Explorer on {study}: {url}  (Ctrl+C stops it)", flush=True)
         # Without a display, webbrowser would start a console browser (lynx) in this terminal.
         if open_browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")

@@ -88,6 +88,12 @@ def tracked_layers(model, config: StudyConfig):
     return find_tracked_layers(model, include=inf.include or None, exclude=inf.exclude or None)
 
 
+def factor_arguments(inf, progress: bool = True, **overrides) -> FactorArguments:
+    """The fit_factors settings a study's influence config asks for (``overrides`` for variants)."""
+    return FactorArguments(strategy=inf.strategy, seed=inf.seed, label_samples=inf.label_samples,
+                           progress=progress, **overrides)
+
+
 def document_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> Iterator[dict]:
     for start in range(0, len(texts), batch_size):
         yield encode_documents(tokenizer, texts[start:start + batch_size], max_length)
@@ -133,8 +139,7 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
     inf = config.influence
     docs = datasets.Dataset.from_parquet(str(study.path(DOCUMENTS)))
     records = datasets.Dataset.from_parquet(str(study.path(RECORDS)))
-    fargs = FactorArguments(strategy=inf.strategy, seed=inf.seed, label_samples=inf.label_samples,
-                            progress=progress)
+    fargs = factor_arguments(inf, progress)
     fit_keys = ("strategy", "label_samples", "factor_documents", "max_length", "include",
                 "exclude", "seed")  # what the factors depend on; retrieval knobs are not
     factor_config = {"models": asdict(config.models),
