@@ -1,11 +1,11 @@
 # Two entry points that do all set-up themselves on a fresh machine:
 #   make demo   - creates .venv, installs, builds the demo study if missing, opens the explorer
-#   make test   - creates .venv, installs with test extras, runs the test suite
+#   make test   - creates .venv, installs with test extras, lints (ruff, import contracts), runs every test
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint quick bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-STUDY ?= studies/demo
-
 PORT ?= 8501
+STUDY ?=
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/msif app --study $(STUDY) --port $(PORT)
+	$(VENV)/bin/msif app --port $(PORT) $(if $(STUDY),--study $(STUDY))
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest
+
+quick: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_speed.py

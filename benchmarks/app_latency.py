@@ -25,11 +25,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine.study import DEFAULT_STUDY, layout
+from explorer.server import APP, STUDY_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+from browser_harness import chromium, find_chromium, open_app, running_app, trace_in_browser  # noqa: E402
 from retrieval import load_questions  # noqa: E402  (a sibling benchmark script)
 
 GOAL_S = 2.0
-APP = str(Path(__file__).resolve().parents[1] / "explorer" / "app.py")
 
 
 def summary(name: str, seconds: list[float]) -> str:
@@ -41,25 +45,25 @@ def time_tracer(study: Path, prompts: list[str]) -> tuple[list[float], dict[str,
     from explorer.tracer import Tracer
 
     started = time.perf_counter()
-    tracer = Tracer(study)
+    tracer = Tracer.open(study)
     opened = time.perf_counter() - started
     tracer.trace(prompts[0])  # warm-up: first-call allocations, lazy imports
     totals, parts = [], {"generate": [], "rank": [], "heatmaps": []}
     for prompt in prompts:
         trace = tracer.trace(prompt)
-        totals.append(trace.timings["total"])
+        totals.append(trace.timings.total)
         for key in parts:
-            parts[key].append(trace.timings.get(key, 0.0))
+            parts[key].append(getattr(trace.timings, key) or 0.0)
     return totals, {k: statistics.median(v) for k, v in parts.items()}, opened
 
 
 def time_app(study: Path, prompts: list[str]) -> list[float]:
     from streamlit.testing.v1 import AppTest
 
-    os.environ["MSIF_STUDY"] = str(study)
+    os.environ[STUDY_ENV] = str(study)
     seconds = []
     for prompt in [prompts[0]] + prompts:  # the first run is a warm-up
-        at = AppTest.from_file(APP, default_timeout=300).run()
+        at = AppTest.from_file(str(APP), default_timeout=300).run()
         at.text_area(key="instruction").input(prompt)
         started = time.perf_counter()
         at.button(key="FormSubmitter:ask-Trace").click().run()
@@ -69,8 +73,6 @@ def time_app(study: Path, prompts: list[str]) -> list[float]:
 
 
 def time_browser(study: Path, prompts: list[str]) -> list[float] | None:
-    from explorer.browser import chromium, find_chromium, open_app, running_app, trace_in_browser
-
     if find_chromium() is None:
         print("browser: skipped (no chromium/chromedriver on PATH)")
         return None
@@ -83,7 +85,7 @@ def time_browser(study: Path, prompts: list[str]) -> list[float] | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", type=Path, default=Path("studies/demo"))
+    parser.add_argument("--study", type=Path, default=Path(DEFAULT_STUDY))
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--browser-queries", type=int, default=10,
                         help="the browser figure is noisy on a busy 2-core machine; 10 steadies the median")
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     prompts = load_questions(args.study, args.queries)
     if not prompts:
-        raise SystemExit(f"{args.study}: no pretraining-only questions in world/facts.jsonl")
+        raise SystemExit(f"{args.study}: no pretraining-only questions in {layout.FACTS}")
 
     tracer, parts, opened = time_tracer(args.study, prompts)
     app = time_app(args.study, prompts)

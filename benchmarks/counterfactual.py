@@ -20,7 +20,6 @@ an answer). Goal: multi-stage removal lowers the log-likelihood at least twice a
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.study import DEFAULT_STUDY, Stage, Study, layout
 from explorer.tracer import Tracer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,10 +70,11 @@ def measure(model, tracer: Tracer, cases: list[Case], prompts: list[str]) -> dic
 
     whole, fact = [], []
     for prompt, case in zip(prompts, cases):
-        lp = answer_token_log_probs(model, tracer.tokenizer, prompt, case.answer, tracer.config.influence.max_length)
+        lp = answer_token_log_probs(model, tracer.study.tokenizer, prompt, case.answer,
+                                    tracer.study.config.influence.max_length)
         whole.append(float(lp.sum()))
         fact.append(float(lp[value_token_mask(tracer, prompt, case).numpy()].sum()))
-    said = training.generate(model, tracer.tokenizer, prompts)
+    said = training.generate(model, tracer.study.tokenizer, prompts)
     return {"whole": whole, "fact": fact, "correct": [c.value in r for c, r in zip(cases, said)]}
 
 
@@ -83,7 +84,7 @@ def choose_removals(tracer: Tracer, cases: list[Case], methods: list[str], seed:
     picks = {}
     for method in methods:
         if method == "random":
-            picks[method] = [rng.sample(range(len(tracer.documents)), K) for _ in cases]
+            picks[method] = [rng.sample(range(len(tracer.study.documents)), K) for _ in cases]
             continue
         picks[method] = [[h.doc_id for h in tracer.trace(c.question, c.answer, method, top_k=K,
                                                           heatmaps=False, exhaustive=True).proponents]
@@ -95,11 +96,10 @@ def retrain(study: Path, recipe, removed: set[int], threads: int):
     """Pretrain and fine-tune as the demo did, without the ``removed`` documents."""
     from precompute import training
     from precompute import world as world_lib
-    from precompute.demo import WORLD_DIR, training_tokenizer
-    from precompute.study import Study
+    from precompute.demo import training_tokenizer
 
     s = Study(study)
-    world = world_lib.World.from_jsonl(s.path(WORLD_DIR))
+    world = world_lib.World.from_jsonl(s.path(layout.WORLD_DIR))
     tokenizer = training_tokenizer(s)
     kept = [d for d in world.documents if d["doc_id"] not in removed]
     config = training.demo_model_config(len(tokenizer), **recipe.model)
@@ -117,17 +117,17 @@ def _with_threads(cfg, threads: int):
 
 def build_threads(study: Path) -> int:
     """The thread count the study was trained with (float reductions depend on it)."""
-    manifest = json.loads((study / "manifest.json").read_text())
-    return int(manifest["stages"]["pretrain"]["report"].get("threads") or torch.get_num_threads())
+    manifest = Study(study).manifest()
+    return int(manifest["stages"][Stage.PRETRAIN]["report"].get("threads") or torch.get_num_threads())
 
 
 def run(study: Path, recipe, n_facts: int, methods: list[str], reference: bool, seed: int) -> dict:
-    tracer = Tracer(study)
+    tracer = Tracer.open(study)
     cases = pick_cases(study, n_facts, reference)
     if not cases:
         raise SystemExit(f"{study}: no usable facts")
     prompts = [tracer.prompt_for(c.question) for c in cases]
-    base = measure(tracer.ft_model, tracer, cases, prompts)
+    base = measure(tracer.study.finetuned.model, tracer, cases, prompts)
     picks = choose_removals(tracer, cases, methods, seed)
     threads = build_threads(study)
     results = {}
@@ -182,7 +182,7 @@ def report(out: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", type=Path, default=Path("studies/demo"))
+    parser.add_argument("--study", type=Path, default=Path(DEFAULT_STUDY))
     parser.add_argument("--facts", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=["multi-stage", "bm25", "gradient-dot", "random"])
     parser.add_argument("--tiny", action="store_true", help="the study uses the tiny recipe (CI)")
@@ -191,11 +191,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random control")
     parser.add_argument("--out", type=Path, default=Path("docs/counterfactual.md"))
     args = parser.parse_args(argv)
-    from precompute.demo import DemoRecipe, _jsonable, tiny_recipe
+    from precompute.demo import DemoRecipe, recipe_json, tiny_recipe
 
     recipe = tiny_recipe() if args.tiny else DemoRecipe()
-    built = json.loads((args.study / "manifest.json").read_text()).get("demo", {})
-    if built.get("recipe") != _jsonable(recipe):
+    built = Study(args.study).manifest().get("demo", {})
+    if built.get("recipe") != recipe_json(recipe):
         raise SystemExit(f"{args.study} was not built with the {'tiny' if args.tiny else 'default'} "
                          "demo recipe; retraining it another way would not be a counterfactual")
     out = run(args.study, recipe, args.facts, args.methods, args.reference_answers, args.seed)

@@ -32,7 +32,7 @@ import platform
 import pstats
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     n_padded = sum(b["input_ids"].numel() for b in batches)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    n_tracked = sum(p.numel() for l in layers for p in l.module.parameters(recurse=False))
+    n_tracked = sum(p.numel() for layer in layers for p in layer.module.parameters(recurse=False))
 
     print("MSIF engine speed benchmark")
     print(f"  torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, "

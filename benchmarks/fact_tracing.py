@@ -32,10 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import (PreconditionedQuery, ScoreArguments, encode_prompt_answer,
-                    fit_factors, precondition, score_documents, sequence_gradients)
+from engine import (
+    PreconditionedQuery,
+    ScoreArguments,
+    encode_document_batches,
+    encode_prompt_answer,
+    fit_factors,
+    precondition,
+    score_documents,
+    sequence_gradients,
+)
+from engine.study import DEFAULT_STUDY, Study, layout
 from explorer.tracer import TASK, Tracer
-from precompute import pipeline as P
 
 K = 10
 
@@ -53,12 +61,12 @@ class Case:
 def load_cases(study: Path, limit: int | None, reference: bool = False) -> list[Case]:
     """Pretraining-only facts the model answers correctly, with its answer; or, with ``reference``,
     every pretraining-only fact with the world's reference response (for models that cannot)."""
-    facts = {f["fact_id"]: f for f in map(json.loads, (study / "world" / "facts.jsonl").read_text().splitlines())}
+    facts = {f["fact_id"]: f for f in map(json.loads, Study(study).path(layout.FACTS).read_text().splitlines())}
     if reference:
         cases = [Case(f["question"], f["response"], f["answer"], f["relation"], f["subject"], f["doc_ids"])
                  for f in facts.values() if f["split"] == "pretrain_only"]
         return cases[:limit] if limit else cases
-    rows = json.loads((study / "world" / "qa_eval.json").read_text())["pretrain_only"]["rows"]
+    rows = json.loads(Study(study).path(layout.QA_REPORT).read_text())["pretrain_only"]["rows"]
     cases = [Case(r["question"], r["response"], r["answer"], r["relation"], facts[r["fact_id"]]["subject"],
                   facts[r["fact_id"]]["doc_ids"])
              for r in rows if r["contains_answer"]]
@@ -67,7 +75,7 @@ def load_cases(study: Path, limit: int | None, reference: bool = False) -> list[
 
 def value_token_mask(tracer: Tracer, prompt: str, case: Case) -> torch.Tensor:
     """Which answer tokens overlap the characters of the fact's value in the response."""
-    pieces = tracer._answer_pieces(prompt, case.answer)
+    pieces = tracer.answer_pieces(prompt, case.answer)
     start = "".join(pieces).rfind(case.value)  # offsets in the decoded pieces, not the raw text
     mask, offset = [], 0
     for piece in pieces:
@@ -79,11 +87,12 @@ def value_token_mask(tracer: Tracer, prompt: str, case: Case) -> torch.Tensor:
 def query_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments, factors: tuple | None = None
                   ) -> dict[str, torch.Tensor]:
     """Preconditioned query vectors (N, out, in) per layer, one row per case, in one batch."""
+    study = tracer.study
     prompts = [tracer.prompt_for(c.question) for c in cases]
-    batch = encode_prompt_answer(tracer.tokenizer, prompts, [c.answer for c in cases],
-                                 tracer.config.influence.max_length)
-    grads = sequence_gradients(tracer.ft_model, TASK, batch, tracer.ft_layers)
-    pt, ft = factors or (tracer.pt_factors, tracer.ft_factors)
+    batch = encode_prompt_answer(study.tokenizer, prompts, [c.answer for c in cases],
+                                 study.config.influence.max_length)
+    grads = sequence_gradients(study.finetuned.model, TASK, batch, study.finetuned.layers)
+    pt, ft = factors or (study.pretrained.factors, study.finetuned.factors)
     return precondition(grads, args, pt, ft).vectors
 
 
@@ -92,7 +101,7 @@ def value_span_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments) 
     rows = []
     for case in cases:
         prompt = tracer.prompt_for(case.question)
-        per_token = tracer.query_vectors(prompt, case.answer, args.method, per_token=True).vectors
+        per_token = tracer.preconditioned_query(prompt, case.answer, args.method, per_token=True).vectors
         mask = value_token_mask(tracer, prompt, case)
         rows.append({n: v[mask].sum(0, keepdim=True) for n, v in per_token.items()})
     return {n: torch.cat([r[n] for r in rows]) for n in rows[0]}
@@ -101,14 +110,15 @@ def value_span_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments) 
 def per_head_factors(tracer: Tracer) -> tuple:
     """Both stages' factors refitted as the pipeline fits them, with the fused QKV layer's S split
     per attention head (FactorArguments.split_outputs)."""
-    inf = tracer.config.influence
-    heads = tracer.pt_model.config.num_attention_heads
-    args = P.factor_arguments(inf, progress=False, split_outputs={r"attention\.query_key_value": heads})
-    texts = tracer.documents["text"][: inf.factor_documents or None]
-    pt_batches = list(P.document_batches(tracer.tokenizer, texts, inf.max_length, inf.batch_size))
-    pt = fit_factors(tracer.pt_model, TASK, pt_batches, tracer.pt_layers, args)
-    ft = fit_factors(tracer.ft_model, TASK, tracer._record_batches(range(len(tracer.records))),
-                     tracer.ft_layers, args)
+    study = tracer.study
+    inf = study.config.influence
+    heads = study.pretrained.model.config.num_attention_heads
+    args = inf.factor_arguments(progress=False, split_outputs={r"attention\.query_key_value": heads})
+    texts = study.documents["text"][: inf.factor_documents or None]
+    pt_batches = list(encode_document_batches(study.tokenizer, texts, inf.max_length, batch_size=inf.batch_size))
+    pt = fit_factors(study.pretrained.model, TASK, pt_batches, study.pretrained.layers, args)
+    ft = fit_factors(study.finetuned.model, TASK, study.record_batches(range(len(study.records))),
+                     study.finetuned.layers, args)
     return pt, ft
 
 
@@ -117,8 +127,9 @@ def exhaustive(tracer: Tracer, blocks: dict[str, dict[str, torch.Tensor]], finet
     names = list(blocks)
     sizes = [next(iter(blocks[n].values())).shape[0] for n in names]
     stacked = {layer: torch.cat([blocks[n][layer] for n in names]) for layer in blocks[names[0]]}
-    model, layers = (tracer.ft_model, tracer.ft_layers) if finetuned else (tracer.pt_model, tracer.pt_layers)
-    scores = score_documents(model, TASK, tracer._batches(range(len(tracer.documents))), layers,
+    study = tracer.study
+    side = study.finetuned if finetuned else study.pretrained
+    scores = score_documents(side.model, TASK, study.document_batches(range(len(study.documents))), side.layers,
                              PreconditionedQuery(stacked, "multi-stage"), progress=False).double().numpy()
     return dict(zip(names, np.split(scores, np.cumsum(sizes)[:-1])))
 
@@ -144,11 +155,11 @@ def full_rankings(scores: np.ndarray) -> list[list[int]]:
 def run(study: Path, limit: int | None, threads: int, reference: bool = False, per_head: bool = True
         ) -> tuple[list[dict], list[dict], dict]:
     torch.set_num_threads(threads)
-    tracer = Tracer(study)
+    tracer = Tracer.open(study)
     cases = load_cases(study, limit, reference)
     if not cases:
         raise SystemExit(f"{study}: the model answers no pretraining-only fact correctly")
-    inf = tracer.config.influence
+    inf = tracer.study.config.influence
     base = dict(alpha=inf.alpha, damping=inf.damping, damping_factor=inf.damping_factor)
     started = time.perf_counter()
     pt_blocks = {m: query_vectors(tracer, cases, ScoreArguments(method=m, **base))
@@ -172,10 +183,10 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False, p
     scores = exhaustive(tracer, pt_blocks, finetuned=False)
     scores.update(exhaustive(tracer, {"single-stage": query_vectors(
         tracer, cases, ScoreArguments(method="single-stage", **base))}, finetuned=True))
-    norms = np.sqrt(np.load(tracer.study.path(P.SQ_NORMS))).clip(min=1e-30)
+    norms = np.sqrt(tracer.study.sq_norms()).clip(min=1e-30)
     scores["gradient-cosine"] = scores["gradient-dot"] / norms  # the query's norm does not reorder
     for method in ("representation", "bm25"):
-        scores[method] = np.stack([tracer._baseline_scores(tracer.prompt_for(c.question), c.answer, method)
+        scores[method] = np.stack([tracer.baseline_scores(tracer.prompt_for(c.question), c.answer, method)
                                    for c in cases])
     exact_seconds = time.perf_counter() - started
 
@@ -204,7 +215,7 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False, p
             idx = [i for i, c in enumerate(cases) if c.relation == relation]
             by_relation.setdefault(relation, {"facts": len(idx)})[method] = ranking_metrics(
                 [ranked[i] for i in idx], [cases[i] for i in idx])["MRR"]
-    info = {"facts": len(cases), "documents": len(tracer.documents), "alpha": inf.alpha,
+    info = {"facts": len(cases), "documents": len(tracer.study.documents), "alpha": inf.alpha,
             "damping_factor": inf.damping_factor, "seconds": exact_seconds,
             "sources per fact": statistics.mean(len(c.sources) for c in cases)}
     return main_rows, variant_rows, {"info": info, "by_relation": by_relation, "misses": misses}
@@ -213,7 +224,7 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False, p
 def miss_breakdown(study: Path, rankings: list[list[int]], cases: list[Case]) -> dict[str, float]:
     """What the top-10 holds besides the fact's sources (mean documents per fact), by how the
     document relates to the fact: about the subject, about the answer (e.g. the town), other."""
-    docs = [json.loads(l) for l in (study / "world" / "documents.jsonl").read_text().splitlines()]
+    docs = [json.loads(line) for line in Study(study).path(layout.WORLD_DOCUMENTS).read_text().splitlines()]
     counts = {"sources": 0.0, "same subject": 0.0, "about the answer": 0.0, "other entity": 0.0,
               "filler": 0.0}
     for ranked, case in zip(rankings, cases):
@@ -262,7 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/fact_tracing.md"))
     args = parser.parse_args(argv)
-    study = args.study or Path("studies/demo" if args.seed == 0 else f"studies/demo-seed{args.seed}")
+    study = args.study or Path(DEFAULT_STUDY if args.seed == 0 else f"{DEFAULT_STUDY}-seed{args.seed}")
     from precompute.demo import build_demo, tiny_recipe
 
     build_demo(study, seed=args.seed, recipe=tiny_recipe() if args.tiny else None, progress=not args.tiny)

@@ -34,9 +34,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,9 +44,18 @@ from scipy import stats
 from torch.func import functional_call, jvp, vjp, vmap
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from engine import (FactorArguments, LanguageModelingTask, ScoreArguments, find_tracked_layers,
-                    fit_factors, flatten, precondition, score_gradients, sequence_gradients,
-                    stack_gradients)
+from engine import (
+    FactorArguments,
+    LanguageModelingTask,
+    ScoreArguments,
+    find_tracked_layers,
+    fit_factors,
+    flatten,
+    precondition,
+    score_gradients,
+    sequence_gradients,
+    stack_gradients,
+)
 from engine.tasks import IGNORE
 
 COMMAND = "python benchmarks/ihvp_fidelity.py"

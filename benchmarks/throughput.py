@@ -5,8 +5,8 @@ study's max_length and batch_size, as its factor and projection stages batch the
 
   (a) plain training: forward + loss.backward() into every parameter (the reference)
   (b) EK-FAC factor fitting, as the `factors-pretrained` stage runs it (engine.fit_factors)
-  (c) gradient projection: engine.iter_projected_documents (raw projection + exact norms), and the
-      `projection` stage's per-batch work (raw + whitened + norms)
+  (c) gradient projection: engine.iter_projected_documents (raw projection + exact norms), and as
+      the `projection` stage runs it (raw + whitened + norms)
   (d) exact scoring of every document for one multi-stage query (engine.score_documents)
 
 each as documents/s, tokens/s and throughput relative to (a).
@@ -33,20 +33,27 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
 import torch
 
-from engine import (GradientIndex, fit_factors, gradient_sq_norms,
-                    iter_projected_documents, rescore, retrieve, score_documents)
+from engine import (
+    GradientIndex,
+    encode_document_batches,
+    fit_factors,
+    iter_projected_documents,
+    rescore,
+    retrieve,
+    score_documents,
+)
 from engine.gradients import to_device
+from engine.study import DEFAULT_STUDY, OpenedStudy, layout, open_study
 from explorer.tracer import TASK, Tracer
-from precompute import pipeline as P
 
 CHUNK = 8192  # synthetic rows drawn at a time
 
@@ -54,7 +61,7 @@ CHUNK = 8192  # synthetic rows drawn at a time
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--study", type=Path, default=Path("studies/demo"))
+    p.add_argument("--study", type=Path, default=Path(DEFAULT_STUDY))
     p.add_argument("--documents", type=int, default=0,
                    help="first N corpus documents for part 1; 0 = all")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000],
@@ -92,12 +99,12 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 # part 1: precompute stages over the same batches
 
 
-def corpus_batches(tracer: Tracer, limit: int) -> list[dict]:
+def corpus_batches(study: OpenedStudy, limit: int) -> list[dict]:
     """The pipeline's own batching (factor and projection stages), encoded once so that no
     stage's time includes tokenisation."""
-    texts = tracer.documents["text"][: limit or None]
-    inf = tracer.config.influence
-    return list(P.document_batches(tracer.tokenizer, texts, inf.max_length, inf.batch_size))
+    texts = study.documents["text"][: limit or None]
+    inf = study.config.influence
+    return list(encode_document_batches(study.tokenizer, texts, inf.max_length, batch_size=inf.batch_size))
 
 
 def train_step(model, batches) -> None:
@@ -109,30 +116,22 @@ def train_step(model, batches) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def fit(tracer: Tracer, batches) -> None:
-    args = P.factor_arguments(tracer.config.influence, progress=False)  # as run_pipeline fits
-    fit_factors(tracer.pt_model, TASK, batches, tracer.pt_layers, args)
+def fit(study: OpenedStudy, batches) -> None:
+    args = study.config.influence.factor_arguments(progress=False)  # as the pipeline fits
+    fit_factors(study.pretrained.model, TASK, batches, study.pretrained.layers, args)
 
 
-def project_engine(tracer: Tracer, batches) -> None:
-    for _ in iter_projected_documents(tracer.pt_model, TASK, batches, tracer.pt_layers,
-                                      tracer.projector, norms=True, progress=False):
+def project(study: OpenedStudy, batches, whiten: bool) -> None:
+    """engine.iter_projected_documents: raw projection and exact norms, and with ``whiten`` the
+    whitened eigen-coordinates too (the projection stage's work without its shard files)."""
+    pt = study.pretrained
+    for _ in iter_projected_documents(pt.model, TASK, batches, pt.layers, study.projector, norms=True,
+                                      whitening=study.whitening if whiten else None, progress=False):
         pass
 
 
-def project_stage(tracer: Tracer, batches) -> None:
-    """The projection stage's per-batch work (pipeline._project without its shard files): one
-    capture, then raw projection, whitened eigen-coordinates and exact norms."""
-    for batch in batches:
-        acts, grads, _ = P.capture_documents(tracer.pt_model, batch, tracer.pt_layers)
-        with torch.no_grad():
-            tracer.projector.project_captured(acts, grads).cpu().numpy()
-            tracer.whitening.document_vectors(acts, grads).cpu().numpy()
-            gradient_sq_norms(acts, grads).cpu().numpy()
-
-
-def score(tracer: Tracer, batches, query) -> None:
-    score_documents(tracer.pt_model, TASK, batches, tracer.pt_layers, query, progress=False)
+def score(study: OpenedStudy, batches, query) -> None:
+    score_documents(study.pretrained.model, TASK, batches, study.pretrained.layers, query, progress=False)
 
 
 @dataclass
@@ -142,21 +141,21 @@ class Stage:
     seconds: float
 
 
-def precompute_stages(tracer: Tracer, batches: list[dict], query) -> tuple[list[Stage], float, float]:
+def precompute_stages(study: OpenedStudy, batches: list[dict], query) -> tuple[list[Stage], float, float]:
     """Every stage once after a one-batch warm-up; training is timed first and last (the machine
     is shared) and the faster is the reference. Returns (stages, first, last training time)."""
-    inf = tracer.config.influence
+    inf = study.config.influence
     runs = [
         ("a", "plain training: forward + loss.backward() into every parameter",
-         lambda b: train_step(tracer.pt_model, b)),
+         lambda b: train_step(study.pretrained.model, b)),
         ("b", f"EK-FAC fit (engine.fit_factors): covariance + correction passes, "
-              f"{inf.label_samples} sampled label draw(s) each", lambda b: fit(tracer, b)),
+              f"{inf.label_samples} sampled label draw(s) each", lambda b: fit(study, b)),
         ("c1", "projection, engine.iter_projected_documents (raw Kronecker + exact norms)",
-         lambda b: project_engine(tracer, b)),
+         lambda b: project(study, b, whiten=False)),
         ("c2", "projection stage as `msif precompute` runs it (raw + whitened + norms)",
-         lambda b: project_stage(tracer, b)),
+         lambda b: project(study, b, whiten=True)),
         ("d", "exact scoring, 1 multi-stage query (engine.score_documents)",
-         lambda b: score(tracer, b, query)),
+         lambda b: score(study, b, query)),
     ]
     for _, _, run in runs:
         run(batches[:1])
@@ -165,7 +164,7 @@ def precompute_stages(tracer: Tracer, batches: list[dict], query) -> tuple[list[
         stages.append(Stage(key, label, seconds(lambda: run(batches))))
         print(f"  measured ({key}) {stages[-1].seconds:.2f} s", flush=True)
     first = stages[0].seconds
-    last = seconds(lambda: train_step(tracer.pt_model, batches))
+    last = seconds(lambda: train_step(study.pretrained.model, batches))
     stages[0].seconds = min(first, last)
     return stages, first, last
 
@@ -174,15 +173,15 @@ def precompute_stages(tracer: Tracer, batches: list[dict], query) -> tuple[list[
 # part 2: query latency as the corpus grows
 
 
-def query_text(tracer: Tracer) -> tuple[str, str, str]:
+def query_text(study: OpenedStudy) -> tuple[str, str, str]:
     """(instruction, context, answer): the demo world's first pretraining-only question with its
     answer, else (any study) the first fine-tuning record."""
-    facts = tracer.study.path("world/facts.jsonl")
+    facts = study.path(layout.FACTS)
     if facts.exists():
         for fact in map(json.loads, facts.read_text().splitlines()):
             if fact["split"] == "pretrain_only":
                 return fact["question"], "", fact["answer"]
-    row = tracer.records[0]
+    row = study.records[0]
     return row["instruction"], row["context"], row["response"]
 
 
@@ -193,16 +192,17 @@ def query_side(tracer: Tracer, text: tuple[str, str, str], repeats: int) -> dict
     prompt = tracer.prompt_for(instruction, context)
 
     def prepare():
-        q = tracer.query_vectors(prompt, answer, "multi-stage")
-        return q, tracer.whitening.query_vectors(q.vectors)
+        q = tracer.preconditioned_query(prompt, answer, "multi-stage")
+        return q, tracer.study.whitening.query_vectors(q.vectors)
 
     prep_s = median_seconds(prepare, repeats)
     query, vector = prepare()
-    found = retrieve(vector, tracer.whitened_index, tracer.config.influence.candidates)
+    study = tracer.study
+    found = retrieve(vector, study.indexes.whitened, study.config.influence.candidates)
     ids = found.candidate_ids().tolist()
-    rescore_s = median_seconds(lambda: rescore(found, tracer.pt_model, TASK, tracer.pt_layers,
-                                               query, tracer._batches), repeats)
-    tokens = sum(int(b["attention_mask"].sum()) for b in tracer._batches(ids))
+    rescore_s = median_seconds(lambda: rescore(found, study.pretrained.model, TASK, study.pretrained.layers,
+                                               query, study.document_batches), repeats)
+    tokens = sum(int(b["attention_mask"].sum()) for b in study.document_batches(ids))
     return {"prepare_s": prep_s, "rescore_s": rescore_s, "pool": len(ids), "pool_tokens": tokens,
             "query": query, "text": f"{instruction!r} -> {answer!r}"}
 
@@ -332,12 +332,12 @@ def busy(load_at_start: float, threads: int) -> bool:
     return threads > 1 and load_at_start >= (os.cpu_count() or 1)
 
 
-def render(args, tracer: Tracer, stages, first, last, side, sizes, docs, tokens, padded,
+def render(args, study: OpenedStudy, stages, first, last, side, sizes, docs, tokens, padded,
            load: tuple[float, float]) -> str:
-    inf = tracer.config.influence
-    model = tracer.pt_model
+    inf = study.config.influence
+    model = study.pretrained.model
     params = sum(p.numel() for p in model.parameters())
-    dim, k = tracer.whitened_index.dim, inf.candidates
+    dim, k = study.indexes.whitened.dim, inf.candidates
     command = " ".join(["python benchmarks/throughput.py", *map(str, args.argv)])
     parts = [
         "# Throughput: precompute stages and query latency",
@@ -351,10 +351,10 @@ def render(args, tracer: Tracer, stages, first, last, side, sizes, docs, tokens,
         "times; --threads 1 is steadier)" if busy(load[0], torch.get_num_threads()) else "") + ".",
         "",
         f"Study: `{args.study}`: {type(model).__name__}, {params:,} parameters, "
-        f"{len(tracer.pt_layers)} tracked layers; {docs:,} of {len(tracer.documents):,} documents, "
+        f"{len(study.pretrained.layers)} tracked layers; {docs:,} of {len(study.documents):,} documents, "
         f"{tokens:,} tokens ({padded:,} with padding), max_length {inf.max_length}, batch_size "
         f"{inf.batch_size}, label_samples {inf.label_samples}; whitened index dimension {dim:,} "
-        f"(raw index {tracer.index.dim:,}), {k} candidates per sign. Query (multi-stage): "
+        f"(raw index {study.indexes.raw.dim:,}), {k} candidates per sign. Query (multi-stage): "
         f"{side['text']}.",
         "",
         "## Precompute throughput (same batches, one run)",
@@ -386,17 +386,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    tracer = Tracer(args.study, device="cpu")
-    batches = corpus_batches(tracer, args.documents)
+    study = open_study(args.study, device="cpu")
+    tracer = Tracer(study)
+    batches = corpus_batches(study, args.documents)
     docs = sum(len(b["input_ids"]) for b in batches)
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
     padded = sum(b["input_ids"].numel() for b in batches)
     print(f"study {args.study}: {docs} documents, {tokens:,} tokens, {len(batches)} batches, "
           f"torch threads: {torch.get_num_threads()}", flush=True)
 
-    side = query_side(tracer, query_text(tracer), repeats=3)
-    stages, first, last = precompute_stages(tracer, batches, side["query"])
-    dim, k = tracer.whitened_index.dim, tracer.config.influence.candidates
+    side = query_side(tracer, query_text(study), repeats=3)
+    stages, first, last = precompute_stages(study, batches, side["query"])
+    dim, k = study.indexes.whitened.dim, study.config.influence.candidates
     sizes = []
     for n in args.sizes:
         for kind in ("flat", "ivf") if args.ivf else ("flat",):
@@ -404,7 +405,7 @@ def main(argv=None) -> int:
             print(f"  index {kind} {n:,}: build {sizes[-1]['build_s']:.2f} s, search "
                   f"{sizes[-1]['search_s'] * 1e3:.1f} ms", flush=True)
 
-    report = render(args, tracer, stages, first, last, side, sizes, docs, tokens, padded,
+    report = render(args, study, stages, first, last, side, sizes, docs, tokens, padded,
                     (load_start, os.getloadavg()[0]))
     print("\n" + report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

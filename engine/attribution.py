@@ -9,8 +9,9 @@ over answer tokens. Passing those per-token vectors here gives the answer-token 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -20,7 +20,7 @@ document under the same model (the fine-tuned one).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,9 @@ class BM25:
             cols.append(terms)
             counts.append(tf)
         n, v = len(texts), len(self.vocabulary)
-        join = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        def join(parts, dtype):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
         tf = sparse.csr_matrix((join(counts, np.float64), (join(rows, np.int64), join(cols, np.int64))),
                                shape=(n, v))
         df = np.bincount(tf.indices, minlength=v)

@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ class Factors:
         save_tensors(tensors, path, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Factors":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Factors:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

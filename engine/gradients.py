@@ -7,7 +7,8 @@ else (covariances, eigenvalue corrections, scores, token heatmaps) is a function
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn

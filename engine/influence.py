@@ -16,8 +16,9 @@ Multi-stage scores expect G_doc at theta_pt (pretraining documents); single-stag
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,10 +27,9 @@ from tqdm.auto import tqdm
 from .curvature import get_strategy, relative_damping
 from .factors import Factors
 from .gradients import capture
+from .methods import METHODS
 from .tasks import Task
 from .tracking import TrackedLayer
-
-METHODS = ("multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot", "gradient-cosine")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class PreconditionedQuery:
     def num_queries(self) -> int:
         return next(iter(self.vectors.values())).shape[0]
 
-    def select(self, index) -> "PreconditionedQuery":
+    def select(self, index) -> PreconditionedQuery:
         return PreconditionedQuery({k: v[index] for k, v in self.vectors.items()},
                                    self.method, self.damping, self.alpha)
 

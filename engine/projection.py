@@ -1,4 +1,5 @@
-"""Kronecker-structured random projection of per-layer gradients (DESIGN.md, "Scaling retrieval").
+"""Kronecker-structured random projection of per-layer gradients, and the whitening that moves half
+of the pretraining-side inverse onto documents (multi-stage retrieval).
 
 Per tracked layer with gradient G (out, in[+1]) the projection is
 
@@ -30,8 +31,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .curvature import get_strategy
 from .gradients import capture
 from .storage import save_tensors
 from .tasks import Task
@@ -124,38 +127,38 @@ class KroneckerProjector:
         if not self.layers:
             raise ValueError("a projector needs at least one layer")
         self.matrices: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {
-            l.name: (_gaussian(self.seed, l.name, "S", l.shape[0], l.k[0]),
-                     _gaussian(self.seed, l.name, "A", l.shape[1], l.k[1]))
-            for l in self.layers}
+            layer.name: (_gaussian(self.seed, layer.name, "S", layer.shape[0], layer.k[0]),
+                     _gaussian(self.seed, layer.name, "A", layer.shape[1], layer.k[1]))
+            for layer in self.layers}
         self._converted: dict[tuple, tuple] = {}  # (name, device, dtype) -> (source, converted)
 
     @classmethod
     def for_layers(cls, layers: Sequence[TrackedLayer], dim_per_layer: int | None = None, *,
                    total_dim: int | None = None, seed: int = 0,
-                   dims: Mapping[str, Sequence[int]] | None = None) -> "KroneckerProjector":
+                   dims: Mapping[str, Sequence[int]] | None = None) -> KroneckerProjector:
         """Projector for tracked layers: give ``dim_per_layer``, or ``total_dim`` split evenly."""
         if (dim_per_layer is None) == (total_dim is None):
             raise ValueError("give exactly one of dim_per_layer and total_dim")
         if total_dim is not None:
             dim_per_layer = max(1, total_dim // len(layers))
-        return cls({l.name: l.gradient_shape for l in layers}, dim_per_layer, seed, dims)
+        return cls({layer.name: layer.gradient_shape for layer in layers}, dim_per_layer, seed, dims)
 
     @property
     def dim(self) -> int:
         """D, the length of a projected vector."""
-        return sum(l.dim for l in self.layers)
+        return sum(layer.dim for layer in self.layers)
 
     @property
     def layer_names(self) -> list[str]:
-        return [l.name for l in self.layers]
+        return [layer.name for layer in self.layers]
 
     def layout(self) -> list[dict[str, Any]]:
-        return [{"name": l.name, "shape": list(l.shape), "k": list(l.k)} for l in self.layers]
+        return [{"name": layer.name, "shape": list(layer.shape), "k": list(layer.k)} for layer in self.layers]
 
     def check_compatible(self, layers: Sequence[TrackedLayer]) -> None:
         """Raise ValueError unless ``layers`` are this projector's layers, same order and shapes."""
-        given = [(l.name, tuple(l.gradient_shape)) for l in layers]
-        mine = [(l.name, l.shape) for l in self.layers]
+        given = [(layer.name, tuple(layer.gradient_shape)) for layer in layers]
+        mine = [(layer.name, layer.shape) for layer in self.layers]
         if given != mine:
             raise ValueError(f"tracked layers do not match the projector's: given {given[:3]}..., "
                              f"projector {mine[:3]}... ({len(given)} vs {len(mine)} layers)")
@@ -178,11 +181,11 @@ class KroneckerProjector:
         if missing:
             raise KeyError(f"gradients missing for projected layers: {missing[:5]}")
         parts = []
-        for l in self.layers:
-            g = grads[l.name]
-            p_s, p_a = self._matrices_like(g, l.name)
-            if tuple(g.shape[1:]) != l.shape:
-                raise ValueError(f"{l.name}: gradient shape {tuple(g.shape[1:])}, expected {l.shape}")
+        for layer in self.layers:
+            g = grads[layer.name]
+            p_s, p_a = self._matrices_like(g, layer.name)
+            if tuple(g.shape[1:]) != layer.shape:
+                raise ValueError(f"{layer.name}: gradient shape {tuple(g.shape[1:])}, expected {layer.shape}")
             # P_S^T G P_A = ((G P_A)^T P_S)^T
             projected = _apply(_apply(g, p_a).transpose(1, 2), p_s).transpose(1, 2)
             parts.append(projected.reshape(g.shape[0], -1))
@@ -192,9 +195,9 @@ class KroneckerProjector:
                          grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) from one capture, without forming G: sum_t (P_S^T g_t)(P_A^T a_t)^T."""
         parts = []
-        for l in self.layers:
-            p_s, p_a = self._matrices_like(acts[l.name], l.name)
-            pg, pa = _apply(grads[l.name], p_s), _apply(acts[l.name], p_a)
+        for layer in self.layers:
+            p_s, p_a = self._matrices_like(acts[layer.name], layer.name)
+            pg, pa = _apply(grads[layer.name], p_s), _apply(acts[layer.name], p_a)
             parts.append(torch.einsum("bto,bti->boi", pg, pa).flatten(1))
         return torch.cat(parts, dim=1)
 
@@ -202,8 +205,8 @@ class KroneckerProjector:
     def checksum(self) -> str:
         """sha256 over the layout and the matrices' float32 bytes."""
         digest = hashlib.sha256(json.dumps(self.layout()).encode())
-        for l in self.layers:
-            for m in self.matrices[l.name]:
+        for layer in self.layers:
+            for m in self.matrices[layer.name]:
                 digest.update(b"I" if m is None else m.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
@@ -216,24 +219,24 @@ class KroneckerProjector:
         """
         tensors = {}
         if include_matrices:
-            for l in self.layers:
-                for side, m in zip(("P_S", "P_A"), self.matrices[l.name]):
+            for layer in self.layers:
+                for side, m in zip(("P_S", "P_A"), self.matrices[layer.name]):
                     if m is not None:
-                        tensors[f"{l.name}/{side}"] = m.contiguous()
+                        tensors[f"{layer.name}/{side}"] = m.contiguous()
         meta = {"format": FORMAT, "engine_version": __version__, "seed": str(self.seed),
                 "layers": json.dumps(self.layout()), "dim": str(self.dim),
                 "sha256": self.checksum(), "metadata": json.dumps(dict(metadata or {}))}
         save_tensors(tensors, path, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "KroneckerProjector":
+    def load(cls, path: str | os.PathLike) -> KroneckerProjector:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not an msif projector file (format={meta.get('format')!r})")
         layout = json.loads(meta["layers"])
-        projector = cls({l["name"]: l["shape"] for l in layout}, seed=int(meta["seed"]),
-                        dims={l["name"]: l["k"] for l in layout})
+        projector = cls({entry["name"]: entry["shape"] for entry in layout}, seed=int(meta["seed"]),
+                        dims={entry["name"]: entry["k"] for entry in layout})
         stored = load_file(str(path))
         for key, value in stored.items():
             name, _, side = key.rpartition("/")
@@ -274,10 +277,12 @@ def gradient_sq_norms(acts: Mapping[str, torch.Tensor], grads: Mapping[str, torc
 
 @dataclass
 class ProjectedDocuments:
-    """Projected document gradients (N, D) and, when asked, exact squared norms ||G||^2 (N,)."""
+    """One batch of documents: projected gradients (N, D), when asked exact squared norms ||G||^2
+    (N,) and whitened eigen-coordinates (N, D')."""
 
     vectors: np.ndarray
     sq_norms: np.ndarray | None = None
+    whitened: np.ndarray | None = None
 
     def normalized(self) -> np.ndarray:
         """vectors / ||G|| (exact norms): for gradient-cosine, <P(u), P(G)/||G||> estimates cosine."""
@@ -289,17 +294,19 @@ class ProjectedDocuments:
 
 def iter_projected_documents(model: nn.Module, task: Task, loader: Iterable[Any],
                              layers: Sequence[TrackedLayer], projector: KroneckerProjector, *,
-                             norms: bool = False, dtype=np.float32,
-                             progress: bool = True) -> Iterator[ProjectedDocuments]:
-    """One :class:`ProjectedDocuments` per batch of ``loader`` (one capture each): for streaming
-    into a memory map or an index."""
+                             norms: bool = False, whitening: Whitening | None = None,
+                             dtype=np.float32, progress: bool = True) -> Iterator[ProjectedDocuments]:
+    """One :class:`ProjectedDocuments` per batch of ``loader`` (one capture each, shared by the
+    projection, the norms and the whitening): for streaming into shards or an index."""
     projector.check_compatible(layers)
     for batch in tqdm(loader, desc="projecting", disable=not progress, unit="batch", leave=False):
         acts, grads, _ = capture(model, task, batch, layers)
         with torch.no_grad():
             vectors = projector.project_captured(acts, grads).cpu().numpy().astype(dtype)
             sq = gradient_sq_norms(acts, grads).cpu().numpy() if norms else None
-        yield ProjectedDocuments(vectors, sq)
+            white = (whitening.document_vectors(acts, grads).cpu().numpy().astype(dtype)
+                     if whitening is not None else None)
+        yield ProjectedDocuments(vectors, sq, white)
 
 
 def project_documents(model: nn.Module, task: Task, loader: Iterable[Any],
@@ -315,11 +322,6 @@ def project_documents(model: nn.Module, task: Task, loader: Iterable[Any],
     vectors = np.concatenate([p.vectors for p in parts])
     sq = np.concatenate([p.sq_norms for p in parts]) if norms else None
     return ProjectedDocuments(vectors, sq)
-
-
-def project_gradients(grads: Mapping[str, torch.Tensor], projector: KroneckerProjector) -> torch.Tensor:
-    """Function form of :meth:`KroneckerProjector.project_gradients`."""
-    return projector.project_gradients(grads)
 
 
 class Whitening:
@@ -338,8 +340,6 @@ class Whitening:
     """
 
     def __init__(self, factors, damping: Mapping[str, float], keep: int | None = None):
-        from .curvature import get_strategy
-
         self.strategy = get_strategy(factors.strategy)
         if self.strategy.eigenvalues(next(iter(factors.layers.values()))) is None:
             raise ValueError(f"whitening needs curvature eigenvalues; {factors.strategy} has none")

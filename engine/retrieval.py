@@ -12,8 +12,9 @@ Document ids are row positions in the order vectors were added to the index.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -62,7 +63,7 @@ class GradientIndex:
 
     @classmethod
     def build(cls, vectors, kind: str = "flat", nlist: int | None = None,
-              nprobe: int = 16) -> "GradientIndex":
+              nprobe: int = 16) -> GradientIndex:
         """An index holding ``vectors`` (N, D); for ivf, nlist defaults to ~4 sqrt(N), <= N / 39."""
         vectors = _as_float32(vectors)
         if kind == "ivf" and nlist is None:
@@ -125,7 +126,7 @@ class GradientIndex:
             faiss.write_index(self.index, str(tmp))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "GradientIndex":
+    def load(cls, path: str | os.PathLike) -> GradientIndex:
         index = faiss.read_index(str(path))
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path}: not an inner-product index")
@@ -159,10 +160,12 @@ class Retrieval:
     def is_rescored(self) -> bool:
         return self.proponent_exact is not None
 
-    def head(self, k: int) -> "Retrieval":
+    def head(self, k: int) -> Retrieval:
         """The first k of every row. Over-fetching (retrieve m > k, :func:`rescore`, then
         ``head(k)``) recovers the exact top-k when projected scores are noisy."""
-        cut = lambda x: None if x is None else x[:, :k]
+        def cut(x):
+            return None if x is None else x[:, :k]
+
         return Retrieval(*(cut(getattr(self, f)) for f in (
             "proponent_ids", "proponent_projected", "opponent_ids", "opponent_projected",
             "proponent_exact", "opponent_exact")))

@@ -1,33 +1,24 @@
-"""The engine's one way to write tensors: safetensors, atomically, byte-for-byte reproducible."""
+"""Atomic writes: a file or directory appears whole under its name, or not at all, so readers and
+resumed builds never see half of one. Tensors go to safetensors, byte-for-byte reproducible."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any
 
-import torch
-from safetensors.torch import save
-
-
-def _canonical(blob: bytes) -> bytes:
-    """Rewrite the JSON header with sorted keys: safetensors orders metadata by a per-process hash,
-    so the same tensors would otherwise give different bytes (and checksums) in each run."""
-    (length,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + length])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
-    return struct.pack("<Q", len(text)) + text + blob[8 + length:]
+import numpy as np
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds,
-    so readers (and resumed builds) never see half a file."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,9 +31,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a directory (e.g. a save_pretrained target); an existing
+    directory at ``path`` is replaced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def _canonical(blob: bytes) -> bytes:
+    """Rewrite the JSON header with sorted keys: safetensors orders metadata by a per-process hash,
+    so the same tensors would otherwise give different bytes (and checksums) in each run."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + blob[8 + length:]
+
+
+def save_tensors(tensors: Mapping[str, Any], path: str | os.PathLike,
                  metadata: Mapping[str, str]) -> None:
     """safetensors with a canonical header, written atomically."""
+    from safetensors.torch import save
+
     blob = _canonical(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                            metadata=dict(metadata)))
     with atomic_path(path) as tmp:

@@ -1,7 +1,8 @@
 """Tasks: how a batch becomes per-sequence losses.
 
-Every loss here is a *sum* over the sequence's scored tokens, so a per-sequence gradient is
-``grad l(z)`` of DESIGN.md and the Fisher ``E[vec G vec G^T]`` is that of the mean over sequences.
+Every loss here is a *sum* over the sequence's scored tokens, so a per-sequence gradient is the
+``grad l(z)`` of the influence formulas (README, "The method in one formula") and the Fisher
+``E[vec G vec G^T]`` is that of the mean over sequences.
 With ``sample=True`` the targets are drawn from the model's own predictive distribution (the
 true Fisher, equal to the Gauss-Newton matrix for softmax cross-entropy); otherwise the data's
 own targets are used (empirical Fisher / real gradients).

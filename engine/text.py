@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -28,12 +28,10 @@ def _collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 
 
 def encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Pretraining-style batch: every real token is scored."""
+    """Pretraining-style batch of all ``texts``: every real token is scored."""
     if not texts:
         raise ValueError("no documents to encode")
-    rows = [_document_row(text, tokenizer(text, add_special_tokens=False)["input_ids"], max_length)
-            for text in texts]
-    return _collate(rows, _pad_id(tokenizer))
+    return next(encode_document_batches(tokenizer, texts, max_length, batch_size=len(texts)))
 
 
 def _document_row(text: str, ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -44,22 +42,33 @@ def _document_row(text: str, ids: list[int], max_length: int) -> tuple[list[int]
     return ids, list(ids)
 
 
-def encode_document_batches(tokenizer, texts: Sequence[str], max_length: int,
-                            max_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Pretraining-style batches of ``texts`` in order, each holding at most ``max_tokens`` tokens
-    counting padding (short documents share a batch; few large batches beat many small ones)."""
+def encode_document_batches(tokenizer, texts: Sequence[str], max_length: int, max_tokens: int | None = None,
+                            *, batch_size: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Pretraining-style batches of ``texts`` in order, each with at most ``batch_size`` documents
+    and at most ``max_tokens`` tokens counting padding (short documents share a batch: few large
+    batches beat many small ones). Texts are tokenized a chunk at a time, so a corpus of any size
+    streams."""
+    if max_tokens is None and batch_size is None:
+        raise ValueError("give max_tokens, batch_size or both")
     pad = _pad_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     width = 0
-    for text, ids in zip(texts, tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+    for text, ids in _tokenized(tokenizer, texts):
         row = _document_row(text, ids, max_length)
-        if rows and max(width, len(row[0])) * (len(rows) + 1) > max_tokens:
+        wider = max(width, len(row[0]))
+        if rows and (len(rows) == batch_size or (max_tokens and wider * (len(rows) + 1) > max_tokens)):
             yield _collate(rows, pad)
-            rows, width = [], 0
+            rows, wider = [], len(row[0])
         rows.append(row)
-        width = max(width, len(row[0]))
+        width = wider
     if rows:
         yield _collate(rows, pad)
+
+
+def _tokenized(tokenizer, texts: Sequence[str], chunk: int = 512) -> Iterator[tuple[str, list[int]]]:
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start:start + chunk])
+        yield from zip(part, tokenizer(part, add_special_tokens=False)["input_ids"])
 
 
 def encode_prompt_answer(tokenizer, prompts: Sequence[str], answers: Sequence[str],

@@ -9,9 +9,9 @@ this package works on ``G`` in that layout, whatever the module's own weight lay
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -133,8 +133,8 @@ class LayerCapture:
             self.outputs[layer.name] = output
         return hook
 
-    def __enter__(self) -> "LayerCapture":
-        self._handles = [l.module.register_forward_hook(self._hook(l)) for l in self.layers]
+    def __enter__(self) -> LayerCapture:
+        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -159,10 +159,10 @@ class LayerCapture:
     def output_gradients(self, loss: torch.Tensor, mask: torch.Tensor | None,
                          retain_graph: bool = False) -> dict[str, torch.Tensor]:
         """g = dL/ds per layer, (B, T, out), upcast like the activations, masked positions 0."""
-        missing = [l.name for l in self.layers if l.name not in self.outputs]
+        missing = [layer.name for layer in self.layers if layer.name not in self.outputs]
         if missing:
             raise RuntimeError(f"tracked layers did not run in the forward pass: {missing}")
-        outs = [self.outputs[l.name] for l in self.layers]
+        outs = [self.outputs[layer.name] for layer in self.layers]
         grads = torch.autograd.grad(loss, outs, retain_graph=retain_graph, allow_unused=True)
         result = {}
         for layer, out, g in zip(self.layers, outs, grads):
@@ -178,7 +178,7 @@ class LayerCapture:
 def tracking_mode(model: nn.Module, layers: Sequence[TrackedLayer]) -> Iterator[None]:
     """Eval mode (no dropout) with gradients enabled on tracked weights, restored afterwards."""
     was_training = model.training
-    saved = [(p, p.requires_grad) for l in layers for p in l.module.parameters(recurse=False)]
+    saved = [(p, p.requires_grad) for layer in layers for p in layer.module.parameters(recurse=False)]
     model.eval()
     try:
         for p, _ in saved:

@@ -27,9 +27,21 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from engine import (FactorArguments, Factors, LanguageModelingTask, ScoreArguments, TrackedLayer,
-                    attribute_tokens, encode_documents, encode_prompt_answer, find_tracked_layers,
-                    fit_factors, precondition, score_documents, sequence_gradients)
+from engine import (
+    FactorArguments,
+    Factors,
+    LanguageModelingTask,
+    ScoreArguments,
+    TrackedLayer,
+    attribute_tokens,
+    encode_documents,
+    encode_prompt_answer,
+    find_tracked_layers,
+    fit_factors,
+    precondition,
+    score_documents,
+    sequence_gradients,
+)
 
 SEED = 0
 MAX_LENGTH = 64

@@ -1,1 +1,2 @@
-"""The Streamlit app over a study directory (see issue: the explorer)."""
+"""The explorer: ``msif`` (the command line), the query library (``Tracer``) and the Streamlit app
+over a finished study directory."""

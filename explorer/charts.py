@@ -7,8 +7,7 @@ document, a token or a title is escaped first.
 from __future__ import annotations
 
 import html
-
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,7 +35,7 @@ def layer_contributions(labels: Sequence[str], layer_names: Sequence[str], value
     """Documents (rows) x tracked layers (columns): each row sums to the document's score."""
     values = np.asarray(values, dtype=float)
     bound = float(np.abs(values).max()) if values.size else 1.0
-    fig = go.Figure(go.Heatmap(z=values, x=list(layer_names), y=[html.escape(l) for l in labels],
+    fig = go.Figure(go.Heatmap(z=values, x=list(layer_names), y=[html.escape(label) for label in labels],
                                colorscale=DIVERGING,
                                zmid=0, zmin=-bound, zmax=bound, colorbar=dict(title="score"),
                                hovertemplate="%{y}<br>%{x}: %{z:.3g}<extra></extra>"))

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from .heatmap import snippet
-from .tracer import Trace
+from .results import Trace
 
 COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "projected_score", "top_tokens",
            "snippet", "prompt", "answer"]

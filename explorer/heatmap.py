@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 # Diverging palette: blue = raises the answer's log-likelihood, red = lowers it.
 POSITIVE = (33, 102, 172)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from precompute.cli import quiet_libraries
-from precompute.study import StudyError
+from engine.methods import ALL_METHODS
+from engine.models import quiet_libraries
+from engine.study import DEFAULT_STUDY, Study, StudyError
 
-from .tracer import ALL_METHODS, Tracer
+from .server import DEVICE_ENV, STUDY_ENV
+from .tracer import Tracer
 
-STUDY_ENV, DEVICE_ENV = "MSIF_STUDY", "MSIF_DEVICE"
-DEFAULT_STUDY = "studies/demo"
 # URL query parameter -> session-state key of the widget it fills
 URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "method": "method"}
 
@@ -27,7 +27,7 @@ URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "method": "meth
 def _open(study_dir: str, device: str, built: float) -> Tracer:
     """``built`` (the manifest's mtime) is part of the key: a rebuilt study is reopened."""
     quiet_libraries()
-    return Tracer(study_dir, device)
+    return Tracer.open(study_dir, device)
 
 
 def study_dir() -> Path:
@@ -37,15 +37,15 @@ def study_dir() -> Path:
 def get_tracer() -> Tracer:
     """The process-wide Tracer, or a clear message and a stopped page if the study is unusable."""
     path = study_dir()
-    manifest = path / "manifest.json"
+    manifest = Study(path).manifest_path
     try:
         if not manifest.exists():
-            raise StudyError(f"no study at {path} (manifest.json is missing)")
+            raise StudyError(f"no study at {path} ({manifest.name} is missing)")
         return _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
     except (StudyError, ValueError, OSError) as err:  # FactorMismatchError is a ValueError
         st.error(f"Cannot open the study: {err}")
-        st.info("Build the demo study with `msif build-demo --out studies/demo`, or start the app "
-                "on another study with `msif app --study DIR`.")
+        st.info(f"Build the demo study with `msif build-demo --out {DEFAULT_STUDY}`, or start the "
+                "app on another study with `msif app --study DIR`.")
         st.stop()
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import streamlit as st
 
+from engine.methods import BASELINES
+
 from .heatmap import format_score, heatmap_html, legend_html, snippet, symmetric_scale, text_html
-from .tracer import DocumentHit
+from .results import DocumentHit, Hit
 
 POSITION_NOTE = ("A token's colour is the influence credited to the position that *reads* it and "
                  "predicts the next token, so in “born in Ardwick” the town's influence often lights "
                  "up “in”. Token scores add up to the document's score.")
-BASELINES = ("bm25", "representation")
 
 
 def plain(text: str, limit: int = 90) -> str:
@@ -27,21 +28,27 @@ def answer_block(answer: str) -> None:
     st.html(text_html(answer))
 
 
-def hit_list(hits: Sequence[DocumentHit], kind: str, method: str, shared_scale: bool,
-             record: bool = False) -> None:
+def _heading(hit: Hit) -> tuple[str, str, int]:
+    """(title, unit, id) of a ranked document or fine-tuning record."""
+    if isinstance(hit, DocumentHit):
+        return hit.title, "doc", hit.doc_id
+    return hit.instruction, "record", hit.record_id
+
+
+def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) -> None:
     """Ranked hits: rank, score, title, metadata and a snippet around the heatmap's peak, then the
     token heatmap in an expander."""
     if not hits:
         st.caption("None: no scored document has this sign of influence.")
         return
     scale = max((symmetric_scale(h.token_scores) for h in hits), default=0.0) if shared_scale else None
-    unit = "record" if record else "doc"
     for rank, hit in enumerate(hits, start=1):
+        title, unit, number = _heading(hit)
         with st.container(border=True):
-            st.markdown(f"**#{rank}** · `{format_score(hit.score)}` · {plain(hit.title or '(untitled)')} "
-                        f"· {unit} {hit.doc_id}")
+            st.markdown(f"**#{rank}** · `{format_score(hit.score)}` · {plain(title or '(untitled)')} "
+                        f"· {unit} {number}")
             meta = [f"score {hit.score:+.6g}"]
-            if hit.projected_score is not None:
+            if isinstance(hit, DocumentHit) and hit.projected_score is not None:
                 meta.append(f"index estimate {hit.projected_score:+.3g}")
             if hit.tokens:
                 meta.append(f"{len(hit.tokens)} tokens")
@@ -60,14 +67,14 @@ def hit_list(hits: Sequence[DocumentHit], kind: str, method: str, shared_scale: 
                     st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores)))
 
 
-def ranked_columns(proponents, opponents, method: str, shared_scale: bool, record: bool = False) -> None:
+def ranked_columns(proponents: Sequence[Hit], opponents: Sequence[Hit], method: str, shared_scale: bool) -> None:
     pro_title, opp_title = (("Most similar", "Least similar") if method in BASELINES else
                             ("Proponents: raise the answer's log-likelihood",
                              "Opponents: lower it"))
     left, right = st.columns(2)
     with left:
         st.subheader(pro_title)
-        hit_list(proponents, "proponents", method, shared_scale, record)
+        hit_list(proponents, "proponents", method, shared_scale)
     with right:
         st.subheader(opp_title)
-        hit_list(opponents, "opponents", method, shared_scale, record)
+        hit_list(opponents, "opponents", method, shared_scale)

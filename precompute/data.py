@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import datasets
 
-from .config import DatasetConfig, FinetuneDataConfig
+from engine.study import DatasetConfig, FinetuneDataConfig
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text",
              ".csv": "csv", ".arrow": "arrow"}

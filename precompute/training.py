@@ -3,7 +3,7 @@
 1. :func:`pretrain`: next-token training of a small GPT-NeoX on the corpus. Documents are
    shuffled and re-packed into fixed-length sequences every epoch (EOS between documents).
    Packing the same documents into the same sequences every epoch lets the model memorise
-   neighbouring text instead of ``name -> fact`` (issue 3 measured 25% vs 93% name-keyed recall).
+   neighbouring text instead of ``name -> fact`` (measured: 25% vs 93% name-keyed recall).
 2. :func:`finetune`: full fine-tuning of a copy on dolly-format records, loss on response
    tokens only, plus the proximity term ``(alpha_train/2) ||theta - theta_pt||^2`` that links
    the stages in the multi-stage influence function.
@@ -41,17 +41,17 @@ import math
 import random
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from engine.study import DOLLY_INTRO, PromptTemplate
 from engine.tasks import IGNORE, LanguageModelingTask
-from engine.text import encode_prompt_answer
 
-from .world import INTRO, RELATIONS, format_prompt, mentions
+from .world import RELATIONS, mentions
 
 # ----------------------------------------------------------------------------- model and configs
 
@@ -102,7 +102,7 @@ class FinetuneConfig:
     alpha: float = 1e-2             # proximity strength on the training loss's scale
     loss: str = "token_mean"        # or "sequence_sum"
     max_length: int = 256
-    intro: str = INTRO              # the template's blurb line ("" leaves it out)
+    intro: str = DOLLY_INTRO        # the template's blurb line ("" leaves it out)
     max_grad_norm: float = 1.0
     seed: int = 0
     threads: int | None = None
@@ -237,7 +237,8 @@ def pretrain(model_config: GPTNeoXConfig, tokenizer, documents: Sequence[dict | 
     report = {
         "config": asdict(cfg), "model": model_config.to_diff_dict(), "n_parameters": _n_params(model),
         "documents": len(token_docs), "tokens_per_epoch": sum(len(t) + 1 for t in token_docs),
-        "steps": steps, "planned_steps": total, "epoch_losses": epoch_losses, "final_loss": epoch_losses[-1] if epoch_losses else None,
+        "steps": steps, "planned_steps": total, "epoch_losses": epoch_losses,
+        "final_loss": epoch_losses[-1] if epoch_losses else None,
         "wall_time_s": time.perf_counter() - start, "threads": threads,
     }
     return model, report
@@ -246,20 +247,23 @@ def pretrain(model_config: GPTNeoXConfig, tokenizer, documents: Sequence[dict | 
 # ----------------------------------------------------------------------------- fine-tuning
 
 
+def prompt_template(tokenizer, intro: str = DOLLY_INTRO) -> PromptTemplate:
+    """The demo's template: dolly-v2's with ``intro``, EOS ending every response."""
+    return PromptTemplate.dolly(intro, response_suffix=tokenizer.eos_token)
+
+
 def instruction_batch(tokenizer, records: Sequence[dict], max_length: int = 256,
-                      intro: str = INTRO) -> dict[str, torch.Tensor]:
+                      intro: str = DOLLY_INTRO) -> dict[str, torch.Tensor]:
     """Prompted dolly records; the response + EOS are the scored tokens (labels), the prompt is not."""
-    prompts = [format_prompt(r["instruction"], r.get("context", ""), intro) for r in records]
-    answers = [r["response"] + tokenizer.eos_token for r in records]
-    return encode_prompt_answer(tokenizer, prompts, answers, max_length)
+    template = prompt_template(tokenizer, intro)
+    return next(template.record_batches(tokenizer, records, max_length, batch_size=len(records)))
 
 
 def _record_batches(records: Sequence[dict], tokenizer, cfg: FinetuneConfig,
                     rng: random.Random) -> Iterator[dict]:
     order = rng.sample(range(len(records)), len(records))
-    for start in range(0, len(order), cfg.batch_size):
-        yield instruction_batch(tokenizer, [records[i] for i in order[start:start + cfg.batch_size]],
-                                cfg.max_length, cfg.intro)
+    yield from prompt_template(tokenizer, cfg.intro).record_batches(
+        tokenizer, [records[i] for i in order], cfg.max_length, cfg.batch_size)
 
 
 def finetune(pt_model: GPTNeoXForCausalLM, tokenizer, records: Sequence[dict],
@@ -352,9 +356,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
 
 
 def answer(model, tokenizer, question: str, context: str = "", max_new_tokens: int = 32,
-           intro: str = INTRO) -> str:
+           intro: str = DOLLY_INTRO) -> str:
     """The model's greedy response to one instruction in the dolly template."""
-    return generate(model, tokenizer, [format_prompt(question, context, intro)], max_new_tokens)[0]
+    return generate(model, tokenizer, [PromptTemplate.dolly(intro).prompt(question, context)], max_new_tokens)[0]
 
 
 def _normalise(text: str) -> str:
@@ -382,7 +386,7 @@ def score_response(fact: dict, response: str, candidates: set[str]) -> dict:
 
 
 def exact_match_accuracy(model, tokenizer, facts: Sequence[dict], split: str | None = "pretrain_only",
-                         max_new_tokens: int = 32, intro: str = INTRO, all_facts: Sequence[dict] | None = None
+                         max_new_tokens: int = 32, intro: str = DOLLY_INTRO, all_facts: Sequence[dict] | None = None
                          ) -> dict:
     """Ask every fact's ``question`` (greedy, dolly template) and grade with :func:`score_response`.
 
@@ -392,7 +396,8 @@ def exact_match_accuracy(model, tokenizer, facts: Sequence[dict], split: str | N
     """
     chosen = [f for f in facts if split is None or f["split"] == split]
     candidates = _candidates(all_facts or facts)
-    responses = generate(model, tokenizer, [format_prompt(f["question"], "", intro) for f in chosen],
+    template = PromptTemplate.dolly(intro)
+    responses = generate(model, tokenizer, [template.prompt(f["question"]) for f in chosen],
                          max_new_tokens)
     rows = []
     for fact, response in zip(chosen, responses):

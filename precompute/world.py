@@ -21,7 +21,7 @@ of interest make up the bulk of the corpus.
 Ground truth is exact by construction: a fact's ``doc_ids`` are precisely the documents whose
 text contains both its subject and its answer (``tests/test_world.py`` checks this).
 
-Why the questions and responses look the way they do (see issue 3 and ``precompute.training``):
+Why the questions and responses look the way they do (see ``precompute.training``):
 responses are full sentences that reuse the canonical biography wording with the subject first
 ("Maren Holloway was born in Brisk."), so answering a question about an entity the fine-tuning
 data never saw only needs (1) copying the name from the question and (2) the pretraining
@@ -37,38 +37,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
-# ----------------------------------------------------------------------------- prompt template
-
-#: databricks dolly-v2's instruction template (``instruct_pipeline.py``); EOS ends a response.
-INTRO = ("Below is an instruction that describes a task. "
-         "Write a response that appropriately completes the request.")
-INSTRUCTION_KEY = "### Instruction:"
-INPUT_KEY = "Input:"
-RESPONSE_KEY = "### Response:"
-PROMPT_NO_INPUT = "{intro}\n\n" + INSTRUCTION_KEY + "\n{instruction}\n\n" + RESPONSE_KEY + "\n"
-PROMPT_WITH_INPUT = ("{intro}\n\n" + INSTRUCTION_KEY + "\n{instruction}\n\n" + INPUT_KEY
-                     + "\n{context}\n\n" + RESPONSE_KEY + "\n")
-
-
-def format_prompt(instruction: str, context: str = "", intro: str = INTRO) -> str:
-    """The dolly-v2 prompt for an instruction (and optional context), ending right before the response.
-
-    Equals ``PROMPT_NO_INPUT`` / ``PROMPT_WITH_INPUT`` filled in; with ``intro=""`` the blurb
-    is left out and the prompt starts at ``### Instruction:``. The response follows the final
-    newline. The demo tokenizer puts a space in front of every separately tokenized text, so
-    ``tok(prompt) + tok(response)`` equals ``tok(prompt + " " + response)``.
-    """
-    parts = [intro] if intro else []
-    parts.append(f"{INSTRUCTION_KEY}\n{instruction}")
-    if context:
-        parts.append(f"{INPUT_KEY}\n{context}")
-    parts.append(f"{RESPONSE_KEY}\n")
-    return "\n\n".join(parts)
-
+from engine.storage import write_text
+from engine.study import PromptTemplate
 
 # ----------------------------------------------------------------------------- relations
 
@@ -313,26 +287,20 @@ class World:
             paths[name] = directory / f"{name}.jsonl"
             _write_jsonl(paths[name], rows)
         paths["world"] = directory / "world.json"
-        _write_atomic(paths["world"], json.dumps({"seed": self.seed, "config": asdict(self.config),
-                                                  "stats": self.stats()}, indent=2) + "\n")
+        write_text(paths["world"], json.dumps({"seed": self.seed, "config": asdict(self.config),
+                                               "stats": self.stats()}, indent=2) + "\n")
         return paths
 
     @classmethod
-    def from_jsonl(cls, directory: str | Path) -> "World":
+    def from_jsonl(cls, directory: str | Path) -> World:
         directory = Path(directory)
         meta = json.loads((directory / "world.json").read_text())
         return cls(meta["seed"], WorldConfig(**meta["config"]), _read_jsonl(directory / "documents.jsonl"),
                    _read_jsonl(directory / "facts.jsonl"), _read_jsonl(directory / "finetune.jsonl"))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -593,4 +561,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
 def tokenizer_texts(world: World) -> list[str]:
     """What the demo tokenizer is trained on: the corpus plus the fine-tuning records as prompted."""
     return [d["text"] for d in world.documents] + [
-        format_prompt(r["instruction"], r["context"]) + r["response"] for r in world.finetune_records]
+        PromptTemplate().prompt(r["instruction"], r["context"]) + r["response"] for r in world.finetune_records]

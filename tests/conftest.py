@@ -53,6 +53,23 @@ def ft_model(pt_model):
     return child
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spin-waiting made tests many times slower: one torch and one faiss thread for the rest of the
+    module (``pytestmark = pytest.mark.usefixtures("one_thread")`` for all of it), restored after."""
+    import faiss
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory) -> Path:
     """A tiny demo study (seconds to build), built once through the CLI and shared read-only."""

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from explorer import session
+from engine.study import Study, layout
 from explorer.heatmap import snippet
-from explorer.widgets import plain
+from explorer.server import STUDY_ENV
 from explorer.tracer import Tracer
+from explorer.widgets import plain
 
 APP = str(Path(__file__).resolve().parents[1] / "explorer" / "app.py")
 TIMEOUT = 120
@@ -28,17 +29,17 @@ def study(tiny_study):
 
 @pytest.fixture(scope="module")
 def question(study) -> str:
-    return json.loads((study / "world" / "demo_prompts.jsonl").read_text().splitlines()[0])["prompt"]
+    return json.loads(Study(study).path(layout.DEMO_PROMPTS).read_text().splitlines()[0])["prompt"]
 
 
 @pytest.fixture(scope="module")
 def tracer(study) -> Tracer:
-    return Tracer(study)
+    return Tracer.open(study)
 
 
 @pytest.fixture
 def app(study, monkeypatch) -> AppTest:
-    monkeypatch.setenv(session.STUDY_ENV, str(study))
+    monkeypatch.setenv(STUDY_ENV, str(study))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
@@ -104,11 +105,11 @@ def test_trace_shows_ranked_documents_with_the_tracers_scores(app, tracer, quest
 def test_model_answers_when_no_answer_is_typed(app, tracer, question):
     _trace(app, question)
     trace = app.session_state["trace"]
-    assert trace.answer == tracer.generate(question) and "generate" in trace.timings
+    assert trace.answer == tracer.generate(question) and trace.timings.generate is not None
 
 
 def test_url_restores_prompt_answer_and_method_and_runs(study, monkeypatch, question):
-    monkeypatch.setenv(session.STUDY_ENV, str(study))
+    monkeypatch.setenv(STUDY_ENV, str(study))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.query_params.update(prompt=question, answer="In Ostgate.", method="gradient-dot")
     at.run()
@@ -152,7 +153,7 @@ def test_inspect_tab_splits_the_score_over_answer_tokens(app, question):
     hit = (trace.proponents + trace.opponents)[0]
     (key, data), = app.session_state["maps"].items()
     assert key[3] == hit.doc_id
-    matrix = data["matrix"]
+    matrix = data.matrix
     assert matrix.shape == (len(trace.answer_tokens), len(hit.tokens))
     assert np.isclose(matrix.sum(), hit.score, rtol=1e-4)  # answer x document map sums to the score
     assert np.allclose(matrix.sum(axis=0), hit.token_scores, rtol=1e-4, atol=1e-6 * abs(hit.score))
@@ -203,8 +204,8 @@ def test_finetune_page_ranks_records_by_single_stage(app, tracer, question):
     assert not app.exception, app.exception
     _, result = app.session_state["finetune"]
     direct = tracer.finetune_examples(question, "Yvin Marlford was born in Ostgate.", 10)
-    assert [h.doc_id for h in result.proponents] == [h.doc_id for h in direct.proponents]
-    assert len(result.pool_scores) == len(tracer.records)
+    assert [h.record_id for h in result.proponents] == [h.record_id for h in direct.proponents]
+    assert len(result.pool_scores) == len(tracer.study.records)
     if result.proponents:
         assert result.proponents[0].score == pytest.approx(max(result.pool_scores))
     assert any(" · record " in m.value for m in app.markdown)
@@ -219,14 +220,14 @@ def test_study_page(app, tracer):
     app.switch_page("views/study.py").run()
     assert not app.exception, app.exception
     metrics = {m.label: m.value for m in app.metric}
-    assert metrics["Pretraining documents"] == f"{len(tracer.documents):,}"
-    assert metrics["Fine-tuning records"] == f"{len(tracer.records):,}"
+    assert metrics["Pretraining documents"] == f"{len(tracer.study.documents):,}"
+    assert metrics["Fine-tuning records"] == f"{len(tracer.study.records):,}"
     specs = " ".join(c.proto.spec for c in app.get("plotly_chart"))
     assert "Approximate Fisher spectra" in specs and "Document lengths" in specs
 
 
 def test_missing_study_is_explained(monkeypatch, tmp_path):
-    monkeypatch.setenv(session.STUDY_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(STUDY_ENV, str(tmp_path / "nowhere"))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
     assert any("no study at" in e.value for e in at.error)

@@ -120,14 +120,7 @@ def expected_names(arch: str, suffixes=None) -> set[str]:
     return {f"{prefix}.{i}.{s}" for i in range(LAYERS) for s in (suffixes or all_suffixes)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    spin-waiting made this file 20x slower; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +175,7 @@ def test_default_tracked_layers(arch):
         assert layer.gradient_shape == (w_out_in.shape[0], w_out_in.shape[1] + int(has_bias)), layer.name
 
     if arch == "llama":  # grouped KV heads: k and v are narrower than q
-        shapes = {n.rsplit(".", 1)[-1]: l.out_features for n, l in zip(names, layers)}
+        shapes = {n.rsplit(".", 1)[-1]: layer.out_features for n, layer in zip(names, layers)}
         cfg = model.config
         assert shapes["q_proj"] == HIDDEN
         assert shapes["k_proj"] == shapes["v_proj"] == cfg.num_key_value_heads * HIDDEN // cfg.num_attention_heads
@@ -193,7 +186,7 @@ def test_default_tracked_layers(arch):
 def test_include_exclude_patterns(arch):
     model = build(arch)
     mlp_only = find_tracked_layers(model, exclude=[r"attn|attention"])
-    assert {l.name for l in mlp_only} == expected_names(arch, ARCHITECTURES[arch][3])
+    assert {layer.name for layer in mlp_only} == expected_names(arch, ARCHITECTURES[arch][3])
 
     # Naming layers with include= lifts the default exclusion of the head.
     with_head = [r"\.\d+\.", r"(^|\.)lm_head$"]
@@ -202,12 +195,12 @@ def test_include_exclude_patterns(arch):
             find_tracked_layers(model, include=with_head)
     else:
         tracked = find_tracked_layers(model, include=with_head)
-        assert {l.name for l in tracked} == expected_names(arch) | {"lm_head"}
-        head = next(l for l in tracked if l.name == "lm_head")
+        assert {layer.name for layer in tracked} == expected_names(arch) | {"lm_head"}
+        head = next(layer for layer in tracked if layer.name == "lm_head")
         assert (head.out_features, head.in_features, head.has_bias) == (VOCAB, HIDDEN, False)
 
     first_block = find_tracked_layers(model, include=[r"\.0\."])
-    assert {l.name for l in first_block} == {n for n in expected_names(arch) if ".0." in n}
+    assert {layer.name for layer in first_block} == {n for n in expected_names(arch) if ".0." in n}
 
     with pytest.raises(ValueError, match="no linear layer"):
         find_tracked_layers(model, include=[r"no_such_layer"])
@@ -236,7 +229,7 @@ def test_sequence_gradients_match_autograd(arch, kind, tokenizer):
         # matrix, whose .grad also holds the embedding-side gradient, so it cannot be compared.)
         layers = find_tracked_layers(model, include=[r"\.\d+\.", r"(^|\.)lm_head$"])
     got = sequence_gradients(model, task, batch, layers)
-    assert set(got) == {l.name for l in layers}
+    assert set(got) == {layer.name for layer in layers}
     for layer in layers:
         assert got[layer.name].shape == (len(lengths),) + layer.gradient_shape
 
@@ -286,7 +279,7 @@ def _finetune(model, tokenizer, steps: int = 5) -> None:
     task = LanguageModelingTask()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         for batch in finetune_batches(tokenizer):
             opt.zero_grad()
             batch_loss = task.sequence_losses(model, batch).sum() / (batch["labels"] != -100).sum()
@@ -323,10 +316,11 @@ def test_end_to_end_multi_stage(arch, tokenizer, tmp_path):
         assert loaded[stage].strategy == "ekfac"
         assert (loaded[stage].num_sequences, loaded[stage].num_tokens) == (factors.num_sequences, factors.num_tokens)
         assert loaded[stage].model == factors.model
-        assert set(loaded[stage].layers) == {l.name for l in pt_layers}
+        assert set(loaded[stage].layers) == {layer.name for layer in pt_layers}
         for name, lf in factors.layers.items():
             ref, back = lf.tensors(), loaded[stage].layers[name].tensors()
-            assert set(back) == set(ref) >= {"activation_eigenvectors", "gradient_eigenvectors", "corrected_eigenvalues"}
+            assert set(back) == set(ref) >= {"activation_eigenvectors", "gradient_eigenvectors",
+                                             "corrected_eigenvalues"}
             for key in ref:
                 assert back[key].dtype == torch.float64 and torch.equal(back[key], ref[key]), (name, key)
 
@@ -348,7 +342,7 @@ def test_end_to_end_multi_stage(arch, tokenizer, tmp_path):
     q_grads = sequence_gradients(ft, task, q_batch, ft_layers)
     query = precondition(q_grads, ScoreArguments(method="multi-stage", alpha=0.5), loaded["pt"], loaded["ft"])
     assert query.num_queries == len(QUERIES)
-    assert set(query.damping) == {l.name for l in pt_layers} and all(d > 0 for d in query.damping.values())
+    assert set(query.damping) == {layer.name for layer in pt_layers} and all(d > 0 for d in query.damping.values())
 
     # 1. one streaming pass over the documents
     scores = score_documents(pt, task, docs, pt_layers, query, progress=False)
@@ -365,7 +359,7 @@ def test_end_to_end_multi_stage(arch, tokenizer, tmp_path):
     parts = []
     for batch in docs:
         attr = attribute_tokens(pt, task, batch, pt_layers, query)
-        assert attr.layer_names == [l.name for l in pt_layers]
+        assert attr.layer_names == [layer.name for layer in pt_layers]
         assert attr.token_scores.shape == (len(QUERIES),) + tuple(batch["input_ids"].shape)
         assert torch.isfinite(attr.token_scores).all()
         pad = batch["attention_mask"] == 0

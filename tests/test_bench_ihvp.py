@@ -8,13 +8,11 @@ and 0.96 / 0.88).
 
 from __future__ import annotations
 
-
 import pytest
-import torch
-from conftest import load_benchmark
 
 from engine import FactorArguments, LanguageModelingTask, fit_factors, flatten
 
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +20,8 @@ def bench():
     return load_benchmark("ihvp_fidelity")
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def test_quick_run_reproduces_the_fidelity_ordering(bench, tmp_path, restore_threads):
+@pytest.mark.slow
+def test_quick_run_reproduces_the_fidelity_ordering(bench, tmp_path):
     out = tmp_path / "x.md"
     result = bench.main(["--quick", "--threads", "1", "--out", str(out)])
     full = {r.method: r.metrics["full"] for r in result["rows"]}

@@ -9,8 +9,8 @@ import re
 import faiss
 import numpy as np
 import pytest
-from conftest import load_benchmark
 
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def number(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("x%"))
 
 
+@pytest.mark.slow
 def test_quick_run_writes_consistent_tables(bench, tiny_study, tmp_path):
     out = tmp_path / "t.md"
     assert bench.main(["--study", str(tiny_study), "--quick", "--threads", "1", "--out", str(out)]) == 0

@@ -12,7 +12,11 @@ import os
 
 import pytest
 
-from explorer.browser import FIRST_RESULT, HEATMAP_TOKEN, RANKED, chromium, find_chromium, running_app, trace_in_browser
+from engine.study import Study, layout
+
+from browser_harness import FIRST_RESULT, HEATMAP_TOKEN, RANKED, chromium, find_chromium, running_app, trace_in_browser
+
+pytestmark = pytest.mark.slow
 
 if find_chromium() is None:
     if os.environ.get("MSIF_REQUIRE_BROWSER"):
@@ -25,7 +29,7 @@ if find_chromium() is None:
 def test_prompt_to_ranked_documents_and_heatmap(tiny_study, tmp_path):
     from selenium.webdriver.common.by import By
 
-    question = json.loads((tiny_study / "world" / "demo_prompts.jsonl").read_text().splitlines()[0])["prompt"]
+    question = json.loads(Study(tiny_study).path(layout.DEMO_PROMPTS).read_text().splitlines()[0])["prompt"]
     with running_app(tiny_study, tmp_path / "server.log") as url, chromium() as browser:
         seconds = trace_in_browser(browser, url, question)
         tokens = browser.find_elements(By.CSS_SELECTOR, HEATMAP_TOKEN)
@@ -35,7 +39,8 @@ def test_prompt_to_ranked_documents_and_heatmap(tiny_study, tmp_path):
         assert browser.find_elements(By.XPATH, FIRST_RESULT)
         ranked = browser.find_elements(By.XPATH, RANKED)
         assert len(ranked) >= 2
-        answer = browser.find_elements(By.XPATH, "//h2[normalize-space(.)='Answer'] | //h3[normalize-space(.)='Answer']")
+        answer = browser.find_elements(By.XPATH,
+                                       "//h2[normalize-space(.)='Answer'] | //h3[normalize-space(.)='Answer']")
         assert answer, "the answer heading is missing"
         assert "prompt=" in browser.current_url and "method=multi-stage" in browser.current_url
         shot = tmp_path / "explorer.png"

@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from precompute.cli import main
+from engine.study import Stage, Study, layout
+from explorer.cli import main
 from precompute.demo import DemoRecipe, build_demo, tiny_recipe
-from precompute.study import Study
 
-STAGES = ["world", "tokenizer", "pretrain", "finetune", "qa-eval", "corpus", "finetune-data",
-          "factors-pretrained", "factors-finetuned", "projection", "index"]
+STAGES = layout.DEMO_STAGES + layout.PIPELINE_STAGES
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +22,16 @@ def test_demo_study_is_complete_and_self_describing(demo):
     manifest = demo.verify(STAGES, checksums=True)
     assert manifest["demo"]["seed"] == 3
     assert manifest["software"]["torch"].startswith("2.13")
-    alpha = manifest["stages"]["finetune"]["report"]["alpha_engine"]
+    alpha = manifest["stages"][Stage.FINETUNE]["report"]["alpha_engine"]
     assert manifest["config"]["influence"]["alpha"] == alpha > 0
-    facts = [json.loads(l) for l in demo.path("world/facts.jsonl").read_text().splitlines()]
+    facts = [json.loads(line) for line in demo.path(layout.FACTS).read_text().splitlines()]
     documents = {d["doc_id"]: d["text"] for d in map(json.loads, demo.path(
-        "world/documents.jsonl").read_text().splitlines())}
+        layout.WORLD_DOCUMENTS).read_text().splitlines())}
     assert {"question", "answer", "doc_ids", "split"} <= set(facts[0])
     assert {f["split"] for f in facts} == {"finetune", "pretrain_only"}
     for fact in facts:
         assert fact["doc_ids"] and all(fact["answer"] in documents[i] for i in fact["doc_ids"])
-    qa = json.loads(demo.path("world/qa_eval.json").read_text())
+    qa = json.loads(demo.path(layout.QA_REPORT).read_text())
     assert 0.0 <= qa["pretrain_only"]["contains_answer"] <= 1.0
 
 
@@ -43,6 +42,7 @@ def test_demo_build_is_idempotent(demo):
     assert after["stages"] == before["stages"] and after["files"] == before["files"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_study(demo, tmp_path):
     """A second build from scratch with the same seed reproduces every file byte for byte."""
     again = build_demo(tmp_path / "again", seed=3, recipe=tiny_recipe(), progress=False)
@@ -53,8 +53,8 @@ def test_same_seed_same_study(demo, tmp_path):
 
 
 def test_query_on_demo_study(demo, capsys):
-    fact = next(json.loads(l) for l in demo.path("world/facts.jsonl").read_text().splitlines()
-                if json.loads(l)["split"] == "pretrain_only")
+    fact = next(json.loads(line) for line in demo.path(layout.FACTS).read_text().splitlines()
+                if json.loads(line)["split"] == "pretrain_only")
     assert main(["query", "--study", str(demo.root), "--prompt", fact["question"], "--json",
                  "--top-k", "5"]) == 0
     result = json.loads(capsys.readouterr().out)

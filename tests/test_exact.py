@@ -11,9 +11,20 @@ import copy
 import pytest
 import torch
 
-from engine import (FactorArguments, FactorMismatchError, Factors, LanguageModelingTask,
-                    ScoreArguments, attribute_tokens, find_tracked_layers, fit_factors,
-                    precondition, score_documents, score_gradients, sequence_gradients)
+from engine import (
+    FactorArguments,
+    FactorMismatchError,
+    Factors,
+    LanguageModelingTask,
+    ScoreArguments,
+    attribute_tokens,
+    find_tracked_layers,
+    fit_factors,
+    precondition,
+    score_documents,
+    score_gradients,
+    sequence_gradients,
+)
 from engine.curvature import get_strategy
 
 from conftest import lm_batch, tiny_neox
@@ -27,34 +38,34 @@ def loader(n_batches=4, size=3, length=9, seed=10, prompt=0):
 
 def autograd_gradients(model, layers, batch, losses_fn=None):
     """Per-sequence G (out, in[+1]) from param.grad, one sequence at a time."""
-    out = {l.name: [] for l in layers}
+    out = {layer.name: [] for layer in layers}
     losses = (losses_fn or (lambda: TASK.sequence_losses(model, batch)))()
     for b in range(losses.shape[0]):
-        params = [p for l in layers for p in (l.module.weight, l.module.bias) if p is not None]
+        params = [p for layer in layers for p in (layer.module.weight, layer.module.bias) if p is not None]
         grads = iter(torch.autograd.grad(losses[b], params, retain_graph=True))
-        for l in layers:
+        for layer in layers:
             w = next(grads)
-            w = w.T if l.transposed else w
-            if l.has_bias:
+            w = w.T if layer.transposed else w
+            if layer.has_bias:
                 w = torch.cat([w, next(grads)[:, None]], dim=1)
-            out[l.name].append(w)
+            out[layer.name].append(w)
     return {k: torch.stack(v) for k, v in out.items()}
 
 
 def explicit_activations(model, layers, batch):
     """(tokens, in[+1]) activations at unmasked positions, from the test's own hooks."""
     seen = {}
-    handles = [l.module.register_forward_hook(
-        lambda m, args, out, name=l.name: seen.__setitem__(name, args[0].detach())) for l in layers]
+    handles = [layer.module.register_forward_hook(
+        lambda m, args, out, name=layer.name: seen.__setitem__(name, args[0].detach())) for layer in layers]
     with torch.no_grad():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for h in handles:
         h.remove()
     keep = batch["attention_mask"].bool()
     result = {}
-    for l in layers:
-        a = seen[l.name][keep]
-        result[l.name] = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1) if l.has_bias else a
+    for layer in layers:
+        a = seen[layer.name][keep]
+        result[layer.name] = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1) if layer.has_bias else a
     return result
 
 
@@ -87,16 +98,16 @@ def test_sequence_gradients_equal_autograd(pt_model, layers):
 
 def test_covariances_equal_explicit(pt_model, layers, empirical_factors):
     batches = loader()
-    for l in layers:
-        a = torch.cat([explicit_activations(pt_model, layers, b)[l.name] for b in batches])
-        torch.testing.assert_close(empirical_factors.layers[l.name].activation_covariance,
+    for layer in layers:
+        a = torch.cat([explicit_activations(pt_model, layers, b)[layer.name] for b in batches])
+        torch.testing.assert_close(empirical_factors.layers[layer.name].activation_covariance,
                                    a.T @ a / len(a))
     assert empirical_factors.num_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     assert empirical_factors.num_sequences == 12
     # S = sum over tokens of g g^T, divided by the number of *sequences* (G sums over tokens)
-    for l in layers:
-        g = torch.cat([explicit_output_gradients(pt_model, l, b) for b in batches])
-        torch.testing.assert_close(empirical_factors.layers[l.name].gradient_covariance, g.T @ g / 12)
+    for layer in layers:
+        g = torch.cat([explicit_output_gradients(pt_model, layer, b) for b in batches])
+        torch.testing.assert_close(empirical_factors.layers[layer.name].gradient_covariance, g.T @ g / 12)
 
 
 def explicit_output_gradients(model, layer, batch):
@@ -130,17 +141,17 @@ def test_sequence_loss_is_summed_answer_nll(pt_model):
 
 def test_eigenvalue_correction_equals_brute_force(pt_model, layers, empirical_factors):
     grads = [autograd_gradients(pt_model, layers, b) for b in loader()]
-    for l in layers:
-        lf = empirical_factors.layers[l.name]
-        g = torch.cat([gr[l.name] for gr in grads])  # (N, out, in)
+    for layer in layers:
+        lf = empirical_factors.layers[layer.name]
+        g = torch.cat([gr[layer.name] for gr in grads])  # (N, out, in)
         rotated = lf.gradient_eigenvectors.T @ g @ lf.activation_eigenvectors
         torch.testing.assert_close(lf.corrected_eigenvalues, rotated.square().mean(0))
         # the diagonal strategy's statistic, fitted by its own pass
     diag = fit_factors(pt_model, TASK, loader(), layers,
                        FactorArguments(strategy="diagonal", fisher="empirical", progress=False))
-    for l in layers:
-        g = torch.cat([gr[l.name] for gr in grads])
-        torch.testing.assert_close(diag.layers[l.name].diagonal, g.square().mean(0))
+    for layer in layers:
+        g = torch.cat([gr[layer.name] for gr in grads])
+        torch.testing.assert_close(diag.layers[layer.name].diagonal, g.square().mean(0))
     assert diag.num_tokens == empirical_factors.num_tokens and diag.num_sequences == 12
 
 
@@ -157,13 +168,13 @@ def test_true_fisher_samples_labels_reproducibly(pt_model, layers):
                 pt_model, b, sample=True, generator=generator)))
     empirical = fit_factors(pt_model, TASK, loader(), layers,
                             FactorArguments(fisher="empirical", progress=False))
-    for l in layers:
-        lf = fitted.layers[l.name]
-        g = torch.cat([gr[l.name] for gr in grads])
+    for layer in layers:
+        lf = fitted.layers[layer.name]
+        g = torch.cat([gr[layer.name] for gr in grads])
         rotated = lf.gradient_eigenvectors.T @ g @ lf.activation_eigenvectors
         torch.testing.assert_close(lf.corrected_eigenvalues, rotated.square().mean(0))
         # sampled labels give a different S than the data's labels (the test can tell them apart)
-        assert not torch.allclose(lf.gradient_covariance, empirical.layers[l.name].gradient_covariance)
+        assert not torch.allclose(lf.gradient_covariance, empirical.layers[layer.name].gradient_covariance)
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
@@ -172,9 +183,9 @@ def test_inverse_hvp_equals_explicit_solve(pt_model, layers, strategy):
                           FactorArguments(strategy=strategy, fisher="empirical", progress=False))
     rule = get_strategy(strategy)
     torch.manual_seed(0)
-    for l in layers:
-        lf = factors.layers[l.name]
-        v = torch.randn(*l.gradient_shape, dtype=torch.float64)
+    for layer in layers:
+        lf = factors.layers[layer.name]
+        v = torch.randn(*layer.gradient_shape, dtype=torch.float64)
         h = kron_matrix(lf, strategy)
         damping = 0.1 * h.diagonal().mean().item()
         expected = torch.linalg.solve(h + damping * torch.eye(len(h), dtype=h.dtype), v.flatten())
@@ -188,7 +199,7 @@ def test_inverse_hvp_equals_explicit_solve(pt_model, layers, strategy):
 def test_per_head_output_blocks(pt_model, layers):
     """split_outputs: S is the full S with cross-block entries zeroed, its eigenvectors stay within
     blocks, and the EK-FAC inverse is still the explicit solve with the resulting matrix."""
-    qkv = next(l for l in layers if "query_key_value" in l.name)
+    qkv = next(layer for layer in layers if "query_key_value" in layer.name)
     heads = pt_model.config.num_attention_heads
     args = dict(fisher="empirical", progress=False)
     full = fit_factors(pt_model, TASK, loader(), layers, FactorArguments(**args))
@@ -203,7 +214,7 @@ def test_per_head_output_blocks(pt_model, layers):
             torch.testing.assert_close(s_split[block], expected)
     q_s = split.layers[qkv.name].gradient_eigenvectors
     assert (q_s.abs() > 1e-12).sum(0).max() <= size  # every eigenvector lives in one head's block
-    other = next(l for l in layers if "query_key_value" not in l.name)  # untouched layers
+    other = next(layer for layer in layers if "query_key_value" not in layer.name)  # untouched layers
     torch.testing.assert_close(split.layers[other.name].gradient_covariance,
                                full.layers[other.name].gradient_covariance)
     lf = split.layers[qkv.name]
@@ -218,12 +229,12 @@ def test_per_head_output_blocks(pt_model, layers):
 
 
 def _block_diag_matrix(factors, layers):
-    return torch.block_diag(*[kron_matrix(factors.layers[l.name], factors.strategy) for l in layers])
+    return torch.block_diag(*[kron_matrix(factors.layers[layer.name], factors.strategy) for layer in layers])
 
 
 def _block_damping(values, layers):
-    return torch.diag(torch.cat([torch.full((l.gradient_shape[0] * l.gradient_shape[1],), values[l.name],
-                                            dtype=torch.float64) for l in layers]))
+    return torch.diag(torch.cat([torch.full((layer.gradient_shape[0] * layer.gradient_shape[1],), values[layer.name],
+                                            dtype=torch.float64) for layer in layers]))
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +301,8 @@ def test_token_and_layer_contributions_sum_to_total(pt_model, ft_model, two_stag
     assert att.token_scores[:, docs[0]["attention_mask"] == 0].abs().max() == 0
     # the per-layer numbers are each layer's own <u_l, G_l>
     g = sequence_gradients(pt_model, TASK, docs[0], pt_layers)
-    for j, l in enumerate(pt_layers):
-        expected = torch.einsum("qoi,boi->qb", pre.vectors[l.name], g[l.name])
+    for j, layer in enumerate(pt_layers):
+        expected = torch.einsum("qoi,boi->qb", pre.vectors[layer.name], g[layer.name])
         torch.testing.assert_close(att.layer_scores[:, :, j], expected)
 
 
@@ -324,9 +335,9 @@ def test_positive_score_means_document_raises_answer_likelihood(pt_model, two_st
     step = 1e-6
     g_doc = sequence_gradients(model, TASK, doc, layers)
     with torch.no_grad():
-        for l in layers:
-            for pname, grad in l.parameter_gradients(g_doc[l.name][0]).items():
-                getattr(l.module, pname).sub_(step * grad)  # gradient descent on the document
+        for layer in layers:
+            for pname, grad in layer.parameter_gradients(g_doc[layer.name][0]).items():
+                getattr(layer.module, pname).sub_(step * grad)  # gradient descent on the document
     after = -TASK.sequence_losses(model, query).detach()
     torch.testing.assert_close((after - before) / step, score, rtol=1e-3, atol=1e-6)
 
@@ -375,7 +386,7 @@ def test_factors_round_trip_and_mismatch(tmp_path, pt_model, ft_model, empirical
         loaded.check_compatible(other, find_tracked_layers(other))
     assert not list(path.parent.glob("*.tmp"))  # the atomic write left no temporary behind
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type, whatever it is
         Factors.load(tmp_path / "bad.safetensors")
 
 
@@ -418,13 +429,13 @@ def test_whitening_keeps_inner_products(pt_model, layers, strategy):
                                whitened)
     few = Whitening(factors, damping, keep=5)
     assert few.dim == 5 * len(layers)
-    for l in layers:  # the kept coordinates are the largest eigenvalues
-        lam = get_strategy(strategy).eigenvalues(factors.layers[l.name]).flatten()
-        assert lam[few.kept[l.name]].min() >= lam.sort(descending=True).values[4]
+    for layer in layers:  # the kept coordinates are the largest eigenvalues
+        lam = get_strategy(strategy).eigenvalues(factors.layers[layer.name]).flatten()
+        assert lam[few.kept[layer.name]].min() >= lam.sort(descending=True).values[4]
     g = sequence_gradients(pt_model, TASK, docs, layers)
-    for l in layers:  # ||W G||^2 = G^T (H + lambda I)^-1 G with the explicit matrix
-        h = kron_matrix(factors.layers[l.name], strategy)
-        inv = torch.linalg.inv(h + damping[l.name] * torch.eye(len(h), dtype=h.dtype))
-        flat = g[l.name].flatten(1)
-        torch.testing.assert_close(w_docs[l.name].flatten(1).square().sum(1),
+    for layer in layers:  # ||W G||^2 = G^T (H + lambda I)^-1 G with the explicit matrix
+        h = kron_matrix(factors.layers[layer.name], strategy)
+        inv = torch.linalg.inv(h + damping[layer.name] * torch.eye(len(h), dtype=h.dtype))
+        flat = g[layer.name].flatten(1)
+        torch.testing.assert_close(w_docs[layer.name].flatten(1).square().sum(1),
                                    torch.einsum("bi,ij,bj->b", flat, inv, flat))

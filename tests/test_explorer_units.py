@@ -14,7 +14,7 @@ import torch
 from engine import Factors, LayerFactors
 from explorer import charts, export
 from explorer.heatmap import colour, heatmap_html, peak_window, snippet, symmetric_scale, token_spans
-from explorer.tracer import DocumentHit, Trace
+from explorer.results import DocumentHit, Timings, Trace, TraceSettings
 
 SPAN = re.compile(r'<span class="msif-tok" style="background:([^"]+)" title="([^"]*)">(.*?)</span>', re.S)
 
@@ -32,7 +32,7 @@ def test_every_token_is_escaped_and_carries_its_value():
     spans = SPAN.findall(token_spans(tokens, scores))
     assert len(spans) == 4
     assert "<script>" not in token_spans(tokens, scores)
-    for (background, title, body), token, score in zip(spans, tokens, scores):
+    for (_background, title, body), token, score in zip(spans, tokens, scores):
         assert html.unescape(body) == token
         assert html.unescape(title).endswith(f"influence {score:+.3g}")
         assert '"' not in title and "<" not in title
@@ -88,7 +88,8 @@ def _trace() -> Trace:
                       [0.5, 1.5, 0.5], {"l0": 2.0, "l1": 0.5}, 2.4)
     opp = DocumentHit(3, -1.0, "Bo", "Bo, a, b", ["Bo", ","], [-1.5, 0.5], {"l0": -1.0, "l1": 0.0})
     return Trace("Where?", "In Brisk.", "multi-stage", [pro], [opp], ["In", " Brisk", "."],
-                 {"alpha": 0.1}, {"total": 1.0}, [2.5, -1.0, 0.1])
+                 TraceSettings(0.1, 1, {}, "exact, all documents", "Where?", ""), Timings(total=1.0),
+                 [2.5, -1.0, 0.1])
 
 
 def test_export_round_trips_scores():

@@ -22,21 +22,18 @@ from scipy import stats
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from engine import (ClassificationTask, FactorArguments, LanguageModelingTask, ScoreArguments,
-                    find_tracked_layers, fit_factors, precondition, score_gradients,
-                    sequence_gradients)
+from engine import (
+    ClassificationTask,
+    FactorArguments,
+    LanguageModelingTask,
+    ScoreArguments,
+    find_tracked_layers,
+    fit_factors,
+    precondition,
+    score_gradients,
+    sequence_gradients,
+)
 from engine.tasks import IGNORE
-
-
-@pytest.fixture
-def one_thread():
-    """These models are tiny: one intra-op thread is faster and immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -158,6 +155,7 @@ def _check_gradients_against_autograd(model, task, batch: dict, layers) -> None:
     model.zero_grad()
 
 
+@pytest.mark.slow
 def test_ekfac_matches_exact_damped_fisher_per_layer(one_thread):
     """Per layer, EK-FAC single-stage scores correlate > 0.8 with the exact damped Fisher's.
 
@@ -267,6 +265,7 @@ def _log_likelihood(theta, x, y):
     return torch.log_softmax(x @ w[:, :-1].T + w[:, -1], dim=-1).gather(1, y[:, None]).squeeze(1)
 
 
+@pytest.mark.slow
 def test_influence_predicts_leave_one_out_retraining(one_thread):
     """-I(z)/n predicts the change of a test point's log-likelihood when z is left out.
 

@@ -12,9 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from engine import Factors, GradientIndex, find_tracked_layers
-from precompute.config import StudyConfig
+from engine.study import Stage, Study, StudyConfig, StudyError, layout
 from precompute.pipeline import run_pipeline
-from precompute.study import Study, StudyError
 
 DOCS = [f"the {c} fox number {i} jumps over the {d} dog" for i, (c, d) in
         enumerate([("red", "lazy"), ("blue", "old"), ("green", "sleepy"), ("brown", "happy")] * 3)]
@@ -65,29 +64,29 @@ def _config(inputs, **influence):
 
 def test_pipeline_builds_a_verifiable_study(inputs, tmp_path):
     study = run_pipeline(_config(inputs), tmp_path / "study", progress=False)
-    manifest = study.verify(["corpus", "finetune-data", "factors-pretrained", "factors-finetuned",
-                             "projection", "index"], checksums=True)
+    manifest = study.verify(layout.PIPELINE_STAGES, checksums=True)
     assert manifest["config"]["influence"]["alpha"] == 2.0
-    assert "factors/pretrained.safetensors" in manifest["files"]
-    pt = Factors.load(study.path("factors/pretrained.safetensors"))
-    ft = Factors.load(study.path("factors/finetuned.safetensors"))
+    assert layout.PT_FACTORS.path in manifest["files"]
+    pt = Factors.load(study.path(layout.PT_FACTORS))
+    ft = Factors.load(study.path(layout.FT_FACTORS))
     assert pt.num_sequences == len(DOCS) and ft.num_sequences == len(RECORDS)
     base = GPTNeoXForCausalLM.from_pretrained(inputs / "base")
     pt.check_compatible(base, find_tracked_layers(base))
     assert pt.model["weights_sha256"] != ft.model["weights_sha256"]
-    vectors = np.load(study.path("gradients/projected.npy"))
+    vectors = np.load(study.path(layout.PROJECTED))
     assert vectors.shape[0] == len(DOCS) and np.isfinite(vectors).all()
-    index = GradientIndex.load(study.path("index/gradients.faiss"))
+    index = GradientIndex.load(study.path(layout.RAW_INDEX))
     assert index.ntotal == len(DOCS)
-    assert not study.path("gradients/shards").exists()  # shards are merged, then removed
+    assert not study.path(layout.SHARDS).exists()  # shards are merged, then removed
 
 
 def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):
+    import engine.projection
     import precompute.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "SHARD_SIZE", 4)
     calls = []
-    real = pipeline.capture_documents
+    real = engine.projection.capture  # one forward+backward per batch of documents
 
     def crash_on_third_shard(*args, **kwargs):  # one batch per shard here (shard 4, batch 4)
         calls.append(1)
@@ -95,18 +94,18 @@ def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "capture_documents", crash_on_third_shard)
+    monkeypatch.setattr(engine.projection, "capture", crash_on_third_shard)
     out = tmp_path / "study"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(_config(inputs), out, progress=False)
-    assert sorted(p.name for p in (out / "gradients/shards").glob("shard-*.npz")) == [
-        "shard-00000.npz", "shard-00001.npz"]
-    assert not list((out / "gradients/shards").glob(".*tmp"))
+    shards = Study(out).path(layout.SHARDS)
+    assert sorted(p.name for p in shards.glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
+    assert not list(shards.glob(".*tmp"))
     run_pipeline(_config(inputs), out, progress=False)
     assert len(calls) == 4  # shards 0 and 1 were kept; 2 was redone
-    resumed = np.load(out / "gradients/projected.npy")
+    resumed = np.load(Study(out).path(layout.PROJECTED))
     fresh = run_pipeline(_config(inputs), tmp_path / "fresh", progress=False)
-    np.testing.assert_allclose(resumed, np.load(fresh.path("gradients/projected.npy")), rtol=1e-5)
+    np.testing.assert_allclose(resumed, np.load(fresh.path(layout.PROJECTED)), rtol=1e-5)
 
 
 def test_pipeline_resumes_and_reruns_changed_stages(inputs, tmp_path):
@@ -117,21 +116,21 @@ def test_pipeline_resumes_and_reruns_changed_stages(inputs, tmp_path):
     assert Study(out).manifest()["stages"] == stages
     run_pipeline(_config(inputs, label_samples=2), out, progress=False)  # factors refit, corpus kept
     again = Study(out).manifest()["stages"]
-    assert again["corpus"] == stages["corpus"]
-    assert again["factors-pretrained"]["finished"] >= stages["factors-pretrained"]["finished"]
-    assert again["factors-pretrained"]["config"] != stages["factors-pretrained"]["config"]
+    assert again[Stage.CORPUS] == stages[Stage.CORPUS]
+    assert again[Stage.FACTORS_PRETRAINED]["finished"] >= stages[Stage.FACTORS_PRETRAINED]["finished"]
+    assert again[Stage.FACTORS_PRETRAINED]["config"] != stages[Stage.FACTORS_PRETRAINED]["config"]
 
 
 def test_tampered_or_missing_study_is_reported(inputs, tmp_path):
     with pytest.raises(StudyError, match="no study"):
-        Study(tmp_path / "nowhere").verify(["corpus"])
+        Study(tmp_path / "nowhere").verify([Stage.CORPUS])
     study = run_pipeline(_config(inputs), tmp_path / "study", progress=False)
     with pytest.raises(StudyError, match="missing stages: app-cache"):
-        study.verify(["index", "app-cache"])
-    with open(study.path("factors/finetuned.safetensors"), "ab") as f:
+        study.verify([Stage.INDEX, "app-cache"])
+    with open(study.path(layout.FT_FACTORS), "ab") as f:
         f.write(b"x")
     with pytest.raises(StudyError, match="changed after the study was built"):
-        study.verify(["corpus"])
+        study.verify([Stage.CORPUS])
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -156,7 +155,7 @@ def built(inputs, tmp_path_factory):
 @pytest.mark.parametrize("method", ["multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot",
                                     "gradient-cosine", "representation", "bm25"])
 def test_query_cli_json(built, method, capsys):
-    from precompute.cli import main
+    from explorer.cli import main
 
     assert main(["query", "--study", str(built.root), "--prompt", "What colour is fox 2?",
                  "--answer", "The fox is green.", "--method", method, "--top-k", "3", "--json"]) == 0
@@ -175,32 +174,33 @@ def test_query_cli_json(built, method, capsys):
 
 def test_query_index_matches_exact_scoring(built):
     """Retrieved-and-rescored proponents equal the exact top-k over the whole corpus."""
-    from explorer.tracer import TASK, Tracer
     from engine import score_documents
+    from explorer.tracer import TASK, Tracer
 
-    tracer = Tracer(built.root, device="cpu")
+    tracer = Tracer.open(built.root, device="cpu")
     trace = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False)
     prompt = tracer.prompt_for("What colour is fox 1?")
-    query = tracer.query_vectors(prompt, "The fox is blue.", "multi-stage")
-    exact = score_documents(tracer.pt_model, TASK, tracer._batches(range(len(DOCS))),
-                            tracer.pt_layers, query, progress=False)[0]
+    query = tracer.preconditioned_query(prompt, "The fox is blue.", "multi-stage")
+    pt = tracer.study.pretrained
+    exact = score_documents(pt.model, TASK, tracer.study.document_batches(range(len(DOCS))),
+                            pt.layers, query, progress=False)[0]
     top = exact.argsort(descending=True)[:3].tolist()
     assert [h.doc_id for h in trace.proponents] == top
     np.testing.assert_allclose([h.score for h in trace.proponents], exact[top].numpy(), rtol=1e-4)
     full = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False,
                         exhaustive=True)
-    assert [h.doc_id for h in full.proponents] == top and full.settings["retrieval"] == "exact, all documents"
+    assert [h.doc_id for h in full.proponents] == top and full.settings.retrieval == "exact, all documents"
 
 
 def test_query_cli_reads_prompts_file_and_reports_bad_input(built, tmp_path, capsys):
-    from precompute.cli import main
+    from explorer.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What colour is fox 0?"}\n{"prompt": "What colour is fox 3?"}\n')
     assert main(["query", "--study", str(built.root), "--prompts-file", str(prompts),
                  "--answer", "The fox is red.", "--json", "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [json.loads(l)["prompt"] for l in lines] == ["What colour is fox 0?", "What colour is fox 3?"]
+    assert [json.loads(line)["prompt"] for line in lines] == ["What colour is fox 0?", "What colour is fox 3?"]
     assert main(["query", "--study", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
     assert "no study" in capsys.readouterr().err
     assert main(["query", "--study", str(built.root), "--prompt", "   ", "--answer", "x"]) == 2

@@ -7,15 +7,29 @@ from __future__ import annotations
 
 import math
 
-import faiss
 import numpy as np
 import pytest
 import torch
 
-from engine import (BM25, GradientIndex, KroneckerProjector, LanguageModelingTask, ScoreArguments,
-                    bm25_tokenize, find_tracked_layers, flatten, gradient_sq_norms, precondition,
-                    project_documents, representation_similarity, rescore, retrieve,
-                    score_documents, sequence_gradients, stack_gradients)
+from engine import (
+    BM25,
+    GradientIndex,
+    KroneckerProjector,
+    LanguageModelingTask,
+    ScoreArguments,
+    bm25_tokenize,
+    find_tracked_layers,
+    flatten,
+    gradient_sq_norms,
+    precondition,
+    project_documents,
+    representation_similarity,
+    rescore,
+    retrieve,
+    score_documents,
+    sequence_gradients,
+    stack_gradients,
+)
 
 from conftest import lm_batch
 
@@ -23,16 +37,7 @@ TASK = LanguageModelingTask()
 N_DOCS, DOC_BATCH, K = 200, 20, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +133,7 @@ def test_projection_approaches_exact_with_k_and_is_exact_at_full_size():
 
 def test_factor_dims_follow_the_target_and_layout_is_row_major():
     proj = KroneckerProjector({"a": (24, 9), "b": (8, 17)}, dim_per_layer=100)
-    assert [l.k for l in proj.layers] == [(11, 9), (8, 12)] and proj.dim == 99 + 96
+    assert [layer.k for layer in proj.layers] == [(11, 9), (8, 12)] and proj.dim == 99 + 96
     # vector = [vec(P_S^T G P_A) of a, row-major | same of b]
     g = {n: torch.randn((3,) + s, dtype=torch.float64) for n, s in (("a", (24, 9)), ("b", (8, 17)))}
     v = proj.project_gradients(g)
@@ -197,7 +202,7 @@ def _index(pt_model, layers, doc_batches, dim_per_layer, seed=0, kind="flat", **
 def test_recall_against_exact_scores(pt_model, layers, doc_batches, queries, exact_scores):
     top = np.argsort(-exact_scores, 1)[:, :K]
     bottom = np.argsort(exact_scores, 1)[:, :K]
-    full = sum(a * b for a, b in (l.gradient_shape for l in layers))
+    full = sum(a * b for a, b in (layer.gradient_shape for layer in layers))
     table = {}
     for dim in (4, 16, 64, 144, full):
         pro, opp = [], []

@@ -12,11 +12,30 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from precompute.training import (FinetuneConfig, PretrainConfig, answer, completion_accuracy,
-                                 demo_model_config, exact_match_accuracy, finetune, generate,
-                                 instruction_batch, pretrain, score_response)
-from precompute.world import (INTRO, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, RELATIONS, World,
-                              build_world, format_prompt, mentions, tokenizer_texts, train_tokenizer)
+from engine.study import DOLLY_INTRO as INTRO
+from engine.study import PromptTemplate, layout
+from precompute.training import (
+    FinetuneConfig,
+    PretrainConfig,
+    answer,
+    completion_accuracy,
+    demo_model_config,
+    exact_match_accuracy,
+    finetune,
+    generate,
+    instruction_batch,
+    pretrain,
+    score_response,
+)
+from precompute.world import RELATIONS, World, build_world, mentions, tokenizer_texts, train_tokenizer
+
+# databricks dolly-v2's instruct_pipeline.py, spelled out
+PROMPT_NO_INPUT = "{intro}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_WITH_INPUT = "{intro}\n\n### Instruction:\n{instruction}\n\nInput:\n{context}\n\n### Response:\n"
+
+
+def format_prompt(instruction: str, context: str = "", intro: str = INTRO) -> str:
+    return PromptTemplate.dolly(intro).prompt(instruction, context)
 
 SMALL = dict(n_people=12, n_towns=6, n_orgs=4, n_documents=150)
 
@@ -34,14 +53,6 @@ def small_world() -> World:
 @pytest.fixture(scope="module")
 def small_tok(small_world):
     return train_tokenizer(tokenizer_texts(small_world), vocab_size=2048)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- the world
@@ -74,6 +85,7 @@ def test_entity_names_are_distinct_words(world):
             assert a == b or not mentions(a, b), (a, b)
 
 
+@pytest.mark.slow
 def test_every_fact_is_stated_exactly_in_its_documents(world):
     """doc_ids = the documents containing both subject and answer, and they state the fact."""
     for fact in world.facts:
@@ -121,9 +133,13 @@ def test_jsonl_round_trip(tmp_path, small_world):
     back = World.from_jsonl(tmp_path)
     assert (back.documents, back.facts, back.finetune_records) == (
         small_world.documents, small_world.facts, small_world.finetune_records)
+    in_study = {f"{layout.WORLD_DIR}/{p.name}" for p in paths.values()}  # the layout names them all
+    assert in_study == {str(a) for a in layout.LAYOUT if a.stage == layout.Stage.WORLD} - {str(layout.WORLD_DIR)}
 
 
 def test_prompt_template_is_dolly_v2():
+    assert INTRO == ("Below is an instruction that describes a task. Write a response that "
+                     "appropriately completes the request.")
     assert format_prompt("Say hi.") == PROMPT_NO_INPUT.format(intro=INTRO, instruction="Say hi.")
     assert format_prompt("Say hi.", "Some text.") == PROMPT_WITH_INPUT.format(
         intro=INTRO, instruction="Say hi.", context="Some text.")

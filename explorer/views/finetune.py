@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer import charts
+from explorer.results import Trace
 from explorer.session import get_tracer
-from explorer.tracer import Trace
 from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
 
 tracer = get_tracer()
@@ -26,21 +26,21 @@ answer_block(trace.prompt)
 st.markdown("**Answer**")
 answer_block(trace.answer)
 
-key = (trace.settings["model_prompt"], trace.answer, len(trace.proponents))
+key = (trace.settings.model_prompt, trace.answer, len(trace.proponents))
 found = st.session_state.get("finetune")
 if found is None or found[0] != key:
-    with st.spinner(f"Scoring {len(tracer.records)} fine-tuning records…"):
+    with st.spinner(f"Scoring {len(tracer.study.records)} fine-tuning records…"):
         try:
             result = tracer.finetune_examples(trace.prompt, trace.answer, len(trace.proponents),
-                                              trace.settings.get("context", ""))
+                                              trace.settings.context)
         except ValueError as err:
             st.error(str(err))
             st.stop()
     found = st.session_state["finetune"] = (key, result)
 result: Trace = found[1]
 
-st.caption(f"{result.settings['retrieval']} · {result.timings['total']:.2f} s · " + POSITION_NOTE)
+st.caption(f"{result.settings.retrieval} · {result.timings.total:.2f} s · " + POSITION_NOTE)
 ranked_columns(result.proponents, result.opponents, "single-stage",
-               st.session_state.get("shared_scale", False), record=True)
+               st.session_state.get("shared_scale", False))
 st.plotly_chart(charts.score_distribution(result.pool_scores, [h.score for h in result.proponents + result.opponents],
                                           "all fine-tuning records"), key="ft-distribution")

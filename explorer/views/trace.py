@@ -7,22 +7,15 @@ from urllib.parse import urlencode
 import numpy as np
 import streamlit as st
 
+from engine.methods import ALL_METHODS, BASELINES, DESCRIPTIONS
 from explorer import charts, export
 from explorer.heatmap import heatmap_html, legend_html, symmetric_scale
+from explorer.results import Trace
 from explorer.session import get_tracer, restore_from_url, share_in_url
-from explorer.tracer import ALL_METHODS, MAX_PROMPT_CHARS, Trace
-from explorer.widgets import BASELINES, POSITION_NOTE, answer_block, ranked_columns
+from explorer.tracer import MAX_PROMPT_CHARS
+from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
 
 COMPARED = ("multi-stage", "single-stage", "gradient-dot", "pt-inverse-dropped", "bm25")
-METHOD_HELP = {
-    "multi-stage": "Bao et al.: fine-tuned query gradient through (H_ft + αI)⁻¹ and (H_pt + λI)⁻¹",
-    "single-stage": "documents treated as training data of the fine-tuned model (H_ft only)",
-    "pt-inverse-dropped": "multi-stage without the pretraining inverse (an ablation)",
-    "gradient-dot": "raw gradient inner product (no curvature)",
-    "gradient-cosine": "cosine of raw gradients",
-    "representation": "cosine of mean hidden states (baseline)",
-    "bm25": "lexical overlap with prompt + answer (baseline)",
-}
 
 tracer = get_tracer()
 auto_run = restore_from_url()
@@ -30,7 +23,7 @@ auto_run = restore_from_url()
 with st.sidebar:
     st.header("Settings")
     method = st.selectbox("Method", ALL_METHODS, key="method",
-                          help="\n\n".join(f"**{m}**: {h}" for m, h in METHOD_HELP.items()))
+                          help="\n\n".join(f"**{m}**: {h}" for m, h in DESCRIPTIONS.items()))
     top_k = st.slider("Documents per side", 1, 50, 10, key="top_k")
     exhaustive = st.checkbox("Score every document exactly", key="exhaustive",
                              help="Skip the index and score the whole corpus: the reference ranking "
@@ -55,7 +48,7 @@ with st.form("ask"):
     submitted = st.form_submit_button("Trace", type="primary")
 
 with st.expander("The prompt the model sees"):
-    st.code(tracer.config.template, language=None)
+    st.code(tracer.study.config.template, language=None)
 
 
 def run_trace() -> Trace | None:
@@ -71,7 +64,7 @@ def run_trace() -> Trace | None:
             status.update(label="Could not trace", state="error", expanded=True)
             st.error(str(err))
             return None
-        status.update(label=f"Traced in {trace.timings['total']:.2f} s", state="complete")
+        status.update(label=f"Traced in {trace.timings.total:.2f} s", state="complete")
     return trace
 
 
@@ -98,20 +91,20 @@ def inspect_tab(trace: Trace) -> None:
     choice = st.selectbox("Document", range(len(hits)), format_func=lambda i: labels[i], key="inspect")
     hit = hits[choice]
     cache = st.session_state.setdefault("maps", {})
-    key = (trace.settings["model_prompt"], trace.answer, trace.method, hit.doc_id)
+    key = (trace.settings.model_prompt, trace.answer, trace.method, hit.doc_id)
     if key not in cache:
         with st.spinner("Splitting the influence over answer tokens…"):
             cache[key] = tracer.answer_token_map(*key)
     data = cache[key]
-    matrix = data["matrix"]
+    matrix = data.matrix
     per_answer_token = matrix.sum(axis=1)
     st.markdown(f"**Which answer tokens this document supports** (sum {per_answer_token.sum():+.4g}; "
                 f"document score {hit.score:+.4g})")
-    st.html(heatmap_html(data["answer_tokens"], per_answer_token.tolist(), label="support"))
+    st.html(heatmap_html(data.answer_tokens, per_answer_token.tolist(), label="support"))
     st.html(legend_html(symmetric_scale(per_answer_token.tolist())))
     st.markdown("**The document's tokens**")
-    st.html(heatmap_html(data["document_tokens"], matrix.sum(axis=0).tolist()))
-    st.plotly_chart(charts.token_matrix(data["answer_tokens"], data["document_tokens"], matrix,
+    st.html(heatmap_html(data.document_tokens, matrix.sum(axis=0).tolist()))
+    st.plotly_chart(charts.token_matrix(data.answer_tokens, data.document_tokens, matrix,
                                         "Answer token × document token influence"),
                     key=f"matrix-{hit.doc_id}")
     st.caption("Each row is the influence of this document on one answer token's log-probability; "
@@ -120,7 +113,7 @@ def inspect_tab(trace: Trace) -> None:
 
 def charts_tab(trace: Trace) -> None:
     hits = trace.proponents + trace.opponents
-    pool = trace.settings.get("retrieval", "")
+    pool = trace.settings.retrieval
     st.plotly_chart(charts.score_distribution(trace.pool_scores, [h.score for h in hits],
                                               f"{len(trace.pool_scores)} documents scored"),
                     key="distribution")
@@ -138,7 +131,7 @@ def charts_tab(trace: Trace) -> None:
 def compare_tab(trace: Trace) -> None:
     st.caption("Ranks the same answer with each method and measures how much their top-k agree. "
                "single-stage scores every document exactly (no index), so it takes longest.")
-    key = (trace.prompt, trace.answer, len(trace.proponents), trace.settings["model_prompt"])
+    key = (trace.prompt, trace.answer, len(trace.proponents), trace.settings.model_prompt)
     comparison = st.session_state.get("comparison")
     if st.button("Compare methods", key="compare"):
         rankings, timings = {}, {}
@@ -146,12 +139,12 @@ def compare_tab(trace: Trace) -> None:
         for i, m in enumerate(COMPARED):
             progress.progress(i / len(COMPARED), text=f"Ranking by {m}…")
             other = trace if m == trace.method else tracer.trace(
-                trace.prompt, trace.answer, m, len(trace.proponents), context=trace.settings.get("context", ""),
+                trace.prompt, trace.answer, m, len(trace.proponents), context=trace.settings.context,
                 heatmaps=False)
             rankings[m] = [h.doc_id for h in other.proponents]
-            timings[m] = other.timings.get("rank", 0.0)
+            timings[m] = other.timings.rank
         progress.empty()
-        titles = {int(d): tracer.documents[int(d)]["title"] for r in rankings.values() for d in r}
+        titles = {int(d): tracer.study.documents[int(d)]["title"] for r in rankings.values() for d in r}
         comparison = st.session_state["comparison"] = {"key": key, "rankings": rankings,
                                                        "timings": timings, "titles": titles}
     if not comparison or comparison["key"] != key:
@@ -187,9 +180,9 @@ trace: Trace | None = st.session_state.get("trace")
 if trace is not None:
     st.subheader("Answer")
     answer_block(trace.answer)
-    damping = trace.settings.get("damping") or {}
-    st.caption(f"method **{trace.method}** · {trace.settings['retrieval']} · "
-               f"{trace.timings['total']:.2f} s · α = {trace.settings['alpha']:.3g}"
+    damping = trace.settings.damping
+    st.caption(f"method **{trace.method}** · {trace.settings.retrieval} · "
+               f"{trace.timings.total:.2f} s · α = {trace.settings.alpha:.3g}"
                + (f" · λ from {min(damping.values()):.2g} to {max(damping.values()):.2g}" if damping else ""))
     # Only the open tab runs (on_change="rerun"): the documents come first and fast.
     tabs = st.tabs(list(TABS), key="view", on_change="rerun")

@@ -1,21 +1,9 @@
-"""The study directory: one self-describing folder per (base model, fine-tuned model, corpus).
-
-Layout (paths relative to the study root)::
-
-    manifest.json              versions, config, model identities, stages done, sha256 per file
-    world/facts.jsonl          demo only: facts with questions, answers and source documents
-    corpus/documents.parquet   pretraining documents (doc_id, title, text, ...)
-    finetune/records.parquet   fine-tuning records in dolly-15k format
-    models/pretrained/         save_pretrained of theta_pt (demo) - real studies reference ids
-    models/finetuned/          save_pretrained of theta_ft (demo)
-    tokenizer/                 the fine-tuned model's tokenizer (demo)
-    factors/{pretrained,finetuned}.safetensors
-    gradients/projector.safetensors, gradients/shards/*.npy, gradients/projected.npy
-    index/gradients.faiss
+"""A study directory and its manifest: stages run once and recorded, files checksummed, verified.
 
 Every file is written atomically (temporary name, then rename), and a stage is recorded in the
 manifest only after all its files exist, so an interrupted build resumes at the first stage (or
-shard) that did not finish.
+shard) that did not finish. A stage is redone when its settings (or the inputs they name by
+checksum) change.
 """
 
 from __future__ import annotations
@@ -24,17 +12,14 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from engine.storage import atomic_path  # noqa: F401 - re-exported for the pipeline
-
-MANIFEST = "manifest.json"
-FORMAT = "msif-study"
-FORMAT_VERSION = 1
+from ..storage import write_json
+from .layout import FORMAT, FORMAT_VERSION, MANIFEST, READER_STAGES, Artifact
 
 
 class StudyError(RuntimeError):
@@ -49,40 +34,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Like :func:`atomic_path` for a directory (e.g. a save_pretrained target)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if path.exists():
-            _remove_tree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            _remove_tree(tmp)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON would give it back (dataclasses become dicts): how settings are stored
+    in the manifest and compared with it."""
+    if is_dataclass(value):
+        value = asdict(value)
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def software_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import engine
+    from .. import __version__
 
-    return {"msif": engine.__version__, "python": platform.python_version(),
+    return {"msif": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class Study:
@@ -91,13 +62,20 @@ class Study:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    def path(self, relative: str) -> Path:
-        return self.root / relative
+    def path(self, item: str | Artifact) -> Path:
+        return self.root / str(item)
+
+    def resolve(self, location: str) -> str:
+        """A model or data location as configured: paths inside the study (the demo's models and
+        data) are stored relative to it so that a study can move; anything else (a hub id, an
+        absolute path) is returned as is."""
+        local = self.path(location)
+        return str(local) if location and local.exists() else location
 
     # -- manifest -------------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+        return self.path(MANIFEST)
 
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
@@ -114,21 +92,22 @@ class Study:
         data = self.manifest()
         data.update(fields)
         data["software"] = software_versions()
-        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data["updated"] = _now()
         write_json(self.manifest_path, data)
         return data
 
     # -- stages ---------------------------------------------------------------------------------
     def is_done(self, stage: str, config: Any = None) -> bool:
         """A stage is done when recorded with the same config and all its files are intact."""
-        record = self.manifest()["stages"].get(stage)
-        if record is None or record.get("config") != _jsonable(config):
+        manifest = self.manifest()
+        record = manifest["stages"].get(stage)
+        if record is None or record.get("config") != jsonable(config):
             return False
-        files = self.manifest()["files"]
+        files = manifest["files"]
         return all(self.path(f).exists() and files.get(f, {}).get("size") == self.path(f).stat().st_size
                    for f in record["files"])
 
-    def run_stage(self, stage: str, produce: Callable[[], list[str]], config: Any = None,
+    def run_stage(self, stage: str, produce: Callable[[], Iterable[str | Artifact]], config: Any = None,
                   info: Callable[[], dict] | None = None) -> bool:
         """Run ``produce`` unless ``stage`` is already done; it returns the files it wrote.
 
@@ -136,30 +115,28 @@ class Study:
         """
         if self.is_done(stage, config):
             return False
-        written = produce()
+        written = [str(f) for f in produce()]
         data = self.manifest()
         for rel in written:
             p = self.path(rel)
             if not p.exists():
                 raise StudyError(f"stage {stage} said it wrote {rel}, which does not exist")
             data["files"][rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-        data["stages"][stage] = {"config": _jsonable(config), "files": list(written),
-                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data["stages"][stage] = {"config": jsonable(config), "files": written, "finished": _now(),
                                  **(info() if info else {})}
         self.update_manifest(stages=data["stages"], files=data["files"])
         return True
 
-    def checksums(self, *relative: str) -> dict[str, str]:
+    def checksums(self, *items: str | Artifact) -> dict[str, str]:
         """Recorded sha256 of study files: put these in a stage's config to make it depend on them."""
         files = self.manifest()["files"]
-        return {rel: files.get(rel, {}).get("sha256", "") for rel in relative}
+        return {str(rel): files.get(str(rel), {}).get("sha256", "") for rel in items}
 
-    def files_under(self, relative_dir: str) -> list[str]:
+    def files_under(self, directory: str | Artifact) -> list[str]:
         """Every file below a directory of the study, as study-relative paths."""
-        base = self.path(relative_dir)
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+        return sorted(str(p.relative_to(self.root)) for p in self.path(directory).rglob("*") if p.is_file())
 
-    def verify(self, required: list[str], checksums: bool = False) -> dict[str, Any]:
+    def verify(self, required: Sequence[str] = READER_STAGES, checksums: bool = False) -> dict[str, Any]:
         """The manifest, once the study exists, has the ``required`` stages and its files are intact.
 
         Sizes are always compared; ``checksums=True`` also recomputes every sha256 (slow for big
@@ -184,12 +161,3 @@ class Study:
                 raise StudyError(f"{rel} changed after the study was built (checksum mismatch); "
                                  "rebuild the study")
         return data
-
-
-def _jsonable(value: Any) -> Any:
-    """Configs are compared through their JSON form (dataclasses become dicts)."""
-    from dataclasses import asdict, is_dataclass
-
-    if is_dataclass(value):
-        value = asdict(value)
-    return json.loads(json.dumps(value, sort_keys=True, default=str))

@@ -1,4 +1,4 @@
-"""Drive the running app in headless Chromium (the browser test and the latency benchmark).
+"""Test support: drive the running app in headless Chromium (the browser test and the latency benchmark).
 
 Uses the system's Chromium and chromedriver (Debian: ``apt install chromium chromium-driver``);
 nothing is downloaded. Selenium is a test extra, imported only here.
@@ -14,10 +14,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from precompute.cli import wait_until_serving
+from explorer.server import wait_until_serving
 
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1800"]
@@ -46,7 +46,7 @@ def running_app(study: str | Path, log: Path, port: int | None = None,
     """``msif app --study STUDY`` in a subprocess; yields its URL once it answers health checks."""
     port = port or free_port()
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "precompute.cli", "app", "--study", str(study),
+        process = subprocess.Popen([sys.executable, "-m", "explorer", "app", "--study", str(study),
                                     "--port", str(port), "--no-browser"], stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     url = f"http://localhost:{port}"
@@ -66,7 +66,7 @@ def running_app(study: str | Path, log: Path, port: int | None = None,
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator["webdriver.Chrome"]:  # noqa: F821
+def chromium() -> Iterator[webdriver.Chrome]:  # noqa: F821
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service

@@ -1,7 +1,9 @@
-"""Study configuration: every knob of a precompute run, read from TOML, saved in the manifest."""
+"""The study config schema: every knob of a study, read from TOML and saved in its manifest,
+with the one prompt template (databricks/dolly-v2's) that formats every instruction."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -11,17 +13,62 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-# databricks/dolly-v2's instruction template (instruct_pipeline.py), with and without context.
+from ..factors import FactorArguments
+from ..influence import ScoreArguments, damping_values
+from ..projection import Whitening
+from ..text import encode_prompt_answer
+from ..tracking import find_tracked_layers
+
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.")
-DOLLY_TEMPLATE = DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-DOLLY_CONTEXT_TEMPLATE = (DOLLY_INTRO + "\n\n### Instruction:\n{instruction}\n\nInput:\n{context}"
-                          "\n\n### Response:\n")
+
+
+def dolly_template(intro: str = DOLLY_INTRO, context: bool = False) -> str:
+    """databricks/dolly-v2's instruction template (``instruct_pipeline.py``) with ``{instruction}``
+    (and ``{context}``) to fill; it ends right before the response. ``intro=""`` leaves the blurb
+    out, so the prompt starts at ``### Instruction:``."""
+    parts = [intro] if intro else []
+    parts.append("### Instruction:\n{instruction}")
+    if context:
+        parts.append("Input:\n{context}")
+    parts.append("### Response:\n")
+    return "\n\n".join(parts)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How an instruction (and optional context) becomes the fine-tuned model's prompt, and how a
+    fine-tuning record becomes a (prompt, scored answer) pair as in training."""
+
+    template: str = dolly_template()
+    context_template: str = dolly_template(context=True)
+    response_suffix: str = ""  # appended to responses, as in training (e.g. EOS)
+
+    @classmethod
+    def dolly(cls, intro: str = DOLLY_INTRO, response_suffix: str = "") -> PromptTemplate:
+        return cls(dolly_template(intro), dolly_template(intro, context=True), response_suffix)
+
+    def prompt(self, instruction: str, context: str = "") -> str:
+        """The prompt, ending right before the response; the response's tokens follow its final
+        newline, tokenized separately (as :meth:`record_batches` and the query loss do)."""
+        if context.strip():
+            return self.context_template.format(instruction=instruction.strip(), context=context.strip())
+        return self.template.format(instruction=instruction.strip())
+
+    def record_batches(self, tokenizer, records: Iterable[Mapping[str, str]], max_length: int,
+                       batch_size: int) -> Iterator[dict]:
+        """Batches of records (instruction, context, response) scored on response tokens + suffix."""
+        rows = list(records)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            prompts = [self.prompt(r["instruction"], r.get("context") or "") for r in chunk]
+            answers = [r["response"] + self.response_suffix for r in chunk]
+            yield encode_prompt_answer(tokenizer, prompts, answers, max_length)
 
 
 @dataclass
 class ModelsConfig:
-    base: str = ""  # theta_pt: a Hugging Face id or a local save_pretrained directory
+    base: str = ""  # theta_pt: a Hugging Face id, a local save_pretrained directory, or a study path
     finetuned: str = ""  # theta_ft
     tokenizer: str = ""  # default: the fine-tuned model's
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -69,6 +116,23 @@ class InfluenceConfig:
     candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
 
+    def tracked_layers(self, model) -> list:
+        return find_tracked_layers(model, include=self.include or None, exclude=self.exclude or None)
+
+    def factor_arguments(self, progress: bool = True, **overrides) -> FactorArguments:
+        """The fit_factors settings of this study (``overrides`` for variants)."""
+        return FactorArguments(strategy=self.strategy, seed=self.seed, label_samples=self.label_samples,
+                               progress=progress, **overrides)
+
+    def score_arguments(self, method: str) -> ScoreArguments:
+        return ScoreArguments(method=method, alpha=self.alpha, damping=self.damping,
+                              damping_factor=self.damping_factor)
+
+    def whitening(self, pt_factors) -> Whitening:
+        """The pretraining-side half-inverse with the damping multi-stage scoring uses."""
+        damping = damping_values(pt_factors, self.score_arguments("multi-stage"))
+        return Whitening(pt_factors, damping, keep=self.eigen_dim)
+
 
 @dataclass
 class StudyConfig:
@@ -76,19 +140,23 @@ class StudyConfig:
     pretraining: DatasetConfig = field(default_factory=DatasetConfig)
     finetuning: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
-    template: str = DOLLY_TEMPLATE
-    context_template: str = DOLLY_CONTEXT_TEMPLATE
+    template: str = PromptTemplate.template
+    context_template: str = PromptTemplate.context_template
     response_suffix: str = ""  # appended to responses when fitting H_ft, as in training (e.g. EOS)
+
+    @property
+    def prompts(self) -> PromptTemplate:
+        return PromptTemplate(self.template, self.context_template, self.response_suffix)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StudyConfig":
+    def from_dict(cls, data: dict[str, Any]) -> StudyConfig:
         return _build(cls, data, "config")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "StudyConfig":
+    def from_toml(cls, path: str | Path) -> StudyConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
@@ -109,13 +177,6 @@ class StudyConfig:
             raise ValueError("template must contain {instruction}")
         if self.influence.alpha <= 0:
             raise ValueError("influence.alpha must be > 0")
-
-
-def format_prompt(config: StudyConfig, instruction: str, context: str = "") -> str:
-    """The fine-tuned model's prompt for an instruction (and optional context)."""
-    if context.strip():
-        return config.context_template.format(instruction=instruction.strip(), context=context.strip())
-    return config.template.format(instruction=instruction.strip())
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -1,0 +1,103 @@
+"""Where everything lives in a study directory: one table of paths, the stages that write them,
+and which stages a reader needs. Nothing else in the project spells a study path or a stage name.
+
+No torch here, so that a command line can name paths and stages without importing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMAT = "msif-study"
+FORMAT_VERSION = 1
+DEFAULT_STUDY = "studies/demo"  # where `msif app` and the benchmarks look for the demo study
+
+
+class Stage:
+    """Stage names as the manifest records them, in build order."""
+
+    # the demo world (`build-demo` only)
+    WORLD = "world"
+    TOKENIZER = "tokenizer"
+    PRETRAIN = "pretrain"
+    FINETUNE = "finetune"
+    QA_EVAL = "qa-eval"
+    # every study (`precompute`, and `build-demo` after the stages above)
+    CORPUS = "corpus"
+    FINETUNE_DATA = "finetune-data"
+    FACTORS_PRETRAINED = "factors-pretrained"
+    FACTORS_FINETUNED = "factors-finetuned"
+    PROJECTION = "projection"
+    INDEX = "index"
+
+
+DEMO_STAGES = (Stage.WORLD, Stage.TOKENIZER, Stage.PRETRAIN, Stage.FINETUNE, Stage.QA_EVAL)
+PIPELINE_STAGES = (Stage.CORPUS, Stage.FINETUNE_DATA, Stage.FACTORS_PRETRAINED,
+                   Stage.FACTORS_FINETUNED, Stage.PROJECTION, Stage.INDEX)
+READER_STAGES = PIPELINE_STAGES  # what opening a study for queries needs
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file or directory of a study."""
+
+    path: str  # relative to the study root
+    stage: str  # the stage that writes it ("" for the manifest, which every stage updates)
+    holds: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
+MANIFEST = Artifact("manifest.json", "", "format, software versions, config, stages done with "
+                    "their settings, sha256 and size of every file")
+# the demo world
+WORLD_DIR = Artifact("world", Stage.WORLD, "the generated world (the four files below)")
+WORLD_DOCUMENTS = Artifact("world/documents.jsonl", Stage.WORLD, "pretraining documents as generated")
+WORLD_RECORDS = Artifact("world/finetune.jsonl", Stage.WORLD, "dolly-format fine-tuning records")
+FACTS = Artifact("world/facts.jsonl", Stage.WORLD,
+                 "facts: question, answer, source doc_ids, split (finetune | pretrain_only)")
+WORLD_INFO = Artifact("world/world.json", Stage.WORLD, "seed, world settings and statistics")
+TOKENIZER_DIR = Artifact("tokenizer", Stage.TOKENIZER, "the demo's BPE tokenizer (save_pretrained)")
+PRETRAINED_DIR = Artifact("models/pretrained", Stage.PRETRAIN, "theta_pt (save_pretrained)")
+FINETUNED_DIR = Artifact("models/finetuned", Stage.FINETUNE, "theta_ft (save_pretrained)")
+QA_REPORT = Artifact("world/qa_eval.json", Stage.QA_EVAL,
+                     "how well theta_ft answers questions, per split, with every response")
+DEMO_PROMPTS = Artifact("world/demo_prompts.jsonl", Stage.QA_EVAL,
+                        "pretraining-only questions theta_ft answers correctly")
+# every study
+DOCUMENTS = Artifact("corpus/documents.parquet", Stage.CORPUS,
+                     "pretraining documents: doc_id, title, text")
+RECORDS = Artifact("finetune/records.parquet", Stage.FINETUNE_DATA,
+                   "fine-tuning records: record_id, instruction, context, response, category")
+PT_FACTORS = Artifact("factors/pretrained.safetensors", Stage.FACTORS_PRETRAINED,
+                      "curvature factors of theta_pt on pretraining text")
+FT_FACTORS = Artifact("factors/finetuned.safetensors", Stage.FACTORS_FINETUNED,
+                      "curvature factors of theta_ft on the records' response tokens")
+SHARDS = Artifact("gradients/shards", Stage.PROJECTION,
+                  "while projecting only: one finished .npz per shard, and stamp.json")
+PROJECTOR = Artifact("gradients/projector.safetensors", Stage.PROJECTION,
+                     "the Kronecker random projection (seed, layout, matrices)")
+PROJECTED = Artifact("gradients/projected.npy", Stage.PROJECTION,
+                     "(documents, D) float32 projected raw gradients at theta_pt")
+WHITENED = Artifact("gradients/whitened.npy", Stage.PROJECTION,
+                    "(documents, D') float32 whitened top eigen-coordinates at theta_pt")
+SQ_NORMS = Artifact("gradients/sq_norms.npy", Stage.PROJECTION,
+                    "(documents,) float64 exact squared gradient norms")
+RAW_INDEX = Artifact("index/gradients.faiss", Stage.INDEX,
+                     "inner-product index of the projected raw gradients")
+COSINE_INDEX = Artifact("index/gradients-normalized.faiss", Stage.INDEX,
+                        "the same, each row divided by its exact norm (gradient-cosine)")
+WHITENED_INDEX = Artifact("index/gradients-whitened.faiss", Stage.INDEX,
+                          "inner-product index of the whitened coordinates (multi-stage)")
+
+LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
+          PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, DOCUMENTS, RECORDS, PT_FACTORS,
+          FT_FACTORS, SHARDS, PROJECTOR, PROJECTED, WHITENED, SQ_NORMS, RAW_INDEX, COSINE_INDEX,
+          WHITENED_INDEX)
+
+
+def describe() -> str:
+    """The layout as text, one artifact a line (for docs and ``--help``)."""
+    width = max(len(a.path) for a in LAYOUT)
+    return "\n".join(f"{a.path:<{width}}  {a.stage or '-':<18}  {a.holds}" for a in LAYOUT)

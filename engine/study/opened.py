@@ -1,0 +1,124 @@
+"""Opening a finished study into one typed bundle: models, tokenizer, tracked layers, factors,
+projector, indexes, documents and records, each checked against the others."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..factors import Factors
+from ..models import load_causal_lm, load_tokenizer, resolve_device
+from ..projection import KroneckerProjector, Whitening
+from ..retrieval import GradientIndex
+from ..text import encode_document_batches
+from ..tracking import TrackedLayer
+from . import layout
+from .config import PromptTemplate, StudyConfig
+from .manifest import Study
+
+
+@dataclass
+class StageModel:
+    """One training stage's model as influence sees it: weights, tracked layers, curvature."""
+
+    location: str  # as configured (a hub id or a path relative to the study)
+    model: nn.Module
+    layers: list[TrackedLayer]
+    factors: Factors
+
+
+@dataclass
+class Indexes:
+    """The study's inner-product indexes over pretraining documents (rows = doc_ids)."""
+
+    raw: GradientIndex  # projected raw gradients: gradient-dot, pt-inverse-dropped
+    cosine: GradientIndex  # the same divided by exact norms: gradient-cosine
+    whitened: GradientIndex  # whitened top eigen-coordinates: multi-stage
+
+
+@dataclass
+class OpenedStudy:
+    """Everything a query needs, loaded once."""
+
+    directory: Study
+    manifest: dict[str, Any]
+    config: StudyConfig
+    device: torch.device
+    tokenizer: Any
+    pretrained: StageModel  # theta_pt; pretraining documents' gradients live here
+    finetuned: StageModel  # theta_ft; queries' gradients live here
+    projector: KroneckerProjector
+    whitening: Whitening
+    indexes: Indexes
+    documents: Any  # datasets.Dataset: doc_id, title, text
+    records: Any  # datasets.Dataset: record_id, instruction, context, response, category
+
+    @property
+    def root(self) -> Path:
+        return self.directory.root
+
+    def path(self, item: str | layout.Artifact) -> Path:
+        return self.directory.path(item)
+
+    @property
+    def prompts(self) -> PromptTemplate:
+        return self.config.prompts
+
+    def document_batches(self, doc_ids: Sequence[int]) -> list[dict]:
+        """Documents in order, batched by a token budget (batch_size x max_length tokens)."""
+        texts = self.documents.select(list(doc_ids))["text"] if len(doc_ids) else []
+        inf = self.config.influence
+        return list(encode_document_batches(self.tokenizer, texts, inf.max_length,
+                                            inf.batch_size * inf.max_length))
+
+    def record_batches(self, record_ids: Sequence[int]) -> list[dict]:
+        """Fine-tuning records in order, scored on their responses as in training."""
+        rows = self.records.select(list(record_ids))
+        inf = self.config.influence
+        return list(self.prompts.record_batches(self.tokenizer, rows, inf.max_length, inf.batch_size))
+
+    def sq_norms(self) -> np.ndarray:
+        """Exact squared gradient norms of every document at theta_pt, (documents,) float64."""
+        return np.load(self.path(layout.SQ_NORMS))
+
+
+def open_study(root: str | os.PathLike, device: str = "auto") -> OpenedStudy:
+    """Verify a finished study and load it; ``device`` "auto" takes the study's configured one.
+
+    Raises :class:`StudyError` when the study is missing or incomplete and
+    :class:`FactorMismatchError` when its factors or projector do not fit its models.
+    """
+    import datasets
+
+    study = Study(root)
+    manifest = study.verify(layout.READER_STAGES)
+    config = StudyConfig.from_dict(manifest["config"])
+    device = resolve_device(device if device != "auto" else config.models.device)
+    m = config.models
+    pretrained = _stage_model(study, config, m.base, layout.PT_FACTORS, device)
+    finetuned = _stage_model(study, config, m.finetuned, layout.FT_FACTORS, device)
+    projector = KroneckerProjector.load(study.path(layout.PROJECTOR))
+    projector.check_compatible(pretrained.layers)
+    indexes = Indexes(*(GradientIndex.load(study.path(a)) for a in (
+        layout.RAW_INDEX, layout.COSINE_INDEX, layout.WHITENED_INDEX)))
+    return OpenedStudy(
+        study, manifest, config, device, load_tokenizer(study.resolve(m.tokenizer or m.finetuned)),
+        pretrained, finetuned, projector, config.influence.whitening(pretrained.factors), indexes,
+        datasets.Dataset.from_parquet(str(study.path(layout.DOCUMENTS))),
+        datasets.Dataset.from_parquet(str(study.path(layout.RECORDS))))
+
+
+def _stage_model(study: Study, config: StudyConfig, location: str, factors: layout.Artifact,
+                 device: torch.device) -> StageModel:
+    model = load_causal_lm(study.resolve(location), config.models.dtype, device)
+    layers = config.influence.tracked_layers(model)
+    fitted = Factors.load(study.path(factors))
+    fitted.check_compatible(model, layers)
+    return StageModel(location, model, layers, fitted)

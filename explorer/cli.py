@@ -1,0 +1,172 @@
+"""The ``msif`` command line: open the explorer, query studies, build them.
+
+``msif app`` and ``msif query`` run here. ``msif build-demo`` and ``msif precompute`` are run by
+``python -m precompute`` in a child process, so the explorer never imports the pipeline (the two
+halves of the product meet only in study directories). Nothing heavy is imported before a command
+runs: ``msif --help`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from engine import __version__
+from engine.methods import ALL_METHODS
+from engine.study.layout import DEFAULT_STUDY
+
+BUILD_COMMANDS = {"build-demo": "build the default demo study offline (CPU, minutes)",
+                  "precompute": "build a study for real models from a TOML config"}
+
+
+def build_studies(argv: list[str]) -> int:
+    """Run a build command (``build-demo ...`` or ``precompute ...``) in ``python -m precompute``;
+    its exit code. Stopping ``msif`` stops the build (it resumes where it stopped)."""
+    from .server import sigterm_interrupts, stop
+
+    child = subprocess.Popen([sys.executable, "-m", "precompute", *argv])
+    try:
+        with sigterm_interrupts():
+            return child.wait()
+    except KeyboardInterrupt:
+        stop(child)
+        return 130
+
+
+def _app(args) -> int:
+    from engine.study import Study, StudyError
+
+    from .server import serve
+
+    if args.study.resolve() == Path(DEFAULT_STUDY).resolve() or args.build_demo:
+        print(f"checking the demo study at {args.study} (built on first use, about 5 minutes on CPU)…",
+              flush=True)
+        # idempotent: finished stages are skipped
+        code = build_studies(["build-demo", "--out", str(args.study), "--seed", "0"])
+        if code:
+            return code
+    else:
+        try:
+            Study(args.study).verify()
+        except StudyError as err:
+            raise ValueError(f"{err}; build it with `msif precompute` "
+                             f"(or `msif build-demo --out {args.study}`)") from None
+    return serve(args.study, args.host, args.port, args.device, open_browser=not args.no_browser)
+
+
+def _read_prompts(args) -> list[dict]:
+    if args.prompt is not None:
+        return [{"prompt": args.prompt, "answer": args.answer}]
+    rows = []
+    for n, line in enumerate(Path(args.prompts_file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{args.prompts_file}:{n}: not JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{args.prompts_file}:{n}: expected {{"prompt": "..."}}')
+        rows.append({"prompt": row["prompt"], "answer": row.get("answer", args.answer)})
+    if not rows:
+        raise ValueError(f"{args.prompts_file} holds no prompts")
+    return rows
+
+
+def _query(args) -> int:
+    from .tracer import Tracer
+
+    prompts = _read_prompts(args)
+    tracer = Tracer.open(args.study, device=args.device)  # models load once for all prompts
+    for row in prompts:
+        trace = tracer.trace(row["prompt"], row["answer"], method=args.method, top_k=args.top_k,
+                             exhaustive=args.exhaustive)
+        print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
+    return 0
+
+
+def _format_trace(trace) -> str:
+    lines = [f"prompt:  {trace.prompt}", f"answer:  {trace.answer}",
+             f"method:  {trace.method} ({trace.settings.retrieval}; {trace.timings.total:.2f}s)",
+             "positive = raises the answer's log-likelihood"]
+    for label, hits in (("proponents", trace.proponents), ("opponents", trace.opponents)):
+        lines.append(f"{label}:")
+        for rank, hit in enumerate(hits, 1):
+            snippet = " ".join(hit.text.split())[:90]
+            lines.append(f"  {rank:>3}. {hit.score:+.4e}  doc {hit.doc_id:<6} {snippet}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msif",
+        description="MSIF Explorer: trace a fine-tuned model's answers back to the pretraining "
+                    "documents behind them (multi-stage influence functions with EK-FAC).",
+    )
+    parser.add_argument("--version", action="version", version=f"msif {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, summary in BUILD_COMMANDS.items():  # options: `msif NAME --help` (python -m precompute)
+        commands.add_parser(name, help=summary, add_help=False)
+
+    app = commands.add_parser("app", help="open the explorer (Streamlit) on a study",
+                              description="Serve the explorer on localhost. On the default demo "
+                                          "study it builds the study first if it is missing.")
+    app.add_argument("--study", type=Path, default=Path(DEFAULT_STUDY),
+                     help=f"study directory (default {DEFAULT_STUDY})")
+    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("--host", default="localhost",
+                     help="address to listen on (default: this machine only; 0.0.0.0 exposes it)")
+    app.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    app.add_argument("--build-demo", action="store_true", help="build (or finish) a demo study at --study first")
+    app.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    app.set_defaults(run=_app)
+
+    query = commands.add_parser("query", help="answer prompts and trace the answers to documents",
+                                description="Generates the fine-tuned model's answer (or scores "
+                                            "--answer), retrieves proponents and opponents, "
+                                            "re-scores them exactly and prints them.")
+    query.add_argument("--study", required=True, type=Path, help="study directory")
+    given = query.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="one prompt (the instruction)")
+    given.add_argument("--prompts-file", type=Path, help='JSONL, one {"prompt": ...} per line')
+    query.add_argument("--answer", help="score this answer instead of generating one")
+    query.add_argument("--method", default="multi-stage", choices=ALL_METHODS)
+    query.add_argument("--top-k", type=int, default=10)
+    query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    query.add_argument("--exhaustive", action="store_true",
+                       help="score every document exactly instead of index candidates (slow, exact)")
+    query.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    query.set_defaults(run=_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in BUILD_COMMANDS:
+        return build_studies(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from engine.models import quiet_libraries
+
+    quiet_libraries()
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"msif {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

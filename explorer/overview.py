@@ -1,0 +1,88 @@
+"""What a study holds, for the Study page: models, corpus, fine-tuning data, curvature spectra."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from engine import damping_values
+from engine.study import OpenedStudy, StageModel
+
+
+@dataclass
+class ModelSummary:
+    path: str
+    model_class: str
+    parameters: int
+    tracked_layers: int
+    tracked_parameters: int
+    weights_sha256: str  # the first 16 hex digits of the fingerprint the factors were fitted on
+    factor_strategy: str
+    factor_sequences: int
+    factor_tokens: int
+
+
+@dataclass
+class StudySummary:
+    root: str
+    device: str
+    models: dict[str, ModelSummary]  # "pretrained", "fine-tuned"
+    documents: int
+    records: int
+    record_categories: dict[str, int]  # most common first
+    indexed_documents: int
+    index_kind: str
+    candidates_per_sign: int
+    influence: dict[str, Any]  # the study's influence settings
+    stages: dict[str, dict]  # as the manifest records them
+    software: dict[str, str]
+
+    def model_table(self) -> dict[str, dict[str, Any]]:
+        return {stage: asdict(m) for stage, m in self.models.items()}
+
+
+class Spectrum(NamedTuple):
+    ranks: np.ndarray  # 1-based, log-spaced
+    values: np.ndarray  # eigenvalues at those ranks, largest first
+    damping: float  # the lambda this layer uses
+
+
+def _model_summary(stage: StageModel) -> ModelSummary:
+    layers, factors = stage.layers, stage.factors
+    return ModelSummary(
+        stage.location, type(stage.model).__name__, sum(p.numel() for p in stage.model.parameters()),
+        len(layers), sum(layer.out_features * (layer.in_features + layer.has_bias) for layer in layers),
+        factors.model["weights_sha256"][:16], factors.strategy, factors.num_sequences, factors.num_tokens)
+
+
+def summarize(study: OpenedStudy) -> StudySummary:
+    config, manifest = study.config, study.manifest
+    categories = Counter(c or "(none)" for c in study.records["category"])
+    return StudySummary(
+        str(study.root), str(study.device),
+        {"pretrained": _model_summary(study.pretrained), "fine-tuned": _model_summary(study.finetuned)},
+        len(study.documents), len(study.records), dict(categories.most_common()),
+        study.indexes.whitened.ntotal, study.indexes.whitened.kind, config.influence.candidates,
+        asdict(config.influence), manifest.get("stages", {}), manifest.get("software", {}))
+
+
+def spectra(study: OpenedStudy, points: int = 256) -> dict[str, dict[str, Spectrum]]:
+    """Eigenvalues of both approximate Fishers, per stage and layer, largest first, with the
+    damping lambda that layer uses."""
+    args = study.config.influence.score_arguments("multi-stage")
+    out = {}
+    for stage, factors in (("pretrained", study.pretrained.factors), ("fine-tuned", study.finetuned.factors)):
+        damping = damping_values(factors, args)
+        out[stage] = {name: Spectrum(*factors.spectrum(name, points), damping[name]) for name in factors.layers}
+    return out
+
+
+def document_lengths(study: OpenedStudy, limit: int = 5000) -> np.ndarray:
+    """Token counts of (up to ``limit``, evenly spaced) documents, before truncation."""
+    docs = study.documents
+    step = max(1, len(docs) // limit)
+    texts = list(docs.select(range(0, len(docs), step))["text"])
+    return np.array([len(ids) for ids in study.tokenizer(texts, add_special_tokens=False)["input_ids"]])

@@ -1,0 +1,105 @@
+"""What a trace returns: ranked hits with their token scores, the settings and the timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class DocumentHit:
+    """A ranked pretraining document."""
+
+    doc_id: int
+    score: float  # exact influence (or baseline similarity), never a projected estimate
+    title: str
+    text: str
+    tokens: list[str] = field(default_factory=list)  # document tokens as text pieces
+    token_scores: list[float] = field(default_factory=list)  # per token, sums to score
+    layer_scores: dict[str, float] = field(default_factory=dict)  # per tracked layer
+    projected_score: float | None = None  # the index's estimate, when retrieval used one
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecordHit:
+    """A ranked fine-tuning record."""
+
+    record_id: int
+    score: float  # exact single-stage influence
+    instruction: str
+    category: str
+    text: str  # the record as it was trained on: prompt + response
+    tokens: list[str] = field(default_factory=list)
+    token_scores: list[float] = field(default_factory=list)
+    layer_scores: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Hit = DocumentHit | RecordHit
+
+
+@dataclass
+class TraceSettings:
+    """How a trace was computed."""
+
+    alpha: float  # fine-tuning proximity (multi-stage's (H_ft + alpha I))
+    top_k: int
+    damping: dict[str, float]  # lambda per layer; empty for baselines
+    retrieval: str  # in words: index candidates re-scored exactly, or exact over everything
+    model_prompt: str  # the exact text the model saw before the answer
+    context: str
+
+
+@dataclass
+class Timings:
+    """Seconds per step of a trace."""
+
+    generate: float | None = None  # None when the answer was given
+    rank: float = 0.0
+    heatmaps: float = 0.0
+    total: float = 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Trace:
+    prompt: str
+    answer: str
+    method: str
+    proponents: list[Hit]  # up to top_k, score > 0 (raise the answer's log-likelihood)
+    opponents: list[Hit]  # up to top_k, score < 0; baselines: least similar, unsigned
+    answer_tokens: list[str]
+    settings: TraceSettings
+    timings: Timings
+    pool_scores: list[float] = field(default_factory=list)  # exact scores of every document scored
+
+    def to_json(self, with_text: bool = False) -> dict[str, Any]:
+        def hit(h: Hit) -> dict[str, Any]:
+            data = h.to_json()
+            if not with_text:
+                data.pop("text")
+            return data
+        return {"prompt": self.prompt, "answer": self.answer, "method": self.method,
+                "proponents": [hit(h) for h in self.proponents],
+                "opponents": [hit(h) for h in self.opponents],
+                "answer_tokens": self.answer_tokens, "settings": asdict(self.settings),
+                "timings": self.timings.to_json(), "pool_scores": self.pool_scores}
+
+
+@dataclass
+class AnswerTokenMap:
+    """Answer-token x document-token influence of one document: rows sum to each answer token's
+    score, columns to each document token's, everything to the document's score."""
+
+    answer_tokens: list[str]
+    document_tokens: list[str]
+    matrix: np.ndarray  # (answer tokens, document tokens) float64

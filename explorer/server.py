@@ -1,0 +1,82 @@
+"""Serving the Streamlit app (``explorer/app.py``) on a study until interrupted, and running
+child processes that stop when ``msif`` is stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import webbrowser
+from pathlib import Path
+
+STUDY_ENV, DEVICE_ENV = "MSIF_STUDY", "MSIF_DEVICE"  # how the server tells the pages what to open
+APP = Path(__file__).resolve().parent / "app.py"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt inside the block (restored after), so that a terminated
+    ``msif`` stops its child processes as Ctrl+C does instead of leaving them running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate ``process`` and wait for it; kill it if it does not end in ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """True once the Streamlit server at ``url`` answers its health check; False if ``process``
+    exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False) -> int:
+    """Run the Streamlit app on ``study`` until interrupted; returns the server's exit code."""
+    env = dict(os.environ, **{STUDY_ENV: str(study.resolve()), DEVICE_ENV: device})
+    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", host,
+               "--server.port", str(port), "--server.headless", "true",
+               "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+               "--theme.base", "light", "--client.toolbarMode", "viewer"]
+    server = subprocess.Popen(command, env=env)
+    url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}"
+    try:
+        with sigterm_interrupts():  # a terminated `msif app` must not leave its server running
+            return _run_server(server, study, url, open_browser)
+    except KeyboardInterrupt:
+        stop(server)
+        return 0
+
+
+def _run_server(server: subprocess.Popen, study: Path, url: str, open_browser: bool) -> int:
+    if not wait_until_serving(url, server, timeout=60) and server.poll() is not None:
+        return server.returncode
+    print(f"\nMSIF Explorer on {study}: {url}  (Ctrl+C stops it)", flush=True)
+    # Without a display, webbrowser would start a console browser (lynx) in this terminal.
+    if open_browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")
+                         or os.environ.get("WAYLAND_DISPLAY")):
+        webbrowser.open(url)
+    return server.wait()
