@@ -59,6 +59,10 @@ class Curvature(ABC):
         """V in the basis where H is diagonal with ``eigenvalues`` (an orthogonal change)."""
         return v
 
+    def basis(self, f: LayerFactors) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(Q_S, Q_A) with ``to_eigenbasis(V) = Q_S^T V Q_A``; None stands for the identity."""
+        return None, None
+
 
 class EKFAC(Curvature):
     """H = (Q_A x Q_S) diag(Lambda) (Q_A x Q_S)^T with Lambda fitted per sequence (George et al.)."""
@@ -70,6 +74,9 @@ class EKFAC(Curvature):
 
     def to_eigenbasis(self, f, v):
         return _rotate(v, f.gradient_eigenvectors.to(v), f.activation_eigenvectors.to(v))
+
+    def basis(self, f):
+        return f.gradient_eigenvectors, f.activation_eigenvectors
 
     def precondition(self, f, v, damping):
         q_s = f.gradient_eigenvectors.to(v)

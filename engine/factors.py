@@ -1,4 +1,13 @@
-"""Fitting curvature factors (EK-FAC and alternatives) and storing them as safetensors."""
+"""Fitting curvature factors (EK-FAC and alternatives) and storing them, one file per layer.
+
+Memory is bounded by design: running sums live in ``FactorArguments.accumulation`` precision
+(float32 unless asked; float64 models always use float64), each layer is eigendecomposed alone in
+float64, only what scores need is kept (eigenvectors and eigenvalues in the model's compute
+precision; covariances only when asked), and a factor directory is written and read layer by
+layer. Under torchrun the ranks take disjoint batches, labels are sampled from a seed per
+(pass, batch, draw), sums are all-reduced and eigendecompositions are shared out by layer, so
+the factors do not depend on the number of processes.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +15,28 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed as dist
 from .curvature import LayerFactors, get_strategy
-from .gradients import capture, iterate_batches, model_device
-from .storage import save_tensors
+from .gradients import capture, model_device
+from .storage import atomic_dir, save_tensors, write_json
 from .tasks import Task
 from .tracking import TrackedLayer
 
 FORMAT = "msif-factors"
+FORMAT_VERSION = 2  # a directory: index.json and one safetensors file per layer
+INDEX = "index.json"
+PASSES = {"covariance": 0, "correction": 1, "diagonal": 1}  # label streams per pass
 
 
 class FactorMismatchError(ValueError):
@@ -36,14 +49,31 @@ class FactorArguments:
 
     strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity
     fisher: str = "true"  # true: labels sampled from the model; empirical: the data's labels
-    seed: int = 0  # label sampling
+    seed: int = 0  # label sampling: one stream per (seed, pass, batch, draw)
     label_samples: int = 1  # label draws per sequence (true Fisher); more draws, less noise
     max_batches: int | None = None  # per pass; None = the whole loader
-    progress: bool = True
+    progress: bool = True  # not saved: it does not change the factors
     # {layer-name regex: n}: S of matching layers is block-diagonal over n equal output blocks,
     # e.g. {"attention.query_key_value": num_heads} for per-head factors of a fused QKV layer
     # (GPT-NeoX lays its output out head by head). Cross-block output correlations are dropped.
     split_outputs: dict[str, int] = field(default_factory=dict)
+    accumulation: str = "float32"  # running sums: float32 | float64 (float64 models: always float64)
+    covariances: bool = False  # keep A and S themselves (memory and files), not only their eigenbases
+    dtype: str | None = None  # stored factors; None: the model's compute precision (float32, or float64)
+
+    def __post_init__(self):
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.label_samples < 1:
+            raise ValueError(f"label_samples must be >= 1, got {self.label_samples}")
+        if self.accumulation not in ("float32", "float64"):
+            raise ValueError(f"accumulation must be 'float32' or 'float64', got {self.accumulation!r}")
+        if self.dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
+
+    def saved(self) -> dict[str, Any]:
+        """What goes into the factor files (everything that changes the numbers)."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
 
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[str, Any]:
@@ -74,12 +104,39 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[
     }
 
 
+class StoredLayers(Mapping):
+    """A factor directory's layers, each read from its own file on first use and then kept."""
+
+    def __init__(self, directory: Path, files: dict[str, str], device: str | torch.device = "cpu",
+                 cache: bool = True):
+        self.directory, self.files, self.device, self.cache = Path(directory), dict(files), str(device), cache
+        self._loaded: dict[str, LayerFactors] = {}
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        if name in self._loaded:
+            return self._loaded[name]
+        from safetensors.torch import load_file
+
+        if name not in self.files:
+            raise KeyError(name)
+        layer = LayerFactors(**load_file(str(self.directory / self.files[name]), device=self.device))
+        if self.cache:
+            self._loaded[name] = layer
+        return layer
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
 @dataclass
 class Factors:
     """Curvature statistics of one model: one :class:`LayerFactors` per tracked layer."""
 
     strategy: str
-    layers: dict[str, LayerFactors]
+    layers: Mapping[str, LayerFactors]
     num_sequences: int
     num_tokens: int
     model: dict[str, Any]
@@ -114,137 +171,214 @@ class Factors:
                  np.unique(np.geomspace(1, n, num=points).round().astype(np.int64)))
         return ranks.astype(np.float64), values[ranks - 1]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (a temporary file in the same folder, then a rename)."""
-        tensors = {f"{name}/{key}": t.detach().cpu().contiguous()
-                   for name, lf in self.layers.items() for key, t in lf.tensors().items()}
-        metadata = {
-            "format": FORMAT,
-            "engine_version": __version__,
-            "strategy": self.strategy,
-            "layers": json.dumps(list(self.layers)),
-            "model": json.dumps(self.model),
-            "counts": json.dumps({"sequences": self.num_sequences, "tokens": self.num_tokens}),
-            "arguments": json.dumps(self.arguments),
-            "dtype": "float64",
-        }
-        save_tensors(tensors, path, metadata)
+    def save(self, directory: str | os.PathLike, release: bool = False) -> None:
+        """Write a factor directory atomically: one safetensors file per layer, then index.json.
+
+        Layers are written one at a time, so writing holds one layer's bytes beside the factors;
+        ``release=True`` also drops each layer from memory once written (a fit's last step).
+        """
+        files = {name: f"layer-{i:04d}.safetensors" for i, name in enumerate(self.layers)}
+        dtypes = set()
+        with atomic_dir(directory) as tmp:
+            for name in list(self.layers):
+                tensors = self.layers[name].tensors()
+                dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+                save_tensors(tensors, tmp / files[name], {"format": f"{FORMAT}-layer", "layer": name})
+                if release and isinstance(self.layers, dict):
+                    self.layers[name] = LayerFactors()  # the index still lists it; its memory is free
+            write_json(tmp / INDEX, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": __version__,
+                "strategy": self.strategy, "dtype": sorted(dtypes), "layers": files, "model": self.model,
+                "counts": {"sequences": self.num_sequences, "tokens": self.num_tokens},
+                "arguments": self.arguments})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Factors:
-        from safetensors import safe_open
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", cache: bool = True) -> Factors:
+        """Open a factor directory; each layer is read (onto ``device``) when first used, and kept
+        unless ``cache=False`` (then a layer is read again at every use and memory stays flat)."""
+        directory = Path(directory)
+        if directory.is_file():
+            raise ValueError(f"{directory} is a single factor file from an older msif; factors are now "
+                             "a directory per model (refit them, or rebuild the study)")
+        index = directory / INDEX
+        if not index.is_file():
+            raise ValueError(f"{directory} is not an msif factor directory (no {INDEX})")
+        meta = json.loads(index.read_text())
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: factor format {meta.get('format')!r} version "
+                             f"{meta.get('format_version')}, this msif reads {FORMAT} {FORMAT_VERSION}")
+        counts = meta["counts"]
+        return cls(meta["strategy"], StoredLayers(directory, meta["layers"], device, cache), counts["sequences"],
+                   counts["tokens"], meta["model"], meta["arguments"])
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an msif factor file (format={meta.get('format')!r})")
-        tensors = load_file(str(path), device=str(device))
-        layers = {name: LayerFactors() for name in json.loads(meta["layers"])}
-        for key, value in tensors.items():
-            name, _, attr = key.rpartition("/")
-            setattr(layers[name], attr, value)
-        counts = json.loads(meta["counts"])
-        return cls(meta["strategy"], layers, counts["sequences"], counts["tokens"],
-                   json.loads(meta["model"]), json.loads(meta["arguments"]))
+
+def label_seed(seed: int, pass_name: str, batch: int, draw: int) -> int:
+    """The label-sampling seed of one (pass, batch, draw): independent of which rank runs it."""
+    text = f"{seed}/{PASSES[pass_name]}/{batch}/{draw}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-class _Accumulator:
-    """Float64 running sums per layer."""
+@dataclass
+class _Counts:
+    sequences: int = 0
+    tokens: int = 0
 
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+    def add(self, mask: torch.Tensor | None, acts: dict[str, torch.Tensor], n: int) -> None:
+        self.sequences += n
+        self.tokens += int(mask.sum()) if mask is not None else n * next(iter(acts.values())).shape[1]
+
+    def all_reduce(self) -> _Counts:
+        total = dist.all_reduce_sum(torch.tensor([self.sequences, self.tokens], dtype=torch.float64))
+        self.sequences, self.tokens = (int(x) for x in total.tolist())
+        if self.sequences == 0:
+            raise ValueError("the fitting data loader yielded no batch; factors need data")
+        return self
+
+
+class _Sums:
+    """Running sums per layer, zero-initialised so that every rank all-reduces the same tensors
+    (a rank may get no batch), in the accumulation precision."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device):
+        self.values = {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.double()
-        if name in self.sums:
-            self.sums[name] += value
-        else:
-            self.sums[name] = value
+        self.values[name] += value
+
+    def all_reduce(self) -> _Sums:
+        for value in self.values.values():
+            dist.all_reduce_sum(value)
+        return self
 
 
-def _passes(model, task, loader, layers, args: FactorArguments, label: str, seed: int):
-    """Yield (a, g, mask, batch_size) per batch and label draw, labels as the Fisher type asks.
+def _accumulation_dtype(model: nn.Module, args: FactorArguments) -> torch.dtype:
+    if args.accumulation == "float64" or next(model.parameters()).dtype == torch.float64:
+        return torch.float64
+    return torch.float32
 
-    Statistics are averaged over draws: each draw counts as one sequence in the sums.
-    """
+
+def _each_capture(model, task, loader, layers, args: FactorArguments, pass_name: str, visit) -> None:
+    """``visit(a, g, mask, batch_size)`` for this rank's batches and label draws. A batch's
+    captures are dropped before the next batch is captured, so that one batch's (a, g) is in
+    memory at a time (a loop over a generator would hold two)."""
     device = model_device(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
     sample = args.fisher == "true"
     draws = args.label_samples if sample else 1
-    bar = tqdm(iterate_batches(loader, args.max_batches), desc=label, disable=not args.progress,
-               unit="batch", leave=False)
-    for batch in bar:
-        for _ in range(draws):
+    batches = dist.my_batches(loader, args.max_batches)
+    for index, batch in tqdm(batches, desc=pass_name, disable=not args.progress, unit="batch", leave=False):
+        for draw in range(draws):
+            generator = (torch.Generator(device=device).manual_seed(label_seed(args.seed, pass_name, index, draw))
+                         if sample else None)
             acts, grads, mask = capture(model, task, batch, layers, sample=sample, generator=generator)
-            yield acts, grads, mask, task.batch_size(batch)
+            visit(acts, grads, mask, task.batch_size(batch))
+            del acts, grads, mask
 
 
-def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any],
-                layers: Sequence[TrackedLayer], args: FactorArguments | None = None) -> Factors:
+def fit_factors(model: nn.Module, task: Task, loader: Iterable[Any], layers: Sequence[TrackedLayer],
+                args: FactorArguments | None = None, out: str | os.PathLike | None = None) -> Factors:
     """Fit the statistics ``args.strategy`` needs, streaming ``loader`` once per pass.
 
     covariance pass: A = sum a a^T / tokens, S = sum g g^T / sequences, eigendecomposed in float64;
     correction pass: Lambda = sum_b (Q_S^T G_b Q_A)^2 / sequences;  diagonal pass: sum_b G_b^2 / sequences.
+    With ``out`` the factors are written there layer by layer (leaving memory as they go) and
+    returned as a directory read lazily.
     """
     args = args or FactorArguments()
-    if args.fisher not in ("true", "empirical"):
-        raise ValueError(f"fisher must be 'true' or 'empirical', got {args.fisher!r}")
-    if args.label_samples < 1:
-        raise ValueError(f"label_samples must be >= 1, got {args.label_samples}")
     strategy = get_strategy(args.strategy)
-    factors = {layer.name: LayerFactors() for layer in layers}
-    tokens = sequences = 0
-
+    fitted = {layer.name: LayerFactors() for layer in layers}
+    counts = None
     if "covariance" in strategy.passes:
-        act_cov, grad_cov = _Accumulator(), _Accumulator()
-        tokens = sequences = 0
-        for acts, grads, mask, n in _passes(model, task, loader, layers, args, "covariance", args.seed):
-            for name in acts:
-                a = acts[name].flatten(0, 1)
-                g = grads[name].flatten(0, 1)
-                act_cov.add(name, a.T @ a)
-                grad_cov.add(name, g.T @ g)
-            tokens += _count_tokens(mask, acts, n)
-            sequences += n
-        _check_nonempty(sequences)
-        for name, lf in factors.items():
-            lf.activation_covariance = act_cov.sums[name] / tokens
-            lf.gradient_covariance = _split_outputs(grad_cov.sums[name] / sequences, name,
-                                                    args.split_outputs)
-            lf.activation_eigenvalues, lf.activation_eigenvectors = torch.linalg.eigh(
-                lf.activation_covariance)
-            lf.gradient_eigenvalues, lf.gradient_eigenvectors = torch.linalg.eigh(
-                lf.gradient_covariance)
-
-    second = [p for p in ("correction", "diagonal") if p in strategy.passes]
+        counts = _covariance_pass(model, task, loader, layers, args, fitted)
+    second = next((p for p in ("correction", "diagonal") if p in strategy.passes), None)
     if second:
-        acc = _Accumulator()
-        seqs = 0
-        basis = {name: (lf.gradient_eigenvectors, lf.activation_eigenvectors)
-                 for name, lf in factors.items() if lf.gradient_eigenvectors is not None}
-        tokens = 0
-        for acts, grads, mask, n in _passes(model, task, loader, layers, args, second[0], args.seed + 1):
-            tokens += _count_tokens(mask, acts, n)
-            for name in acts:
-                a, g = acts[name], grads[name]
-                if "correction" in second:  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T
-                    q_s, q_a = basis[name]
-                    a, g = a @ q_a.to(a), g @ q_s.to(g)
-                per_sequence = torch.einsum("bto,bti->boi", g, a)
-                acc.add(name, per_sequence.square().sum(0))
-            seqs += n
-        _check_nonempty(seqs)
-        sequences = sequences or seqs
-        for name, lf in factors.items():
-            if "correction" in second:
-                lf.corrected_eigenvalues = acc.sums[name] / seqs
-            else:
-                lf.diagonal = acc.sums[name] / seqs
-
+        second_counts = _second_pass(model, task, loader, layers, args, fitted, second)
+        counts = counts or second_counts
     draws = args.label_samples if args.fisher == "true" else 1
-    return Factors(strategy.name, factors, sequences // draws, tokens // draws,
-                   model_fingerprint(model, layers),
-                   asdict(args))
+    sequences, tokens = (counts.sequences // draws, counts.tokens // draws) if counts else (0, 0)
+    factors = Factors(strategy.name, fitted, sequences, tokens, model_fingerprint(model, layers), args.saved())
+    if out is None:
+        return factors
+    if dist.is_main():
+        factors.save(out, release=True)
+    dist.barrier()
+    return Factors.load(out, device=model_device(model))
+
+
+def _covariance_pass(model, task, loader, layers, args: FactorArguments, fitted: dict) -> _Counts:
+    """A and S summed over this rank's batches, all-reduced, then eigendecomposed layer by layer."""
+    dtype, device = _accumulation_dtype(model, args), model_device(model)
+    act = _Sums({layer.name: (layer.gradient_shape[1],) * 2 for layer in layers}, dtype, device)
+    grad = _Sums({layer.name: (layer.out_features,) * 2 for layer in layers}, dtype, device)
+    counts = _Counts()
+
+    def visit(acts, grads, mask, n):
+        for name in acts:
+            a, g = acts[name].flatten(0, 1), grads[name].flatten(0, 1)
+            act.add(name, a.T @ a)
+            grad.add(name, g.T @ g)
+        counts.add(mask, acts, n)
+
+    _each_capture(model, task, loader, layers, args, "covariance", visit)
+    counts.all_reduce()
+    act.all_reduce(), grad.all_reduce()
+    for i, (name, lf) in enumerate(fitted.items()):  # one layer in float64 at a time
+        a_cov = act.values.pop(name).double() / counts.tokens
+        s_cov = _split_outputs(grad.values.pop(name).double() / counts.sequences, name, args.split_outputs)
+        _eigendecompose(lf, a_cov, s_cov, dist.owner(i), _storage_dtype(model, args), args.covariances)
+    return counts
+
+
+def _storage_dtype(model: nn.Module, args: FactorArguments) -> torch.dtype:
+    """Factors keep the model's compute precision (float64 for float64 models, else float32)
+    unless ``args.dtype`` says otherwise."""
+    if args.dtype is not None:
+        return getattr(torch, args.dtype)
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def _eigendecompose(lf: LayerFactors, a_cov: torch.Tensor, s_cov: torch.Tensor, owner: int,
+                    dtype: torch.dtype, keep_covariances: bool) -> None:
+    """Q_A, Q_S and their eigenvalues, computed in float64 by the owning rank and broadcast."""
+    if dist.rank() == owner:  # eigh returns column-major eigenvectors; collectives need contiguous ones
+        a_val, a_vec = (t.contiguous() for t in torch.linalg.eigh(a_cov))
+        s_val, s_vec = (t.contiguous() for t in torch.linalg.eigh(s_cov))
+    else:
+        a_val, a_vec, s_val, s_vec = (torch.empty_like(t) for t in (a_cov[0], a_cov, s_cov[0], s_cov))
+    for t in (a_val, a_vec, s_val, s_vec):
+        dist.broadcast(t, owner)
+    lf.activation_eigenvalues, lf.activation_eigenvectors = a_val.to(dtype), a_vec.to(dtype)
+    lf.gradient_eigenvalues, lf.gradient_eigenvectors = s_val.to(dtype), s_vec.to(dtype)
+    if keep_covariances:
+        lf.activation_covariance, lf.gradient_covariance = a_cov.to(dtype), s_cov.to(dtype)
+
+
+def _second_pass(model, task, loader, layers, args: FactorArguments, fitted: dict, pass_name: str) -> _Counts:
+    """EK-FAC's corrected eigenvalues (in the fitted eigenbases) or the diagonal Fisher."""
+    sums = _Sums({layer.name: layer.gradient_shape for layer in layers}, _accumulation_dtype(model, args),
+                 model_device(model))
+    counts = _Counts()
+    basis = {name: (lf.gradient_eigenvectors, lf.activation_eigenvectors) for name, lf in fitted.items()}
+
+    def visit(acts, grads, mask, n):
+        for name in acts:
+            a, g = acts[name], grads[name]
+            if pass_name == "correction":  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T
+                q_s, q_a = basis[name]
+                a, g = a @ q_a.to(a), g @ q_s.to(g)
+            sums.add(name, torch.einsum("bto,bti->boi", g, a).square().sum(0))
+        counts.add(mask, acts, n)
+
+    _each_capture(model, task, loader, layers, args, pass_name, visit)
+    counts.all_reduce()
+    sums.all_reduce()
+    dtype = _storage_dtype(model, args)
+    for name, lf in fitted.items():
+        value = (sums.values.pop(name).double() / counts.sequences).to(dtype)
+        if pass_name == "correction":
+            lf.corrected_eigenvalues = value
+        else:
+            lf.diagonal = value
+    return counts
 
 
 def output_blocks(name: str, out_features: int, split: dict[str, int]) -> int:
@@ -266,12 +400,3 @@ def _split_outputs(s: torch.Tensor, name: str, split: dict[str, int]) -> torch.T
     size = s.shape[0] // n
     block = torch.arange(s.shape[0], device=s.device) // size
     return s * (block[:, None] == block[None, :]).to(s)
-
-
-def _count_tokens(mask: torch.Tensor | None, acts: dict[str, torch.Tensor], n: int) -> int:
-    return int(mask.sum()) if mask is not None else n * next(iter(acts.values())).shape[1]
-
-
-def _check_nonempty(sequences: int) -> None:
-    if sequences == 0:
-        raise ValueError("the fitting data loader yielded no batch; factors need data")

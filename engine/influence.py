@@ -143,6 +143,7 @@ def score_documents(model: nn.Module, task: Task, loader: Iterable[Any],
         if query.normalize_documents:
             scores = scores / torch.sqrt(sq_norm).clamp_min(1e-30)
         columns.append(scores.detach().cpu())
+        del acts, grads, g_doc  # one batch's captures in memory at a time
     if not columns:
         return torch.zeros(query.num_queries, 0)
     return torch.cat(columns, dim=1)

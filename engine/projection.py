@@ -306,6 +306,7 @@ def iter_projected_documents(model: nn.Module, task: Task, loader: Iterable[Any]
             sq = gradient_sq_norms(acts, grads).cpu().numpy() if norms else None
             white = (whitening.document_vectors(acts, grads).cpu().numpy().astype(dtype)
                      if whitening is not None else None)
+        del acts, grads  # not held across the yield: the next batch's capture would double them
         yield ProjectedDocuments(vectors, sq, white)
 
 
@@ -324,6 +325,32 @@ def project_documents(model: nn.Module, task: Task, loader: Iterable[Any],
     return ProjectedDocuments(vectors, sq)
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """One layer's kept eigen-coordinates (i, j), in decreasing order of Lambda."""
+
+    flat: torch.Tensor  # (keep,) positions in the row-major flattened (out, in[+1]) eigenbasis
+    rows: torch.Tensor  # the distinct i among them, sorted
+    cols: torch.Tensor  # the distinct j
+    pairs: torch.Tensor  # (keep,) position of each (i, j) in the flattened (rows, cols) grid
+    scale: torch.Tensor  # (keep,) sqrt(Lambda + lambda) there
+    q_s: torch.Tensor | None  # Q_S[:, rows] (out, |rows|); None: the basis is the identity
+    q_a: torch.Tensor | None  # Q_A[:, cols] (in[+1], |cols|)
+
+    def of_tokens(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """(B, keep): (Q_S^T G Q_A) at the kept coordinates for G = sum_t g_t a_t^T, from g
+        (B, T, out) and a (B, T, in[+1]) without forming G."""
+        gp = g @ self.q_s.to(g) if self.q_s is not None else g[..., self.rows.to(g.device)]
+        ap = a @ self.q_a.to(a) if self.q_a is not None else a[..., self.cols.to(a.device)]
+        return torch.einsum("bti,btj->bij", gp, ap).flatten(1)[:, self.pairs.to(g.device)]
+
+    def of_matrices(self, u: torch.Tensor) -> torch.Tensor:
+        """(Q, keep): (Q_S^T u Q_A) at the kept coordinates for u (Q, out, in[+1])."""
+        left = self.q_s.to(u).T @ u if self.q_s is not None else u[:, self.rows.to(u.device)]
+        grid = left @ self.q_a.to(u) if self.q_a is not None else left[..., self.cols.to(u.device)]
+        return grid.flatten(1)[:, self.pairs.to(u.device)]
+
+
 class Whitening:
     """Half of the pretraining-side inverse moved onto the documents, for multi-stage retrieval.
 
@@ -334,9 +361,15 @@ class Whitening:
     (both sides in the eigenbasis; the scalings cancel). The multi-stage u contains
     (H_pt + lambda I)^-1, so its raw form is nearly orthogonal to every document gradient and a
     random projection drowns the signal; after this split both sides are "half-preconditioned"
-    and projected inner products keep their ranking. Documents cost one rotated per-sequence
-    gradient per layer (like the EK-FAC correction pass); the index then depends on the
-    pretraining factors and lambda, which are fixed per study.
+    and projected inner products keep their ranking. Only the top-``keep`` coordinates per layer
+    are kept, and a document's are gathered in token space without forming G:
+
+        (Q_S^T G Q_A)[i, j] = sum_t (Q_S[:, i] . g_t) (Q_A[:, j] . a_t)
+
+    so a document costs T (out |I| + in |J| + |I| |J|) per layer for the distinct rows I and
+    columns J of its kept coordinates, instead of forming G (T out in) and rotating it
+    (out^2 in + out in^2). The index then depends on the pretraining factors and lambda, which
+    are fixed per study.
     """
 
     def __init__(self, factors, damping: Mapping[str, float], keep: int | None = None):
@@ -344,41 +377,72 @@ class Whitening:
         if self.strategy.eigenvalues(next(iter(factors.layers.values()))) is None:
             raise ValueError(f"whitening needs curvature eigenvalues; {factors.strategy} has none")
         self.factors = factors
-        self.scale = {name: torch.sqrt(self.strategy.eigenvalues(lf).double() + damping[name])
-                      for name, lf in factors.layers.items()}
+        self.damping = dict(damping)
         # A whitened document has expected energy Lambda / (Lambda + lambda) per coordinate, so
         # it lives mostly where Lambda >~ lambda: the top-``keep`` eigen-coordinates per layer
         # carry most of it, deterministically (measured far better than a random projection).
-        self.kept = {name: torch.argsort(self.strategy.eigenvalues(lf).flatten(), descending=True)[:keep]
-                     for name, lf in factors.layers.items()}
+        self.coordinates = {name: self._kept(lf, self.damping[name], keep) for name, lf in factors.layers.items()}
+
+    def _kept(self, lf, damping: float, keep: int | None) -> _Kept:
+        lam = self.strategy.eigenvalues(lf)
+        width = lam.shape[-1]
+        values = lam.flatten()
+        if keep is None or keep >= len(values):
+            flat = torch.argsort(values, descending=True)
+        else:  # topk, not a full argsort: its slice would keep all out * in indices alive
+            flat = torch.topk(values, keep, sorted=True).indices
+        i, j = flat // width, flat % width
+        rows, cols = torch.unique(i), torch.unique(j)
+        pairs = torch.searchsorted(rows, i) * len(cols) + torch.searchsorted(cols, j)
+        scale = torch.sqrt(lam.flatten()[flat].double() + damping).to(lam.dtype)
+        q_s, q_a = self.strategy.basis(lf)
+        return _Kept(flat, rows, cols, pairs, scale, None if q_s is None else q_s[:, rows].contiguous(),
+                     None if q_a is None else q_a[:, cols].contiguous())
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor]:
+        """Per layer, the kept positions in the flattened eigenbasis (largest Lambda first)."""
+        return {name: k.flat for name, k in self.coordinates.items()}
 
     @property
     def dim(self) -> int:
         """Length of :meth:`document_vectors` rows: kept coordinates over all layers."""
-        return sum(len(k) for k in self.kept.values())
+        return sum(len(k.flat) for k in self.coordinates.values())
 
     def document_vectors(self, acts: Mapping[str, torch.Tensor],
                          grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(B, dim): each document's whitened gradient on the kept eigen-coordinates."""
-        full = self.documents(acts, grads)
-        return torch.cat([full[n].flatten(1)[:, self.kept[n].to(full[n].device)] for n in self.kept], 1)
+        """(B, dim): each document's whitened gradient on the kept eigen-coordinates, from one
+        capture's (a, g) in token space (G is never formed)."""
+        parts = []
+        for name, k in self.coordinates.items():
+            values = k.of_tokens(grads[name], acts[name])
+            parts.append(values / k.scale.to(values))
+        return torch.cat(parts, 1)
 
     def query_vectors(self, vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(Q, dim): the matching query side; <query_vectors, document_vectors> -> <u, G> as keep grows."""
-        full = self.queries(vectors)
-        return torch.cat([full[n].flatten(1)[:, self.kept[n].to(full[n].device)] for n in self.kept], 1)
+        parts = []
+        for name, k in self.coordinates.items():
+            values = k.of_matrices(vectors[name])
+            parts.append(values * k.scale.to(values))
+        return torch.cat(parts, 1)
 
     def documents(self, acts: Mapping[str, torch.Tensor],
                   grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(B, out, in[+1]) per layer: Q^T G Q / sqrt(Lambda + lambda) from one capture."""
+        """(B, out, in[+1]) per layer: Q^T G Q / sqrt(Lambda + lambda) from one capture, formed in
+        full (the reference :meth:`document_vectors` is tested against; small models only)."""
         out = {}
         for name, a in acts.items():
             lf = self.factors.layers[name]
             g = torch.einsum("bto,bti->boi", grads[name], a)
-            out[name] = self.strategy.to_eigenbasis(lf, g) / self.scale[name].to(g)
+            out[name] = self.strategy.to_eigenbasis(lf, g) / self._scale(name).to(g)
         return out
 
     def queries(self, vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(Q, out, in[+1]) per layer: Q^T u Q * sqrt(Lambda + lambda)."""
-        return {name: self.strategy.to_eigenbasis(self.factors.layers[name], u) * self.scale[name].to(u)
+        """(Q, out, in[+1]) per layer: Q^T u Q * sqrt(Lambda + lambda), in full."""
+        return {name: self.strategy.to_eigenbasis(self.factors.layers[name], u) * self._scale(name).to(u)
                 for name, u in vectors.items()}
+
+    def _scale(self, name: str) -> torch.Tensor:
+        lam = self.strategy.eigenvalues(self.factors.layers[name])
+        return torch.sqrt(lam.double() + self.damping[name])

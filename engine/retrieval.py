@@ -66,11 +66,32 @@ class GradientIndex:
               nprobe: int = 16) -> GradientIndex:
         """An index holding ``vectors`` (N, D); for ivf, nlist defaults to ~4 sqrt(N), <= N / 39."""
         vectors = _as_float32(vectors)
+        return cls.from_chunks([vectors], vectors.shape[1], len(vectors), kind, nlist, nprobe)
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable, dim: int, total: int, kind: str = "flat", nlist: int | None = None,
+                    nprobe: int = 16) -> GradientIndex:
+        """An index filled from row chunks (e.g. one memory-mapped shard at a time) of ``total``
+        rows; ivf trains on the first ~50 rows per list, then every chunk is added in order."""
         if kind == "ivf" and nlist is None:
             # ~4 sqrt(N) lists, but at least 39 training points per list (faiss's own minimum)
-            nlist = max(1, min(int(round(4 * np.sqrt(len(vectors)))), len(vectors) // 39))
-        index = cls(vectors.shape[1], kind, nlist, nprobe)
-        index.add(vectors)
+            nlist = max(1, min(int(round(4 * np.sqrt(total))), total // 39))
+        index = cls(dim, kind, nlist, nprobe)
+        pending, held = [], 0
+        for chunk in chunks:
+            chunk = _as_float32(chunk)
+            if index.is_trained:
+                index.add(chunk)
+                continue
+            pending.append(chunk)
+            held += len(chunk)
+            if held >= min(total, 50 * (nlist or 1)):
+                index.train(np.concatenate(pending))
+                for part in pending:
+                    index.add(part)
+                pending = []
+        if pending:
+            index.add(np.concatenate(pending))
         return index
 
     @property

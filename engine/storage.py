@@ -62,6 +62,32 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+VECTOR_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def encode_vectors(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows as stored: float16, bfloat16 (its bits as uint16: numpy has no bfloat16) or
+    float32. bfloat16 keeps float32's range (tiny raw gradients survive) with 8 bits of mantissa;
+    float16 keeps 11 bits but underflows below 6e-8."""
+    array = np.asarray(array, dtype=np.float32)
+    if dtype == "float32":
+        return array
+    if dtype == "float16":
+        return array.astype(np.float16)
+    if dtype == "bfloat16":  # round to nearest even on the upper 16 bits
+        bits = array.view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
+    raise ValueError(f"vector dtype must be one of {', '.join(VECTOR_DTYPES)}, got {dtype!r}")
+
+
+def decode_vectors(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows back as float32 (the inverse of :func:`encode_vectors`, up to its rounding)."""
+    if dtype == "bfloat16":
+        return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.asarray(stored, dtype=np.float32)
+
+
 def _canonical(blob: bytes) -> bytes:
     """Rewrite the JSON header with sorted keys: safetensors orders metadata by a per-process hash,
     so the same tensors would otherwise give different bytes (and checksums) in each run."""

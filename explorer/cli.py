@@ -20,7 +20,8 @@ from engine.methods import ALL_METHODS
 from engine.study.layout import DEFAULT_STUDY
 
 BUILD_COMMANDS = {"build-demo": "build the default demo study offline (CPU, minutes)",
-                  "precompute": "build a study for real models from a TOML config"}
+                  "precompute": "build a study for real models from a TOML config",
+                  "plan": "memory, disk and time each stage of a study will need"}
 
 
 def build_studies(argv: list[str]) -> int:

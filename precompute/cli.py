@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from engine import __version__
+from engine import __version__, distributed
 
 
 def _precompute(args) -> int:
@@ -21,8 +22,11 @@ def _precompute(args) -> int:
     from .pipeline import run_pipeline
 
     config = StudyConfig.from_toml(args.config)
+    if distributed.is_main() and not args.quiet:
+        _print_plan(config, args.nproc)
     study = run_pipeline(config, args.out, progress=not args.quiet)
-    print(f"study ready: {study.root}")
+    if distributed.is_main():
+        print(f"study ready: {study.root}")
     return 0
 
 
@@ -32,11 +36,69 @@ def _build_demo(args) -> int:
     started = time.perf_counter()
     study = build_demo(args.out, seed=args.seed, recipe=tiny_recipe() if args.tiny else None,
                        progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     qa = qa_summary(study)["pretrain_only"]
     print(f"demo study ready: {study.root} ({time.perf_counter() - started:.0f}s this run)")
     print(f"fine-tuned model on pretraining-only questions: {100 * qa['contains_answer']:.1f}% "
           f"answer correctly, {100 * qa['strict_em']:.1f}% word for word (n={qa['n']})")
     return 0
+
+
+def _plan(args) -> int:
+    from engine.plan import GIB, plan_study, report
+    from engine.study import StudyConfig
+
+    config = StudyConfig.from_toml(args.config)
+    memory = _bytes(args.gpu_memory) if args.gpu_memory else None
+    plan = plan_study(config, device=args.device, gpus=args.gpus, device_memory=memory, documents=args.documents,
+                      records=args.records, model_config=args.model_config)
+    print(report(plan, config))
+    if args.json:
+        import json
+
+        print(json.dumps([{**vars(s), "parts": {k: v / GIB for k, v in s.parts.items()}} for s in plan.stages]))
+    return 0
+
+
+def _print_plan(config, nproc: int) -> None:
+    """What each stage will need, before a long job starts (a warning where a stage does not fit)."""
+    from engine.plan import plan_here, report
+
+    try:
+        plan = plan_here(config, gpus=max(1, nproc))
+    except (OSError, ValueError) as err:  # no config.json reachable (offline hub id): no plan
+        print(f"(no plan: {str(err).splitlines()[0]})", flush=True)
+        return
+    print(report(plan, config) + "\n", flush=True)
+
+
+def _bytes(text: str) -> float:
+    """'80GiB', '141GB', '24g' -> bytes."""
+    units = {"gib": 2**30, "gb": 1e9, "g": 2**30, "mib": 2**20, "mb": 1e6}
+    number = text.strip().lower()
+    for unit, size in units.items():
+        if number.endswith(unit):
+            try:
+                return float(number[: -len(unit)]) * size
+            except ValueError:
+                break
+    raise ValueError(f"--gpu-memory {text!r}: give a size such as 80GiB or 141GB")
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes (one machine)."""
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
+            and not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "precompute", *rest]
+    child = subprocess.Popen(command)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", required=True, type=Path, help="study.toml (see assets/configs/)")
     pre.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
     pre.add_argument("--quiet", action="store_true", help="no progress bars")
+    pre.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
     pre.set_defaults(run=_precompute)
 
     demo = commands.add_parser("build-demo", help="build the default demo study offline (CPU, minutes)",
@@ -62,13 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="same seed, same study")
     demo.add_argument("--tiny", action="store_true", help="a seconds-sized world (tests, CI)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
     demo.set_defaults(run=_build_demo)
+
+    plan = commands.add_parser("plan", help="memory, disk and time each stage of a study will need",
+                               description="Reads the model's config (no weights) and the study config, and "
+                                           "prints per stage the peak device and host memory, disk and a "
+                                           "time estimate, with what to change where a stage does not fit.")
+    plan.add_argument("--config", required=True, type=Path, help="study.toml")
+    plan.add_argument("--device", default="h200", choices=["h200", "h100", "a100", "cpu"])
+    plan.add_argument("--gpus", type=int, default=1)
+    plan.add_argument("--gpu-memory", help="memory per device, e.g. 80GiB (default: the device's)")
+    plan.add_argument("--documents", type=int, help="pretraining documents (default: [pretraining] limit)")
+    plan.add_argument("--records", type=int, help="fine-tuning records (default: [finetuning] limit)")
+    plan.add_argument("--model-config", help="a directory with the model's config.json, for models.base "
+                                             "offline (e.g. assets/models/pythia-2.8b)")
+    plan.add_argument("--json", action="store_true", help="also print the stages as JSON")
+    plan.set_defaults(run=_plan)
     return parser
 
 
+NPROC_HELP = ("processes on this machine, launched with torchrun (one per GPU, or CPU ranks with gloo); "
+              "the result does not depend on it")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+        return _launch(argv, args.nproc)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
@@ -85,3 +171,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"msif {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from engine import distributed as dist
+from engine.models import resolve_device
 from engine.storage import atomic_dir, write_json, write_text
 from engine.study import (
     DatasetConfig,
@@ -31,7 +33,7 @@ from engine.study import (
 
 from . import training
 from . import world as world_lib
-from .pipeline import run_pipeline
+from .pipeline import run_pipeline, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ def tiny_recipe() -> DemoRecipe:
         vocab_size=400, model={"hidden_size": 32, "num_layers": 2, "num_heads": 2},
         pretrain=training.PretrainConfig(epochs=2, batch_size=8, block_size=64, warmup_steps=5),
         finetune=training.FinetuneConfig(epochs=1, batch_size=8, warmup_steps=2),
-        influence=InfluenceConfig(max_length=128, batch_size=8, projection_dim=64, candidates=20))
+        # float64 sums: the two-process test compares factors at 1e-10
+        influence=InfluenceConfig(max_length=128, batch_size=8, projection_dim=64, candidates=20,
+                                  accumulation="float64"))
 
 
 def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
@@ -65,24 +69,27 @@ def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
     """Build (or resume) the demo study in ``out``; every stage is skipped when already done."""
     recipe = recipe or DemoRecipe()
     study = Study(out)
-    study.update_manifest(demo={"seed": seed, "recipe": recipe_json(recipe)})
+    dist.init(resolve_device("auto"))  # under torchrun, rank 0 alone trains; all ranks run the pipeline
+    progress = progress and dist.is_main()
+    if dist.is_main():
+        study.update_manifest(demo={"seed": seed, "recipe": recipe_json(recipe)})
     world_config = {"seed": seed, "world": recipe.world}
-    study.run_stage(Stage.WORLD, lambda: _write_world(study, seed, recipe), config=world_config)
+    run_stage(study, Stage.WORLD, lambda: _write_world(study, seed, recipe), world_config)
     world = world_lib.World.from_jsonl(study.path(layout.WORLD_DIR))
 
     tok_config = {**world_config, "vocab_size": recipe.vocab_size}
-    study.run_stage(Stage.TOKENIZER, lambda: _train_tokenizer(study, world, recipe), config=tok_config)
+    run_stage(study, Stage.TOKENIZER, lambda: _train_tokenizer(study, world, recipe), tok_config)
     tokenizer = training_tokenizer(study)
 
     pt_config = {**tok_config, "model": recipe.model, "pretrain": asdict(recipe.pretrain)}
     reports: dict = {}
-    study.run_stage(Stage.PRETRAIN, lambda: _pretrain(study, world, tokenizer, recipe, reports, progress),
-                    config=pt_config, info=lambda: {"report": reports.pop("pretrain")})
+    run_stage(study, Stage.PRETRAIN, lambda: _pretrain(study, world, tokenizer, recipe, reports, progress),
+              pt_config, info=lambda: {"report": reports.pop("pretrain")})
     ft_config = {**pt_config, "finetune": asdict(recipe.finetune)}
-    study.run_stage(Stage.FINETUNE, lambda: _finetune(study, world, tokenizer, recipe, reports, progress),
-                    config=ft_config, info=lambda: {"report": reports.pop("finetune")})
-    study.run_stage(Stage.QA_EVAL, lambda: _evaluate(study, world, tokenizer, recipe),
-                    config={**ft_config, "outputs": [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]})
+    run_stage(study, Stage.FINETUNE, lambda: _finetune(study, world, tokenizer, recipe, reports, progress),
+              ft_config, info=lambda: {"report": reports.pop("finetune")})
+    run_stage(study, Stage.QA_EVAL, lambda: _evaluate(study, world, tokenizer, recipe),
+              {**ft_config, "outputs": [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]})
 
     alpha = study.manifest()["stages"][Stage.FINETUNE]["report"]["alpha_engine"]
     run_pipeline(study_config(recipe, alpha, tokenizer.eos_token), out, progress=progress)

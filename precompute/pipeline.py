@@ -5,17 +5,22 @@ Stages, each resumable and recorded in the manifest (paths: ``engine.study.layou
   finetune-data       dolly-format records
   factors-pretrained  curvature of theta_pt on pretraining text (all tokens scored)
   factors-finetuned   curvature of theta_ft on the records (response tokens scored)
-  projection          projected and whitened pretraining-document gradients at theta_pt (sharded)
+  projection          projected and whitened pretraining-document gradients at theta_pt (shards)
   index               faiss indexes over them
+
+Under torchrun every rank runs this; rank 0 alone writes the manifest, the data stages, the
+factor directories and the indexes, while factor passes split batches across ranks and the
+projection stage splits shards (shard ``s`` belongs to rank ``s % world``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -33,46 +38,92 @@ from engine import (
     fit_factors,
     iter_projected_documents,
 )
+from engine import distributed as dist
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
-from engine.storage import atomic_path, save_npy, write_json
+from engine.resources import Meter
+from engine.storage import atomic_path, write_json
 from engine.study import Stage, Study, StudyConfig, layout
+from engine.study.vectors import DocumentVectors, shard_done, write_shard
 
 log = logging.getLogger(__name__)
 TASK = LanguageModelingTask()
 SHARD_SIZE = 1024  # documents per resumable shard
-FIT_KEYS = ("strategy", "label_samples", "factor_documents", "max_length", "include", "exclude",
-            "seed")  # the influence settings factors depend on; retrieval knobs are not among them
+FIT_KEYS = ("strategy", "label_samples", "factor_documents", "max_length", "include", "exclude", "seed",
+            "accumulation", "keep_covariances")  # what factors depend on; retrieval knobs are not among them
 
 
-class Reiterable:
-    """A re-iterable view over a batch generator (fit_factors streams it once per pass)."""
+class Batches(Sequence):
+    """Fixed-size batches, encoded when indexed: a rank of a distributed fit encodes only its own
+    batches, and fit_factors can stream them once per pass."""
 
-    def __init__(self, make: Callable[[], Iterable[dict]]):
-        self.make = make
+    def __init__(self, make: Callable[[int], dict], count: int):
+        self.make, self.count = make, count
 
-    def __iter__(self):
-        return iter(self.make())
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.make(index)
+
+
+def document_batches(tokenizer, texts, max_length: int, batch_size: int) -> Batches:
+    def make(i: int) -> dict:
+        return next(encode_document_batches(tokenizer, texts[i * batch_size:(i + 1) * batch_size],
+                                            max_length, batch_size=batch_size))
+    return Batches(make, math.ceil(len(texts) / batch_size))
+
+
+def record_batches(tokenizer, config: StudyConfig, records, batch_size: int) -> Batches:
+    def make(i: int) -> dict:
+        rows = records.select(range(i * batch_size, min((i + 1) * batch_size, len(records))))
+        return next(config.prompts.record_batches(tokenizer, rows, config.influence.max_length, batch_size))
+    return Batches(make, math.ceil(len(records) / batch_size))
+
+
+def run_stage(study: Study, stage: str, produce: Callable[[], Iterable[str]], config, *, every_rank: bool = False,
+              info: Callable[[], dict] | None = None) -> bool:
+    """``Study.run_stage`` for one or many processes: every rank agrees whether the stage is done;
+    ``produce`` runs on rank 0 (or on every rank, each doing its share, with ``every_rank``) and
+    rank 0 records the files it names, with its own time and peak memory. True when it ran."""
+    dist.barrier()
+    if study.is_done(stage, config):
+        return False
+    with Meter() as meter:
+        written = produce() if every_rank or dist.is_main() else []
+    dist.barrier()
+    if dist.is_main():
+        study.record_stage(stage, written, config, {**(info() if info else {}), "usage": meter.usage.to_json()})
+    dist.barrier()
+    return True
 
 
 def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) -> Study:
     """Run (or resume) every stage of a study; returns the finished study."""
     config.validate()
-    study = Study(out)
-    study.update_manifest(config=config.to_dict())
-    _data_stages(study, config)
     device = resolve_device(config.models.device)
+    dist.init(device)
+    device = dist.local_device(device)
+    progress = progress and dist.is_main()
+    study = Study(out)
+    if dist.is_main():
+        study.update_manifest(config=config.to_dict())
+    _data_stages(study, config)
     tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
     factor_config = _factor_stages(study, config, tokenizer, device, progress)
     inf = config.influence
     projection_config = {**factor_config, "shard_size": SHARD_SIZE,
                          "retrieval": {k: getattr(inf, k) for k in (
-                             "projection_dim", "eigen_dim", "alpha", "damping", "damping_factor")},
+                             "projection_dim", "eigen_dim", "alpha", "damping", "damping_factor", "vector_dtype")},
                          "inputs": study.checksums(layout.DOCUMENTS, layout.RECORDS, layout.PT_FACTORS)}
-    study.run_stage(Stage.PROJECTION, lambda: _project(study, config, tokenizer, device, progress),
-                    config=projection_config)
-    study.run_stage(Stage.INDEX, lambda: _index(study, inf.index),
-                    config={"index": inf.index, "inputs": study.checksums(
-                        layout.PROJECTED, layout.WHITENED, layout.SQ_NORMS)})
+    documents = len(_dataset(study, layout.DOCUMENTS))
+    run_stage(study, Stage.PROJECTION, lambda: _project(study, config, tokenizer, device, progress),
+              projection_config, every_rank=True,
+              info=lambda: {"vectors": {"documents": documents, "shards": math.ceil(documents / SHARD_SIZE),
+                                        "shard_size": SHARD_SIZE, "dtype": inf.vector_dtype}})
+    run_stage(study, Stage.INDEX, lambda: _index(study, inf.index),
+              {"index": inf.index, "inputs": study.checksums(layout.SHARDS)})
     return study
 
 
@@ -82,11 +133,11 @@ def _data_stages(study: Study, config: StudyConfig) -> None:
 
     pt_data = replace(config.pretraining, path=study.resolve(config.pretraining.path))
     ft_data = replace(config.finetuning, path=study.resolve(config.finetuning.path))
-    study.run_stage(Stage.CORPUS, lambda: _write_dataset(study, layout.DOCUMENTS, load_documents(pt_data)),
-                    config={**asdict(config.pretraining), "inputs": _source_stamp(pt_data.path)})
-    study.run_stage(Stage.FINETUNE_DATA,
-                    lambda: _write_dataset(study, layout.RECORDS, load_finetune_records(ft_data)),
-                    config={**asdict(config.finetuning), "inputs": _source_stamp(ft_data.path)})
+    run_stage(study, Stage.CORPUS, lambda: _write_dataset(study, layout.DOCUMENTS, load_documents(pt_data)),
+              {**asdict(config.pretraining), "inputs": _source_stamp(pt_data.path)})
+    run_stage(study, Stage.FINETUNE_DATA,
+              lambda: _write_dataset(study, layout.RECORDS, load_finetune_records(ft_data)),
+              {**asdict(config.finetuning), "inputs": _source_stamp(ft_data.path)})
 
 
 def _factor_stages(study: Study, config: StudyConfig, tokenizer, device: torch.device,
@@ -100,83 +151,77 @@ def _factor_stages(study: Study, config: StudyConfig, tokenizer, device: torch.d
     texts = _dataset(study, layout.DOCUMENTS)["text"][: inf.factor_documents or None]
     records = _dataset(study, layout.RECORDS)
 
-    def fit(location: str, factors: layout.Artifact, loader: Reiterable) -> list[str]:
+    def fit(location: str, factors: layout.Artifact, loader: Batches) -> list[str]:
         model = load_causal_lm(study.resolve(location), config.models.dtype, device)
+        model.config._name_or_path = location  # the factors name the model as configured, not by this machine's path
         started = time.perf_counter()
-        fitted = fit_factors(model, TASK, loader, inf.tracked_layers(model), inf.factor_arguments(progress))
-        fitted.model["name_or_path"] = location  # as configured, not this machine's path
-        log.info("fitted %s in %.1fs", factors, time.perf_counter() - started)
-        fitted.save(study.path(factors))
-        return [factors.path]
+        fitted = fit_factors(model, TASK, loader, inf.tracked_layers(model), inf.factor_arguments(progress),
+                             out=study.path(factors))
+        log.info("fitted %s (%d layers) in %.1fs", factors, len(fitted.layers), time.perf_counter() - started)
+        return study.files_under(factors) if dist.is_main() else []
 
-    study.run_stage(Stage.FACTORS_PRETRAINED, lambda: fit(config.models.base, layout.PT_FACTORS, Reiterable(
-        lambda: encode_document_batches(tokenizer, texts, inf.max_length, batch_size=inf.batch_size))),
-        config=factor_config)
-    study.run_stage(Stage.FACTORS_FINETUNED, lambda: fit(config.models.finetuned, layout.FT_FACTORS, Reiterable(
-        lambda: config.prompts.record_batches(tokenizer, records, inf.max_length, inf.batch_size))),
-        config=factor_config)
+    run_stage(study, Stage.FACTORS_PRETRAINED, lambda: fit(
+        config.models.base, layout.PT_FACTORS, document_batches(tokenizer, texts, inf.max_length, inf.batch_size)),
+        factor_config, every_rank=True)
+    run_stage(study, Stage.FACTORS_FINETUNED, lambda: fit(
+        config.models.finetuned, layout.FT_FACTORS, record_batches(tokenizer, config, records, inf.batch_size)),
+        factor_config, every_rank=True)
     return factor_config
 
 
-def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
-             progress: bool) -> list[str]:
+def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device, progress: bool) -> list[str]:
     """Per pretraining document at theta_pt, shard by shard: raw projected gradients
     (gradient-dot, cosine, pt-inverse-dropped), whitened top eigen-coordinates (multi-stage) and
-    exact norms.
+    exact norms. This rank's shards only; returns every shard's files.
 
-    A shard that exists is complete (atomic writes), so a rerun after a crash starts at the first
-    missing shard. Shards left by a different configuration are removed first.
+    A shard whose files exist is complete (atomic writes, norms last), so a rerun after a crash
+    starts at the first missing shard. Shards left by a different configuration are removed first.
     """
     inf = config.influence
     model = load_causal_lm(study.resolve(config.models.base), config.models.dtype, device)
     layers = inf.tracked_layers(model)
     projector = KroneckerProjector.for_layers(layers, inf.projection_dim, seed=inf.seed)
-    whitening = inf.whitening(Factors.load(study.path(layout.PT_FACTORS)))
-    shard_dir = _fresh_shard_dir(study, {"projector": projector.checksum(),
-                                         "inputs": study.checksums(layout.DOCUMENTS, layout.PT_FACTORS)})
+    whitening = inf.whitening(Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False))
+    _fresh_shards(study, {"projector": projector.checksum(), "vector_dtype": inf.vector_dtype,
+                          "inputs": study.checksums(layout.DOCUMENTS, layout.PT_FACTORS)})
     texts = _dataset(study, layout.DOCUMENTS)["text"]
-    starts = range(0, len(texts), SHARD_SIZE)
-    for start in tqdm(starts, desc="projection shards", disable=not progress, unit="shard"):
-        path = shard_dir / f"shard-{start // SHARD_SIZE:05d}.npz"
-        if path.exists():
-            continue
-        batches = encode_document_batches(tokenizer, texts[start:start + SHARD_SIZE], inf.max_length,
+    shards = math.ceil(len(texts) / SHARD_SIZE)
+    mine = [s for s in range(shards) if dist.owner(s) == dist.rank() and not shard_done(study, s)]
+    for s in tqdm(mine, desc="projection shards", disable=not progress, unit="shard"):
+        batches = encode_document_batches(tokenizer, texts[s * SHARD_SIZE:(s + 1) * SHARD_SIZE], inf.max_length,
                                           batch_size=inf.batch_size)
         parts = list(iter_projected_documents(model, TASK, batches, layers, projector, norms=True,
                                               whitening=whitening, progress=False))
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, vectors=np.concatenate([p.vectors for p in parts]),
-                     whitened=np.concatenate([p.whitened for p in parts]),
-                     sq_norms=np.concatenate([p.sq_norms for p in parts]).astype(np.float64))
-    shards = [np.load(shard_dir / f"shard-{i:05d}.npz") for i in range(len(starts))]
-    for key, artifact in (("vectors", layout.PROJECTED), ("whitened", layout.WHITENED),
-                          ("sq_norms", layout.SQ_NORMS)):
-        save_npy(study.path(artifact), np.concatenate([s[key] for s in shards]))
-    projector.save(study.path(layout.PROJECTOR), include_matrices=True, metadata={"model": config.models.base})
-    shutil.rmtree(shard_dir)
-    return [layout.PROJECTOR.path, layout.PROJECTED.path, layout.WHITENED.path, layout.SQ_NORMS.path]
+        write_shard(study, s, *(np.concatenate([getattr(p, k) for p in parts])
+                                for k in ("vectors", "whitened", "sq_norms")), inf.vector_dtype)
+    if dist.is_main():
+        projector.save(study.path(layout.PROJECTOR), include_matrices=True, metadata={"model": config.models.base})
+    return [layout.PROJECTOR.path, f"{layout.SHARDS.path}/stamp.json",
+            *(layout.shard_file(s, kind) for s in range(shards) for kind in layout.SHARD_KINDS)]
 
 
-def _fresh_shard_dir(study: Study, stamp: dict) -> Path:
+def _fresh_shards(study: Study, stamp: dict) -> None:
     """The shard directory, emptied first when its shards were made with other settings."""
-    shard_dir = study.path(layout.SHARDS)
-    stamp_path = shard_dir / "stamp.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        shutil.rmtree(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stamp_path, stamp)
-    return shard_dir
+    if dist.is_main():
+        shard_dir = study.path(layout.SHARDS)
+        stamp_path = shard_dir / "stamp.json"
+        if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
+            shutil.rmtree(shard_dir)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        write_json(stamp_path, stamp)
+    dist.barrier()
 
 
 def _index(study: Study, kind: str) -> list[str]:
-    """Inner-product indexes: raw projections, raw / ||G|| (cosine), whitened (multi-stage)."""
-    vectors = np.load(study.path(layout.PROJECTED))
-    norms = np.sqrt(np.load(study.path(layout.SQ_NORMS))).clip(min=1e-30)
-    kind = kind if len(vectors) >= 1000 else "flat"  # IVF needs enough points to train
-    built = ((layout.RAW_INDEX, vectors), (layout.COSINE_INDEX, vectors / norms[:, None]),
-             (layout.WHITENED_INDEX, np.load(study.path(layout.WHITENED))))
+    """Inner-product indexes: raw projections, raw / ||G|| (cosine), whitened (multi-stage), each
+    filled a shard at a time from the memory-mapped vectors."""
+    info = study.manifest()["stages"][Stage.PROJECTION]["vectors"]
+    vectors = DocumentVectors(study, info["shards"], info["dtype"])
+    kind = kind if info["documents"] >= 1000 else "flat"  # IVF needs enough points to train
+    built = ((layout.RAW_INDEX, "raw"), (layout.COSINE_INDEX, "projected"), (layout.WHITENED_INDEX, "whitened"))
     for artifact, rows in built:
-        GradientIndex.build(rows, kind=kind).save(study.path(artifact))
+        index = GradientIndex.from_chunks(vectors.chunks(rows), vectors.dim(rows), info["documents"], kind=kind)
+        index.save(study.path(artifact))
     return [artifact.path for artifact, _ in built]
 
 
@@ -197,4 +242,3 @@ def _write_dataset(study: Study, artifact: layout.Artifact, ds: datasets.Dataset
     with atomic_path(study.path(artifact)) as tmp:
         ds.to_parquet(str(tmp))
     return [artifact.path]
-

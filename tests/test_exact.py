@@ -26,6 +26,7 @@ from engine import (
     sequence_gradients,
 )
 from engine.curvature import get_strategy
+from engine.factors import label_seed
 
 from conftest import lm_batch, tiny_neox
 
@@ -85,7 +86,8 @@ def layers(pt_model):
 
 @pytest.fixture(scope="module")
 def empirical_factors(pt_model, layers):
-    return fit_factors(pt_model, TASK, loader(), layers, FactorArguments(fisher="empirical", progress=False))
+    return fit_factors(pt_model, TASK, loader(), layers,
+                       FactorArguments(fisher="empirical", progress=False, covariances=True))
 
 
 def test_sequence_gradients_equal_autograd(pt_model, layers):
@@ -157,17 +159,17 @@ def test_eigenvalue_correction_equals_brute_force(pt_model, layers, empirical_fa
 
 def test_true_fisher_samples_labels_reproducibly(pt_model, layers):
     """The correction pass with sampled labels equals brute force with the same samples."""
-    args = FactorArguments(fisher="true", seed=5, label_samples=2, progress=False)
+    args = FactorArguments(fisher="true", seed=5, label_samples=2, progress=False, covariances=True)
     fitted = fit_factors(pt_model, TASK, loader(), layers, args)
     assert fitted.num_sequences == 12  # draws are averaged, not counted as sequences
-    generator = torch.Generator().manual_seed(args.seed + 1)  # the correction pass's stream
     grads = []
-    for b in loader():
-        for _ in range(args.label_samples):
-            grads.append(autograd_gradients(pt_model, layers, b, lambda b=b: TASK.sequence_losses(
+    for index, b in enumerate(loader()):
+        for draw in range(args.label_samples):  # one label stream per (pass, batch, draw)
+            generator = torch.Generator().manual_seed(label_seed(args.seed, "correction", index, draw))
+            grads.append(autograd_gradients(pt_model, layers, b, lambda b=b, generator=generator: TASK.sequence_losses(
                 pt_model, b, sample=True, generator=generator)))
     empirical = fit_factors(pt_model, TASK, loader(), layers,
-                            FactorArguments(fisher="empirical", progress=False))
+                            FactorArguments(fisher="empirical", progress=False, covariances=True))
     for layer in layers:
         lf = fitted.layers[layer.name]
         g = torch.cat([gr[layer.name] for gr in grads])
@@ -180,7 +182,7 @@ def test_true_fisher_samples_labels_reproducibly(pt_model, layers):
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
 def test_inverse_hvp_equals_explicit_solve(pt_model, layers, strategy):
     factors = fit_factors(pt_model, TASK, loader(), layers,
-                          FactorArguments(strategy=strategy, fisher="empirical", progress=False))
+                          FactorArguments(strategy=strategy, fisher="empirical", progress=False, covariances=True))
     rule = get_strategy(strategy)
     torch.manual_seed(0)
     for layer in layers:
@@ -201,7 +203,7 @@ def test_per_head_output_blocks(pt_model, layers):
     blocks, and the EK-FAC inverse is still the explicit solve with the resulting matrix."""
     qkv = next(layer for layer in layers if "query_key_value" in layer.name)
     heads = pt_model.config.num_attention_heads
-    args = dict(fisher="empirical", progress=False)
+    args = dict(fisher="empirical", progress=False, covariances=True)
     full = fit_factors(pt_model, TASK, loader(), layers, FactorArguments(**args))
     split = fit_factors(pt_model, TASK, loader(), layers, FactorArguments(
         **args, split_outputs={"query_key_value": heads}))
@@ -365,7 +367,7 @@ def test_batch_size_and_padding_invariance(pt_model, layers):
 
 
 def test_factors_round_trip_and_mismatch(tmp_path, pt_model, ft_model, empirical_factors, layers):
-    path = tmp_path / "factors" / "pt.safetensors"
+    path = tmp_path / "factors" / "pt"
     empirical_factors.save(path)
     loaded = Factors.load(path)
     assert loaded.strategy == "ekfac" and loaded.num_sequences == 12
@@ -439,3 +441,68 @@ def test_whitening_keeps_inner_products(pt_model, layers, strategy):
         flat = g[layer.name].flatten(1)
         torch.testing.assert_close(w_docs[layer.name].flatten(1).square().sum(1),
                                    torch.einsum("bi,ij,bj->b", flat, inv, flat))
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+@pytest.mark.parametrize("keep", [7, None])
+def test_whitened_coordinates_gathered_in_token_space_equal_the_rotation(pt_model, layers, strategy, keep):
+    """(Q_S^T G Q_A)[i, j] / sqrt(Lambda + lambda) gathered from (Q_S^T g_t)(Q_A^T a_t) equals the
+    coordinate of the explicitly formed and rotated G, for documents and queries alike."""
+    from engine.gradients import capture
+    from engine.influence import damping_values
+    from engine.projection import Whitening
+
+    factors = fit_factors(pt_model, TASK, loader(), layers,
+                          FactorArguments(strategy=strategy, fisher="empirical", progress=False))
+    white = Whitening(factors, damping_values(factors, ScoreArguments()), keep=keep)
+    acts, grads, _ = capture(pt_model, TASK, lm_batch(3, 9, seed=6), layers)
+    full = white.documents(acts, grads)
+    expected = torch.cat([full[n].flatten(1)[:, white.kept[n]] for n in white.kept], 1)
+    torch.testing.assert_close(white.document_vectors(acts, grads), expected)
+    u = {n: torch.randn(2, *layer.gradient_shape, dtype=torch.float64) for n, layer in zip(white.kept, layers)}
+    full_u = white.queries(u)
+    torch.testing.assert_close(white.query_vectors(u),
+                               torch.cat([full_u[n].flatten(1)[:, white.kept[n]] for n in white.kept], 1))
+
+
+def test_factor_directories_hold_one_file_per_layer_and_load_lazily(tmp_path, pt_model, layers):
+    from engine.factors import StoredLayers
+
+    single = copy.deepcopy(pt_model).float()  # a float32 model keeps float32 factors
+    fitted = fit_factors(single, TASK, loader(), find_tracked_layers(single), FactorArguments(progress=False))
+    directory = tmp_path / "pt"
+    fitted.save(directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["index.json"] + [
+        f"layer-{i:04d}.safetensors" for i in range(len(layers))]
+    loaded = Factors.load(directory)
+    assert isinstance(loaded.layers, StoredLayers) and loaded.layers._loaded == {}  # nothing read yet
+    name = layers[1].name
+    back = loaded.layers[name]
+    assert list(loaded.layers._loaded) == [name]
+    assert set(back.tensors()) == {"activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvectors",
+                                   "gradient_eigenvalues", "corrected_eigenvalues"}  # no covariances by default
+    assert all(t.dtype == torch.float32 for t in back.tensors().values())
+    torch.testing.assert_close(back.corrected_eigenvalues, fitted.layers[name].corrected_eigenvalues, rtol=0, atol=0)
+    old = tmp_path / "pretrained.safetensors"  # the one-file format of an older msif
+    old.write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="older msif"):
+        Factors.load(old)
+
+
+def test_float32_sums_agree_with_float64_sums(pt_model, layers):
+    """The default float32 accumulation against float64 (both on a float32 model): Lambda agrees to
+    float32 rounding relative to the layer's largest eigenvalue (the smallest ones, ~1e-9 of it,
+    are rounding noise in either precision) and a multi-stage score agrees too."""
+    model = copy.deepcopy(pt_model).float()
+    model_layers = find_tracked_layers(model)
+    data = [{k: v for k, v in b.items()} for b in loader(n_batches=8)]
+    fits = {acc: fit_factors(model, TASK, data, model_layers, FactorArguments(progress=False, accumulation=acc))
+            for acc in ("float32", "float64")}
+    for layer in model_layers:
+        lam32, lam64 = (fits[acc].layers[layer.name].corrected_eigenvalues.double() for acc in ("float32", "float64"))
+        assert float((lam32 - lam64).abs().max() / lam64.abs().max()) < 1e-5
+    grads = sequence_gradients(model, TASK, lm_batch(2, 8, seed=7), model_layers)
+    args = ScoreArguments(method="multi-stage", alpha=0.5)
+    scores = [score_documents(model, TASK, data, model_layers, precondition(grads, args, f, f), progress=False)
+              for f in fits.values()]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6 * float(scores[1].abs().max()))

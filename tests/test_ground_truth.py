@@ -182,8 +182,8 @@ def test_ekfac_matches_exact_damped_fisher_per_layer(one_thread):
     assert len(layers) == 8  # QKV, attention out, MLP up, MLP down in each of 2 blocks
     _check_gradients_against_autograd(model, task, _batches(queries, 3)[0], layers)
 
-    factors = fit_factors(model, task, _batches(fit, 64), layers,
-                          FactorArguments(strategy="ekfac", fisher="true", seed=0, progress=False))
+    factors = fit_factors(model, task, _batches(fit, 64), layers,  # float64 factors: an exact comparison
+                          FactorArguments(strategy="ekfac", fisher="true", seed=0, progress=False, dtype="float64"))
     exact = _exact_fisher_blocks(model, task, fit, layers, samples=64, seed=123)
     q_grads = {k: v.double() for k, v in sequence_gradients(model, task, queries, layers).items()}
     d_grads = {k: v.double() for k, v in sequence_gradients(model, task, docs, layers).items()}

@@ -66,18 +66,26 @@ def test_pipeline_builds_a_verifiable_study(inputs, tmp_path):
     study = run_pipeline(_config(inputs), tmp_path / "study", progress=False)
     manifest = study.verify(layout.PIPELINE_STAGES, checksums=True)
     assert manifest["config"]["influence"]["alpha"] == 2.0
-    assert layout.PT_FACTORS.path in manifest["files"]
+    assert f"{layout.PT_FACTORS}/index.json" in manifest["files"]
     pt = Factors.load(study.path(layout.PT_FACTORS))
     ft = Factors.load(study.path(layout.FT_FACTORS))
     assert pt.num_sequences == len(DOCS) and ft.num_sequences == len(RECORDS)
     base = GPTNeoXForCausalLM.from_pretrained(inputs / "base")
     pt.check_compatible(base, find_tracked_layers(base))
     assert pt.model["weights_sha256"] != ft.model["weights_sha256"]
-    vectors = np.load(study.path(layout.PROJECTED))
+    vectors = np.concatenate(list(_vectors(study).chunks("raw")))
     assert vectors.shape[0] == len(DOCS) and np.isfinite(vectors).all()
     index = GradientIndex.load(study.path(layout.RAW_INDEX))
     assert index.ntotal == len(DOCS)
-    assert not study.path(layout.SHARDS).exists()  # shards are merged, then removed
+    stored = np.load(study.path(layout.shard_file(0, "whitened")), mmap_mode="r")  # memory-mapped, float16
+    assert isinstance(stored, np.memmap) and stored.dtype == np.float16 and stored.shape[0] == len(DOCS)
+
+
+def _vectors(study: Study):
+    from engine.study.vectors import DocumentVectors
+
+    info = study.manifest()["stages"][Stage.PROJECTION]["vectors"]
+    return DocumentVectors(study, info["shards"], info["dtype"])
 
 
 def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):
@@ -99,13 +107,13 @@ def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(_config(inputs), out, progress=False)
     shards = Study(out).path(layout.SHARDS)
-    assert sorted(p.name for p in shards.glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
-    assert not list(shards.glob(".*tmp"))
+    assert sorted(p.name for p in shards.glob("shard-*")) == ["shard-00000", "shard-00001"]
+    assert not list(shards.rglob(".*tmp"))
     run_pipeline(_config(inputs), out, progress=False)
     assert len(calls) == 4  # shards 0 and 1 were kept; 2 was redone
-    resumed = np.load(Study(out).path(layout.PROJECTED))
+    resumed = np.concatenate(list(_vectors(Study(out)).chunks("whitened")))
     fresh = run_pipeline(_config(inputs), tmp_path / "fresh", progress=False)
-    np.testing.assert_allclose(resumed, np.load(fresh.path(layout.PROJECTED)), rtol=1e-5)
+    np.testing.assert_array_equal(resumed, np.concatenate(list(_vectors(fresh).chunks("whitened"))))
 
 
 def test_pipeline_resumes_and_reruns_changed_stages(inputs, tmp_path):
@@ -127,7 +135,7 @@ def test_tampered_or_missing_study_is_reported(inputs, tmp_path):
     study = run_pipeline(_config(inputs), tmp_path / "study", progress=False)
     with pytest.raises(StudyError, match="missing stages: app-cache"):
         study.verify([Stage.INDEX, "app-cache"])
-    with open(study.path(layout.FT_FACTORS), "ab") as f:
+    with open(study.path(f"{layout.FT_FACTORS}/index.json"), "ab") as f:
         f.write(b"x")
     with pytest.raises(StudyError, match="changed after the study was built"):
         study.verify([Stage.CORPUS])

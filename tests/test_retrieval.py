@@ -355,3 +355,34 @@ def test_representation_similarity_equals_hand_computation(ft_model, tokens):
     if tokens == "answer":  # pooling only answer tokens really differs from pooling all
         other = representation_similarity(ft_model, query, docs, query_tokens="all", progress=False)
         assert not np.allclose(got, other)
+
+
+def test_document_vectors_are_stored_in_16_bits_and_read_back_through_memory_maps(tmp_path):
+    from engine.storage import decode_vectors, encode_vectors
+    from engine.study import Study
+    from engine.study.vectors import DocumentVectors, shard_done, write_shard
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 12)).astype(np.float32)
+    torch_bf16 = torch.from_numpy(x).bfloat16().float().numpy()
+    assert np.array_equal(decode_vectors(encode_vectors(x, "bfloat16"), "bfloat16"), torch_bf16)
+    for dtype, bits in (("float16", 11), ("bfloat16", 8)):
+        back = decode_vectors(encode_vectors(x, dtype), dtype)
+        assert np.abs(back - x).max() <= 2.0 ** -bits * np.abs(x).max()
+    tiny = x * 1e-9  # raw gradients can be this small: float16 flushes them, bfloat16 keeps them
+    assert not decode_vectors(encode_vectors(tiny, "float16"), "float16").any()
+    assert np.allclose(decode_vectors(encode_vectors(tiny, "bfloat16"), "bfloat16"), tiny, rtol=2 ** -8)
+
+    study = Study(tmp_path)
+    sq = (x.astype(np.float64) ** 2).sum(1) * 1e-18  # raw vectors of that tiny scale
+    for s in range(2):
+        assert not shard_done(study, s)
+        write_shard(study, s, tiny[s * 20:(s + 1) * 20], x[s * 20:(s + 1) * 20], sq[s * 20:(s + 1) * 20], "float16")
+        assert shard_done(study, s)
+    vectors = DocumentVectors(study, shards=2, dtype="float16")
+    raw = np.concatenate(list(vectors.chunks("raw")))  # stored divided by the exact norms: no underflow
+    np.testing.assert_allclose(raw, tiny, rtol=2 ** -10, atol=2 ** -10 * np.abs(tiny).max())
+    unit = np.concatenate(list(vectors.chunks("projected")))
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(vectors.sq_norms(), sq, rtol=0)
+    assert vectors.dim("whitened") == 12

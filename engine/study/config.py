@@ -16,6 +16,7 @@ except ModuleNotFoundError:  # Python 3.10
 from ..factors import FactorArguments
 from ..influence import ScoreArguments, damping_values
 from ..projection import Whitening
+from ..storage import VECTOR_DTYPES
 from ..text import encode_prompt_answer
 from ..tracking import find_tracked_layers
 
@@ -115,14 +116,18 @@ class InfluenceConfig:
     index: str = "flat"  # flat (exact inner product) | ivf
     candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
+    accumulation: str = "float32"  # precision of the factor fit's running sums: float32 | float64
+    keep_covariances: bool = False  # store A and S beside their eigendecompositions (twice the files)
+    vector_dtype: str = "float16"  # stored document vectors: float16 | bfloat16 | float32
 
     def tracked_layers(self, model) -> list:
         return find_tracked_layers(model, include=self.include or None, exclude=self.exclude or None)
 
     def factor_arguments(self, progress: bool = True, **overrides) -> FactorArguments:
         """The fit_factors settings of this study (``overrides`` for variants)."""
-        return FactorArguments(strategy=self.strategy, seed=self.seed, label_samples=self.label_samples,
-                               progress=progress, **overrides)
+        settings = dict(strategy=self.strategy, seed=self.seed, label_samples=self.label_samples,
+                        progress=progress, accumulation=self.accumulation, covariances=self.keep_covariances)
+        return FactorArguments(**{**settings, **overrides})
 
     def score_arguments(self, method: str) -> ScoreArguments:
         return ScoreArguments(method=method, alpha=self.alpha, damping=self.damping,
@@ -177,6 +182,9 @@ class StudyConfig:
             raise ValueError("template must contain {instruction}")
         if self.influence.alpha <= 0:
             raise ValueError("influence.alpha must be > 0")
+        if self.influence.vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"influence.vector_dtype must be one of {', '.join(VECTOR_DTYPES)}")
+        self.influence.factor_arguments(progress=False)  # checks accumulation and the rest
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMAT = "msif-study"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: factors as per-layer directories, document vectors in memory-mappable shards
 DEFAULT_STUDY = "studies/demo"  # where `msif app` and the benchmarks look for the demo study
 
 
@@ -70,20 +70,21 @@ DOCUMENTS = Artifact("corpus/documents.parquet", Stage.CORPUS,
                      "pretraining documents: doc_id, title, text")
 RECORDS = Artifact("finetune/records.parquet", Stage.FINETUNE_DATA,
                    "fine-tuning records: record_id, instruction, context, response, category")
-PT_FACTORS = Artifact("factors/pretrained.safetensors", Stage.FACTORS_PRETRAINED,
-                      "curvature factors of theta_pt on pretraining text")
-FT_FACTORS = Artifact("factors/finetuned.safetensors", Stage.FACTORS_FINETUNED,
-                      "curvature factors of theta_ft on the records' response tokens")
-SHARDS = Artifact("gradients/shards", Stage.PROJECTION,
-                  "while projecting only: one finished .npz per shard, and stamp.json")
+PT_FACTORS = Artifact("factors/pretrained", Stage.FACTORS_PRETRAINED,
+                      "curvature factors of theta_pt on pretraining text: index.json, one file per layer")
+FT_FACTORS = Artifact("factors/finetuned", Stage.FACTORS_FINETUNED,
+                      "curvature factors of theta_ft on the records' response tokens (the same form)")
 PROJECTOR = Artifact("gradients/projector.safetensors", Stage.PROJECTION,
                      "the Kronecker random projection (seed, layout, matrices)")
-PROJECTED = Artifact("gradients/projected.npy", Stage.PROJECTION,
-                     "(documents, D) float32 projected raw gradients at theta_pt")
-WHITENED = Artifact("gradients/whitened.npy", Stage.PROJECTION,
-                    "(documents, D') float32 whitened top eigen-coordinates at theta_pt")
-SQ_NORMS = Artifact("gradients/sq_norms.npy", Stage.PROJECTION,
-                    "(documents,) float64 exact squared gradient norms")
+SHARDS = Artifact("gradients/shards", Stage.PROJECTION,
+                  "pretraining documents at theta_pt, 1,024 a shard (the three files below), and "
+                  "stamp.json (the settings they were made with)")
+PROJECTED = Artifact("gradients/shards/*/projected.npy", Stage.PROJECTION,
+                     "(shard documents, D) projected raw gradients / their exact norm, in vector_dtype")
+WHITENED = Artifact("gradients/shards/*/whitened.npy", Stage.PROJECTION,
+                    "(shard documents, D') whitened top eigen-coordinates, in vector_dtype")
+SQ_NORMS = Artifact("gradients/shards/*/sq_norms.npy", Stage.PROJECTION,
+                    "(shard documents,) float64 exact squared gradient norms")
 RAW_INDEX = Artifact("index/gradients.faiss", Stage.INDEX,
                      "inner-product index of the projected raw gradients")
 COSINE_INDEX = Artifact("index/gradients-normalized.faiss", Stage.INDEX,
@@ -93,8 +94,18 @@ WHITENED_INDEX = Artifact("index/gradients-whitened.faiss", Stage.INDEX,
 
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, DOCUMENTS, RECORDS, PT_FACTORS,
-          FT_FACTORS, SHARDS, PROJECTOR, PROJECTED, WHITENED, SQ_NORMS, RAW_INDEX, COSINE_INDEX,
+          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, RAW_INDEX, COSINE_INDEX,
           WHITENED_INDEX)
+SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
+
+
+def shard(index: int) -> str:
+    """The directory of document shard ``index`` (its files: ``SHARD_KINDS``)."""
+    return f"{SHARDS.path}/shard-{index:05d}"
+
+
+def shard_file(index: int, kind: str) -> str:
+    return f"{shard(index)}/{kind}.npy"
 
 
 def describe() -> str:

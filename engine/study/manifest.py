@@ -84,8 +84,10 @@ class Study:
         if data.get("format") != FORMAT:
             raise StudyError(f"{self.manifest_path} is not an MSIF study manifest")
         if data.get("format_version") != FORMAT_VERSION:
-            raise StudyError(f"{self.root} has study format {data.get('format_version')}, this "
-                             f"msif reads {FORMAT_VERSION}; rebuild the study")
+            raise StudyError(f"{self.root} was built by another msif (study format {data.get('format_version')}; "
+                             f"this one reads {FORMAT_VERSION}): rebuild the study in a new directory, or remove "
+                             f"this one and run its build command again (`msif build-demo --out {self.root}` "
+                             "for the demo)")
         return data
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
@@ -115,22 +117,34 @@ class Study:
         """
         if self.is_done(stage, config):
             return False
-        written = [str(f) for f in produce()]
+        self.record_stage(stage, produce(), config, info() if info else None)
+        return True
+
+    def record_stage(self, stage: str, written: Iterable[str | Artifact], config: Any = None,
+                     info: dict | None = None) -> None:
+        """Record a finished stage: its settings, its files with their checksums, ``info``."""
+        written = [str(f) for f in written]
         data = self.manifest()
         for rel in written:
             p = self.path(rel)
             if not p.exists():
                 raise StudyError(f"stage {stage} said it wrote {rel}, which does not exist")
             data["files"][rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-        data["stages"][stage] = {"config": jsonable(config), "files": written, "finished": _now(),
-                                 **(info() if info else {})}
+        data["stages"][stage] = {"config": jsonable(config), "files": written, "finished": _now(), **(info or {})}
         self.update_manifest(stages=data["stages"], files=data["files"])
-        return True
 
     def checksums(self, *items: str | Artifact) -> dict[str, str]:
-        """Recorded sha256 of study files: put these in a stage's config to make it depend on them."""
+        """Recorded sha256 of study files, or of every file below a directory (one digest over
+        them): put these in a stage's config to make it depend on them."""
         files = self.manifest()["files"]
-        return {str(rel): files.get(str(rel), {}).get("sha256", "") for rel in items}
+        out = {}
+        for item in map(str, items):
+            if item in files:
+                out[item] = files[item]["sha256"]
+                continue
+            below = sorted((rel, rec["sha256"]) for rel, rec in files.items() if rel.startswith(item + "/"))
+            out[item] = hashlib.sha256(json.dumps(below).encode()).hexdigest() if below else ""
+        return out
 
     def files_under(self, directory: str | Artifact) -> list[str]:
         """Every file below a directory of the study, as study-relative paths."""

@@ -22,6 +22,7 @@ from ..tracking import TrackedLayer
 from . import layout
 from .config import PromptTemplate, StudyConfig
 from .manifest import Study
+from .vectors import DocumentVectors
 
 
 @dataclass
@@ -84,9 +85,15 @@ class OpenedStudy:
         inf = self.config.influence
         return list(self.prompts.record_batches(self.tokenizer, rows, inf.max_length, inf.batch_size))
 
+    @property
+    def vectors(self) -> DocumentVectors:
+        """The pretraining documents' stored vectors (memory-mapped shards)."""
+        info = self.manifest["stages"][layout.Stage.PROJECTION]["vectors"]
+        return DocumentVectors(self.directory, info["shards"], info["dtype"])
+
     def sq_norms(self) -> np.ndarray:
         """Exact squared gradient norms of every document at theta_pt, (documents,) float64."""
-        return np.load(self.path(layout.SQ_NORMS))
+        return self.vectors.sq_norms()
 
 
 def open_study(root: str | os.PathLike, device: str = "auto") -> OpenedStudy:
@@ -119,6 +126,6 @@ def _stage_model(study: Study, config: StudyConfig, location: str, factors: layo
                  device: torch.device) -> StageModel:
     model = load_causal_lm(study.resolve(location), config.models.dtype, device)
     layers = config.influence.tracked_layers(model)
-    fitted = Factors.load(study.path(factors))
+    fitted = Factors.load(study.path(factors), device=device)  # each layer is read when first used
     fitted.check_compatible(model, layers)
     return StageModel(location, model, layers, fitted)

@@ -1,0 +1,301 @@
+"""How much memory, disk and time a study takes, per stage, before anything runs (`msif plan`).
+
+The model is read from its config alone (``AutoConfig``, built on torch's meta device: no weights),
+so the tracked layers and their shapes are exact. Memory per stage is the sum of what the code
+holds at its peak, in bytes:
+
+- the model's weights;
+- one batch's forward + backward capture, measured on Pythia-shaped models (see
+  ``benchmarks/memory_plan.py``): ``2.9 tokens V x 4`` (logits and their float32 copies: the
+  loss, its gradient, sampled labels) ``+ 20.5 tokens h blocks x w`` (activations autograd saves,
+  ``w`` bytes per weight), or, if larger, the captured ``a`` and ``g`` of every tracked layer in
+  float32 together with the layers' raw inputs;
+- the factor fit's running sums ``sum (in^2 + out^2)`` (covariance pass) or its eigenbases plus
+  ``sum out in`` sums (correction pass), and the largest layer's per-sequence work;
+- for the projection stage, the gathered eigenvector columns of the kept coordinates;
+- for serving, both models and both factor sets.
+
+Times are compute estimates (FLOPs over an assumed sustained rate), to be read as an order of
+magnitude; memory is the number the plan is checked on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GIB = 2**30
+LOGIT_COPIES = 2.9  # float32 copies of the logits at a capture's peak (measured)
+SAVED_PER_HIDDEN = 20.5  # hidden-sized activations saved per token and block (measured)
+PROCESS_BASE = 0.5 * GIB  # a CPU process with torch, transformers, datasets and the corpus mapped
+EFFICIENCY = 0.4  # sustained fraction of a device's peak FLOP rate
+DEVICES = {  # FLOP/s: 16-bit dense peak, float32 peak, float64 eigendecomposition (syevd); memory
+    "h200": (989e12, 67e12, 1e12, 141e9),
+    "h100": (989e12, 67e12, 1e12, 80e9),
+    "a100": (312e12, 19.5e12, 0.5e12, 80e9),
+}
+
+
+def measured_rates() -> tuple[float, float, float]:
+    """This CPU's rates, from a float32 matmul and a float64 eigendecomposition (about 0.3 s)."""
+    import time
+
+    import torch
+
+    x = torch.randn(1024, 1024)
+    started = time.perf_counter()
+    for _ in range(4):
+        x @ x
+    matmul = 4 * 2 * 1024**3 / (time.perf_counter() - started)
+    a = torch.randn(512, 512, dtype=torch.float64)
+    a = a @ a.T
+    started = time.perf_counter()
+    torch.linalg.eigh(a)
+    eig = 9 * 512**3 / (time.perf_counter() - started)
+    return matmul / EFFICIENCY, matmul / EFFICIENCY, eig
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a model: sizes and the tracked layers' (out, in[+1])."""
+
+    name: str
+    parameters: int
+    hidden: int
+    blocks: int
+    vocab: int
+    layers: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, location: str, include=None, exclude=None) -> Shape:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .tracking import find_tracked_layers
+
+        config = AutoConfig.from_pretrained(location)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        tracked = find_tracked_layers(model, include=include or None, exclude=exclude or None)
+        return cls(location, sum(p.numel() for p in model.parameters()), config.hidden_size,
+                   config.num_hidden_layers, config.vocab_size,
+                   tuple(layer.gradient_shape for layer in tracked))
+
+    @property
+    def eigenbasis_numbers(self) -> int:
+        """Entries of every Q_A and Q_S (and of the covariance sums)."""
+        return sum(i * i + o * o for o, i in self.layers)
+
+    @property
+    def gradient_numbers(self) -> int:
+        """Entries of every G (tracked parameters): Lambda, or its sums."""
+        return sum(o * i for o, i in self.layers)
+
+    @property
+    def capture_numbers(self) -> int:
+        """Per token: every tracked layer's a and g."""
+        return sum(o + i for o, i in self.layers)
+
+    @property
+    def input_numbers(self) -> int:
+        return sum(i - 1 for _, i in self.layers)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    device_bytes: float  # peak on the compute device (the host itself on a CPU plan)
+    host_bytes: float  # peak in host memory
+    disk_bytes: float  # what the stage writes
+    seconds: float  # compute estimate
+    parts: dict[str, float] = field(default_factory=dict)  # what the peak is made of
+
+
+@dataclass
+class Plan:
+    device: str
+    gpus: int
+    device_memory: float  # bytes per device (the host's on a CPU plan)
+    stages: list[StagePlan]
+    documents: int = 0
+    records: int = 0
+
+    def fits(self, stage: StagePlan) -> bool:
+        """Within 90% of a device's memory (the host's, on a CPU plan)."""
+        return stage.device_bytes <= 0.9 * self.device_memory
+
+
+@dataclass(frozen=True)
+class Job:
+    """The settings every stage estimate uses."""
+
+    shape: Shape
+    tokens: int  # per batch: batch_size x max_length
+    batch: int
+    weight_bytes: int
+    accumulation_bytes: int
+    label_samples: int
+    eigen_dim: int
+    projection_dim: int
+    vector_bytes: int
+    rates: tuple[float, float, float]
+    base: float  # process memory before the stage (CPU plans only)
+    gpus: int
+
+    @property
+    def weights(self) -> float:
+        return self.shape.parameters * self.weight_bytes
+
+    @property
+    def flops_per_token(self) -> float:
+        """A capture: forward (2P) and backward to the layer outputs (about 2P), and the LM head."""
+        return 4 * self.shape.parameters + 2 * self.shape.hidden * self.shape.vocab
+
+
+def capture_bytes(job: Job) -> float:
+    """One batch's forward + backward capture at its peak (working memory only)."""
+    shape = job.shape
+    backward = job.tokens * (LOGIT_COPIES * shape.vocab * 4
+                             + SAVED_PER_HIDDEN * shape.hidden * shape.blocks * job.weight_bytes)
+    captured = job.tokens * (shape.capture_numbers * 4 + shape.input_numbers * job.weight_bytes)
+    return max(backward, captured)
+
+
+def held_bytes(job: Job) -> float:
+    """The captured a and g in float32, held while statistics are computed from them."""
+    return job.tokens * job.shape.capture_numbers * 4
+
+
+def factor_stage(name: str, job: Job, batches: int) -> StagePlan:
+    """A factor fit: covariance pass, float64 eigendecompositions, correction pass, writing."""
+    shape = job.shape
+    sums = shape.eigenbasis_numbers * job.accumulation_bytes
+    per_layer = max(job.tokens * (o + i) * 4 + 2 * job.batch * o * i * 4 for o, i in shape.layers)
+    eig = max(max(i, o) ** 2 for o, i in shape.layers) * 8 * 3  # one layer in float64, with workspace
+    phases = {"covariance pass": sums + capture_bytes(job), "eigendecomposition": sums + eig,
+              "correction pass": shape.eigenbasis_numbers * 4 + shape.gradient_numbers * job.accumulation_bytes
+              + max(capture_bytes(job), held_bytes(job) + per_layer)}
+    peak = max(phases, key=phases.get)
+    tokens = job.tokens * batches * job.label_samples  # this device's share
+    fit_flops = 4 * shape.eigenbasis_numbers + 2 * shape.gradient_numbers  # per token, both passes
+    eig_flops = sum(9 * (i ** 3 + o ** 3) for o, i in shape.layers) / job.gpus
+    seconds = (2 * tokens * job.flops_per_token / (job.rates[0] * EFFICIENCY)
+               + tokens * fit_flops / (job.rates[1] * EFFICIENCY) + eig_flops / job.rates[2])
+    disk = (shape.eigenbasis_numbers + shape.gradient_numbers) * 4
+    return StagePlan(name, job.base + job.weights + phases[peak], job.base + job.weights, disk, seconds,
+                     {"weights": job.weights, peak: phases[peak], "base": job.base})
+
+
+def projection_stage(job: Job, documents: int) -> StagePlan:
+    """Projected and whitened vectors of every document (norms too); worst case for the gather."""
+    shape = job.shape
+    kept = [min(job.eigen_dim, o * i) for o, i in shape.layers]
+    columns = sum((o * min(k, o) + i * min(k, i)) * 4 for (o, i), k in zip(shape.layers, kept))
+    per_layer = max(2 * job.batch * o * i * 4 for o, i in shape.layers)  # norms, where forming G is cheaper
+    device = job.base + job.weights + columns + max(capture_bytes(job), held_bytes(job) + per_layer)
+    gather = sum(2 * (o * min(k, o) + i * min(k, i)) for (o, i), k in zip(shape.layers, kept))
+    tokens = documents * job.tokens / job.batch / job.gpus
+    seconds = tokens * (job.flops_per_token / (job.rates[0] * EFFICIENCY) + gather / (job.rates[1] * EFFICIENCY))
+    dims = sum(kept) + job.projection_dim * len(shape.layers)
+    return StagePlan("projection", device, job.base + job.weights, documents * (dims * job.vector_bytes + 8),
+                     seconds, {"weights": job.weights, "kept eigenvector columns": columns, "base": job.base})
+
+
+def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float | None = None,
+               documents: int | None = None, records: int | None = None, model_config: str | None = None) -> Plan:
+    """Every stage of ``config``'s study on ``gpus`` devices of kind ``device`` (a key of
+    ``DEVICES``, or "cpu" for this machine, whose memory is the host's)."""
+    inf, models = config.influence, config.models
+    shape = Shape.of(model_config or models.base, inf.include, inf.exclude)
+    documents = documents or config.pretraining.limit or 100_000  # assumed when neither says
+    records = records or config.finetuning.limit or 15_000
+    cpu = device == "cpu"
+    job = Job(shape, inf.batch_size * inf.max_length, inf.batch_size,
+              4 if cpu or models.dtype == "float32" else 2, 8 if inf.accumulation == "float64" else 4,
+              inf.label_samples, inf.eigen_dim, inf.projection_dim, 4 if inf.vector_dtype == "float32" else 2,
+              measured_rates() if cpu else DEVICES[device][:3], PROCESS_BASE if cpu else 0.0, gpus)
+    factor_docs = min(documents, inf.factor_documents or documents)
+    stages = [factor_stage("factors-pretrained", job, math.ceil(factor_docs / inf.batch_size / gpus)),
+              factor_stage("factors-finetuned", job, math.ceil(records / inf.batch_size / gpus)),
+              projection_stage(job, documents)]
+    dims = sum(min(inf.eigen_dim, o * i) for o, i in shape.layers), inf.projection_dim * len(shape.layers)
+    index_files = documents * (dims[0] + 2 * dims[1]) * 4
+    index_peak = PROCESS_BASE + documents * max(dims) * 4  # one flat index at a time, on the host
+    stages.append(StagePlan("index", index_peak if cpu else 0.0, index_peak, index_files, 0.0,
+                            {"largest flat index": documents * max(dims) * 4}))
+    factors = 2 * (shape.eigenbasis_numbers + shape.gradient_numbers) * 4
+    serve = job.base + 2 * job.weights + factors + capture_bytes(job) + (index_files if cpu else 0.0)
+    stages.append(StagePlan("serve (explorer)", serve, PROCESS_BASE + index_files, 0.0, 0.0,
+                            {"both factor sets": factors, "both models": 2 * job.weights, "indexes": index_files}))
+    if device_memory is None:
+        device_memory = _host_memory() if cpu else DEVICES[device][3]
+    return Plan(device, gpus, device_memory, stages, documents, records)
+
+
+def plan_here(config, gpus: int = 1) -> Plan:
+    """The plan for the device this machine would run ``config`` on (its memory, as detected)."""
+    import torch
+
+    from .models import resolve_device
+
+    if resolve_device(config.models.device).type != "cuda":
+        return plan_study(config, device="cpu")
+    name = torch.cuda.get_device_name(0).lower()
+    kind = next((k for k in ("h200", "h100", "a100") if k in name), "h100")
+    return plan_study(config, device=kind, gpus=gpus, device_memory=torch.cuda.get_device_properties(0).total_memory)
+
+
+def _host_memory() -> float:
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def advice(plan: Plan, config) -> list[str]:
+    """For each stage that does not fit, the settings that would make it fit."""
+    inf = config.influence
+    lines = []
+    for stage in plan.stages:
+        if plan.fits(stage):
+            continue
+        over = stage.device_bytes - 0.9 * plan.device_memory
+        hint = [f"{stage.name} needs {stage.device_bytes / GIB:,.1f} GiB, {over / GIB:,.1f} GiB over"]
+        if stage.name.startswith("factors") or stage.name == "projection":
+            hint.append(f"lower batch_size (now {inf.batch_size}) or max_length; track fewer layers "
+                        "(include/exclude, e.g. the MLP layers only)")
+            if inf.accumulation == "float64":
+                hint.append("accumulation = \"float32\" halves the running sums")
+        if stage.name == "projection":
+            hint.append(f"a smaller eigen_dim (now {inf.eigen_dim}) gathers fewer eigenvector columns")
+        if stage.name.startswith("serve"):
+            hint.append("serve on a larger device: both factor sets stay on the device for queries")
+        if stage.name == "index":
+            hint.append(f"a smaller eigen_dim (now {inf.eigen_dim}) or fewer documents: flat indexes are held "
+                        "whole while they are built")
+        lines.append("; ".join(hint))
+    return lines
+
+
+def report(plan: Plan, config) -> str:
+    """The plan as a table with a verdict line."""
+    where = (f"this machine's CPU ({plan.device_memory / GIB:,.0f} GiB of host memory)" if plan.device == "cpu"
+             else f"{plan.gpus} x {plan.device} ({plan.device_memory / GIB:,.0f} GiB each)")
+    lines = [f"plan for {config.models.base} -> {config.models.finetuned} on {where}",
+             f"{plan.documents:,} pretraining documents, {plan.records:,} fine-tuning records", "",
+             f"{'stage':<20}{'device GiB':>12}{'host GiB':>10}{'disk GiB':>10}{'time':>10}  verdict",
+             "-" * 72]
+    for s in plan.stages:
+        verdict = "fits" if plan.fits(s) else "DOES NOT FIT"
+        lines.append(f"{s.name:<20}{s.device_bytes / GIB:>12,.1f}{s.host_bytes / GIB:>10,.1f}"
+                     f"{s.disk_bytes / GIB:>10,.1f}{_duration(s.seconds):>10}  {verdict}")
+    lines += [""] + (advice(plan, config) or ["every stage fits"])
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
