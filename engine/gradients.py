@@ -7,7 +7,7 @@ else (covariances, eigenvalue corrections, scores, token heatmaps) is a function
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -70,10 +70,3 @@ def stack_gradients(model: nn.Module, task: Task, batches: Iterable[Any],
 def flatten(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Concatenate per-layer gradients (N, out, in) into one (N, P) matrix, in dict order."""
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-
-
-def iterate_batches(loader: Iterable[Any], limit: int | None) -> Iterator[Any]:
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        yield batch

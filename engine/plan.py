@@ -147,6 +147,16 @@ class Job:
         return self.shape.parameters * self.weight_bytes
 
     @property
+    def kept(self) -> list[int]:
+        """Whitened coordinates kept per tracked layer."""
+        return [min(self.eigen_dim, o * i) for o, i in self.shape.layers]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(whitened, raw) vector lengths of a document."""
+        return sum(self.kept), self.projection_dim * len(self.shape.layers)
+
+    @property
     def flops_per_token(self) -> float:
         """A capture: forward (2P) and backward to the layer outputs (about 2P), and the LM head."""
         return 4 * self.shape.parameters + 2 * self.shape.hidden * self.shape.vocab
@@ -189,14 +199,14 @@ def factor_stage(name: str, job: Job, batches: int) -> StagePlan:
 def projection_stage(job: Job, documents: int) -> StagePlan:
     """Projected and whitened vectors of every document (norms too); worst case for the gather."""
     shape = job.shape
-    kept = [min(job.eigen_dim, o * i) for o, i in shape.layers]
+    kept = job.kept
     columns = sum((o * min(k, o) + i * min(k, i)) * 4 for (o, i), k in zip(shape.layers, kept))
     per_layer = max(2 * job.batch * o * i * 4 for o, i in shape.layers)  # norms, where forming G is cheaper
     device = job.base + job.weights + columns + max(capture_bytes(job), held_bytes(job) + per_layer)
     gather = sum(2 * (o * min(k, o) + i * min(k, i)) for (o, i), k in zip(shape.layers, kept))
     tokens = documents * job.tokens / job.batch / job.gpus
     seconds = tokens * (job.flops_per_token / (job.rates[0] * EFFICIENCY) + gather / (job.rates[1] * EFFICIENCY))
-    dims = sum(kept) + job.projection_dim * len(shape.layers)
+    dims = sum(job.dims)
     return StagePlan("projection", device, job.base + job.weights, documents * (dims * job.vector_bytes + 8),
                      seconds, {"weights": job.weights, "kept eigenvector columns": columns, "base": job.base})
 
@@ -218,7 +228,7 @@ def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float
     stages = [factor_stage("factors-pretrained", job, math.ceil(factor_docs / inf.batch_size / gpus)),
               factor_stage("factors-finetuned", job, math.ceil(records / inf.batch_size / gpus)),
               projection_stage(job, documents)]
-    dims = sum(min(inf.eigen_dim, o * i) for o, i in shape.layers), inf.projection_dim * len(shape.layers)
+    dims = job.dims
     index_files = documents * (dims[0] + 2 * dims[1]) * 4
     index_peak = PROCESS_BASE + documents * max(dims) * 4  # one flat index at a time, on the host
     stages.append(StagePlan("index", index_peak if cpu else 0.0, index_peak, index_files, 0.0,

@@ -374,8 +374,6 @@ class Whitening:
 
     def __init__(self, factors, damping: Mapping[str, float], keep: int | None = None):
         self.strategy = get_strategy(factors.strategy)
-        if self.strategy.eigenvalues(next(iter(factors.layers.values()))) is None:
-            raise ValueError(f"whitening needs curvature eigenvalues; {factors.strategy} has none")
         self.factors = factors
         self.damping = dict(damping)
         # A whitened document has expected energy Lambda / (Lambda + lambda) per coordinate, so
@@ -385,6 +383,8 @@ class Whitening:
 
     def _kept(self, lf, damping: float, keep: int | None) -> _Kept:
         lam = self.strategy.eigenvalues(lf)
+        if lam is None:
+            raise ValueError(f"whitening needs curvature eigenvalues; {self.factors.strategy} has none")
         width = lam.shape[-1]
         values = lam.flatten()
         if keep is None or keep >= len(values):
@@ -394,7 +394,7 @@ class Whitening:
         i, j = flat // width, flat % width
         rows, cols = torch.unique(i), torch.unique(j)
         pairs = torch.searchsorted(rows, i) * len(cols) + torch.searchsorted(cols, j)
-        scale = torch.sqrt(lam.flatten()[flat].double() + damping).to(lam.dtype)
+        scale = torch.sqrt(values[flat].double() + damping).to(lam.dtype)
         q_s, q_a = self.strategy.basis(lf)
         return _Kept(flat, rows, cols, pairs, scale, None if q_s is None else q_s[:, rows].contiguous(),
                      None if q_a is None else q_a[:, cols].contiguous())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,15 +26,9 @@ BUILD_COMMANDS = {"build-demo": "build the default demo study offline (CPU, minu
 def build_studies(argv: list[str]) -> int:
     """Run a build command (``build-demo ...`` or ``precompute ...``) in ``python -m precompute``;
     its exit code. Stopping ``msif`` stops the build (it resumes where it stopped)."""
-    from .server import sigterm_interrupts, stop
+    from engine.processes import run_child
 
-    child = subprocess.Popen([sys.executable, "-m", "precompute", *argv])
-    try:
-        with sigterm_interrupts():
-            return child.wait()
-    except KeyboardInterrupt:
-        stop(child)
-        return 130
+    return run_child([sys.executable, "-m", "precompute", *argv])
 
 
 def _app(args) -> int:

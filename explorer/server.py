@@ -1,11 +1,8 @@
-"""Serving the Streamlit app (``explorer/app.py``) on a study until interrupted, and running
-child processes that stop when ``msif`` is stopped."""
+"""Serving the Streamlit app (``explorer/app.py``) on a study until interrupted."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,32 +10,10 @@ import urllib.request
 import webbrowser
 from pathlib import Path
 
+from engine.processes import sigterm_interrupts, stop
+
 STUDY_ENV, DEVICE_ENV = "MSIF_STUDY", "MSIF_DEVICE"  # how the server tells the pages what to open
 APP = Path(__file__).resolve().parent / "app.py"
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt inside the block (restored after), so that a terminated
-    ``msif`` stops its child processes as Ctrl+C does instead of leaving them running."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stop(process: subprocess.Popen, timeout: float = 20) -> None:
-    """Terminate ``process`` and wait for it; kill it if it does not end in ``timeout`` seconds."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,15 +89,10 @@ def _launch(argv: list[str], nproc: int) -> int:
     """Re-run this command under torchrun with ``nproc`` processes (one machine)."""
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
             and not a.startswith("--nproc=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "precompute", *rest]
-    child = subprocess.Popen(command)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        child.terminate()
-        child.wait()
-        return 130
+    from engine.processes import run_child
+
+    return run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                      str(nproc), "-m", "precompute", *rest])
 
 
 def build_parser() -> argparse.ArgumentParser:

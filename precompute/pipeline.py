@@ -35,6 +35,7 @@ from engine import (
     KroneckerProjector,
     LanguageModelingTask,
     encode_document_batches,
+    encode_documents,
     fit_factors,
     iter_projected_documents,
 )
@@ -70,8 +71,7 @@ class Batches(Sequence):
 
 def document_batches(tokenizer, texts, max_length: int, batch_size: int) -> Batches:
     def make(i: int) -> dict:
-        return next(encode_document_batches(tokenizer, texts[i * batch_size:(i + 1) * batch_size],
-                                            max_length, batch_size=batch_size))
+        return encode_documents(tokenizer, texts[i * batch_size:(i + 1) * batch_size], max_length)
     return Batches(make, math.ceil(len(texts) / batch_size))
 
 
@@ -84,7 +84,8 @@ def record_batches(tokenizer, config: StudyConfig, records, batch_size: int) -> 
 
 def run_stage(study: Study, stage: str, produce: Callable[[], Iterable[str]], config, *, every_rank: bool = False,
               info: Callable[[], dict] | None = None) -> bool:
-    """``Study.run_stage`` for one or many processes: every rank agrees whether the stage is done;
+    """Run ``produce`` unless ``stage`` is done (``Study.is_done``), then record it (``Study.record_stage``),
+    for one or many processes: every rank agrees whether the stage is done;
     ``produce`` runs on rank 0 (or on every rank, each doing its share, with ``every_rank``) and
     rank 0 records the files it names, with its own time and peak memory. True when it ran."""
     dist.barrier()
@@ -117,11 +118,8 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
                          "retrieval": {k: getattr(inf, k) for k in (
                              "projection_dim", "eigen_dim", "alpha", "damping", "damping_factor", "vector_dtype")},
                          "inputs": study.checksums(layout.DOCUMENTS, layout.RECORDS, layout.PT_FACTORS)}
-    documents = len(_dataset(study, layout.DOCUMENTS))
     run_stage(study, Stage.PROJECTION, lambda: _project(study, config, tokenizer, device, progress),
-              projection_config, every_rank=True,
-              info=lambda: {"vectors": {"documents": documents, "shards": math.ceil(documents / SHARD_SIZE),
-                                        "shard_size": SHARD_SIZE, "dtype": inf.vector_dtype}})
+              projection_config, every_rank=True, info=lambda: _vector_record(study, inf.vector_dtype))
     run_stage(study, Stage.INDEX, lambda: _index(study, inf.index),
               {"index": inf.index, "inputs": study.checksums(layout.SHARDS)})
     return study
@@ -200,6 +198,13 @@ def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
             *(layout.shard_file(s, kind) for s in range(shards) for kind in layout.SHARD_KINDS)]
 
 
+def _vector_record(study: Study, dtype: str) -> dict:
+    """What readers of the shards need (``DocumentVectors.of``), recorded with the projection stage."""
+    documents = len(_dataset(study, layout.DOCUMENTS))
+    return {"vectors": {"documents": documents, "shards": math.ceil(documents / SHARD_SIZE),
+                        "shard_size": SHARD_SIZE, "dtype": dtype}}
+
+
 def _fresh_shards(study: Study, stamp: dict) -> None:
     """The shard directory, emptied first when its shards were made with other settings."""
     if dist.is_main():
@@ -215,12 +220,11 @@ def _fresh_shards(study: Study, stamp: dict) -> None:
 def _index(study: Study, kind: str) -> list[str]:
     """Inner-product indexes: raw projections, raw / ||G|| (cosine), whitened (multi-stage), each
     filled a shard at a time from the memory-mapped vectors."""
-    info = study.manifest()["stages"][Stage.PROJECTION]["vectors"]
-    vectors = DocumentVectors(study, info["shards"], info["dtype"])
-    kind = kind if info["documents"] >= 1000 else "flat"  # IVF needs enough points to train
+    vectors = DocumentVectors.of(study)
+    kind = kind if vectors.documents >= 1000 else "flat"  # IVF needs enough points to train
     built = ((layout.RAW_INDEX, "raw"), (layout.COSINE_INDEX, "projected"), (layout.WHITENED_INDEX, "whitened"))
     for artifact, rows in built:
-        index = GradientIndex.from_chunks(vectors.chunks(rows), vectors.dim(rows), info["documents"], kind=kind)
+        index = GradientIndex.from_chunks(vectors.chunks(rows), vectors.dim(rows), vectors.documents, kind=kind)
         index.save(study.path(artifact))
     return [artifact.path for artifact, _ in built]
 

@@ -84,8 +84,7 @@ def test_pipeline_builds_a_verifiable_study(inputs, tmp_path):
 def _vectors(study: Study):
     from engine.study.vectors import DocumentVectors
 
-    info = study.manifest()["stages"][Stage.PROJECTION]["vectors"]
-    return DocumentVectors(study, info["shards"], info["dtype"])
+    return DocumentVectors.of(study)
 
 
 def test_projection_resumes_from_finished_shards(inputs, tmp_path, monkeypatch):

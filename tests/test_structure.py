@@ -84,3 +84,22 @@ def test_shipped_config_and_the_demo_share_the_one_dolly_template(tiny_study):
     demo = StudyConfig.from_dict(Study(tiny_study).manifest()["config"])
     assert demo.prompts.prompt("Say hi.") == shipped.prompts.prompt("Say hi.")
     assert demo.prompts.prompt(" Say hi. ", "Some text.").endswith("Say hi.\n\nInput:\nSome text.\n\n### Response:\n")
+
+
+def test_a_stopped_msif_stops_its_child_processes(tmp_path):
+    """run_child (msif's build commands, the torchrun launch): SIGTERM to the parent ends the child."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys\nfrom engine.processes import run_child\n"
+                               f"sys.exit(run_child([sys.executable, '-c', {child!r}]))"])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 130
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,17 +108,6 @@ class Study:
         files = manifest["files"]
         return all(self.path(f).exists() and files.get(f, {}).get("size") == self.path(f).stat().st_size
                    for f in record["files"])
-
-    def run_stage(self, stage: str, produce: Callable[[], Iterable[str | Artifact]], config: Any = None,
-                  info: Callable[[], dict] | None = None) -> bool:
-        """Run ``produce`` unless ``stage`` is already done; it returns the files it wrote.
-
-        Returns True when the stage ran, False when it was skipped (resumed).
-        """
-        if self.is_done(stage, config):
-            return False
-        self.record_stage(stage, produce(), config, info() if info else None)
-        return True
 
     def record_stage(self, stage: str, written: Iterable[str | Artifact], config: Any = None,
                      info: dict | None = None) -> None:

@@ -88,8 +88,7 @@ class OpenedStudy:
     @property
     def vectors(self) -> DocumentVectors:
         """The pretraining documents' stored vectors (memory-mapped shards)."""
-        info = self.manifest["stages"][layout.Stage.PROJECTION]["vectors"]
-        return DocumentVectors(self.directory, info["shards"], info["dtype"])
+        return DocumentVectors.of(self.directory)
 
     def sq_norms(self) -> np.ndarray:
         """Exact squared gradient norms of every document at theta_pt, (documents,) float64."""

@@ -45,6 +45,13 @@ class DocumentVectors:
     study: Study
     shards: int
     dtype: str  # how projected and whitened rows are stored (float16 | bfloat16 | float32)
+    documents: int = 0
+
+    @classmethod
+    def of(cls, study: Study) -> DocumentVectors:
+        """The vectors the projection stage recorded in the study's manifest."""
+        info = study.manifest()["stages"][layout.Stage.PROJECTION]["vectors"]
+        return cls(study, info["shards"], info["dtype"], info["documents"])
 
     def _map(self, index: int, kind: str) -> np.ndarray:
         return np.load(self.study.path(layout.shard_file(index, kind)), mmap_mode="r")
