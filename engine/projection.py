@@ -387,10 +387,11 @@ class Whitening:
             raise ValueError(f"whitening needs curvature eigenvalues; {self.factors.strategy} has none")
         width = lam.shape[-1]
         values = lam.flatten()
-        if keep is None or keep >= len(values):
-            flat = torch.argsort(values, descending=True)
-        else:  # topk, not a full argsort: its slice would keep all out * in indices alive
-            flat = torch.topk(values, keep, sorted=True).indices
+        # stable: equal eigenvalues keep index order, the same on every device and torch build
+        # (topk's order of ties is unspecified), so documents projected on one machine and queries
+        # whitened on another agree coordinate for coordinate; clone: a slice would keep the whole
+        # out * in argsort alive
+        flat = torch.argsort(values, descending=True, stable=True)[:keep].clone()
         i, j = flat // width, flat % width
         rows, cols = torch.unique(i), torch.unique(j)
         pairs = torch.searchsorted(rows, i) * len(cols) + torch.searchsorted(cols, j)

@@ -506,3 +506,14 @@ def test_float32_sums_agree_with_float64_sums(pt_model, layers):
     scores = [score_documents(model, TASK, data, model_layers, precondition(grads, args, f, f), progress=False)
               for f in fits.values()]
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6 * float(scores[1].abs().max()))
+
+
+def test_kept_coordinates_break_ties_by_position():
+    """Equal eigenvalues are kept in index order, so documents whitened on one device and queries
+    on another select the same coordinates in the same order."""
+    from engine.curvature import LayerFactors
+    from engine.projection import Whitening
+
+    lam = torch.tensor([[1.0, 3.0, 3.0, 1.0], [3.0, 1.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0]])
+    factors = Factors("diagonal", {"l": LayerFactors(diagonal=lam)}, 1, 1, {})
+    assert Whitening(factors, {"l": 0.1}, keep=6).kept["l"].tolist() == [1, 2, 4, 7, 8, 9]
