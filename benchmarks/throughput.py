@@ -198,7 +198,7 @@ def query_side(tracer: Tracer, text: tuple[str, str, str], repeats: int) -> dict
     prep_s = median_seconds(prepare, repeats)
     query, vector = prepare()
     study = tracer.study
-    found = retrieve(vector, study.indexes.whitened, study.config.influence.candidates)
+    found = study.index.search("whitened", vector, study.config.influence.candidates)
     ids = found.candidate_ids().tolist()
     rescore_s = median_seconds(lambda: rescore(found, study.pretrained.model, TASK, study.pretrained.layers,
                                                query, study.document_batches), repeats)
@@ -337,7 +337,7 @@ def render(args, study: OpenedStudy, stages, first, last, side, sizes, docs, tok
     inf = study.config.influence
     model = study.pretrained.model
     params = sum(p.numel() for p in model.parameters())
-    dim, k = study.indexes.whitened.dim, inf.candidates
+    dim, k = study.vectors.dim("whitened"), inf.candidates
     command = " ".join(["python benchmarks/throughput.py", *map(str, args.argv)])
     parts = [
         "# Throughput: precompute stages and query latency",
@@ -354,7 +354,7 @@ def render(args, study: OpenedStudy, stages, first, last, side, sizes, docs, tok
         f"{len(study.pretrained.layers)} tracked layers; {docs:,} of {len(study.documents):,} documents, "
         f"{tokens:,} tokens ({padded:,} with padding), max_length {inf.max_length}, batch_size "
         f"{inf.batch_size}, label_samples {inf.label_samples}; whitened index dimension {dim:,} "
-        f"(raw index {study.indexes.raw.dim:,}), {k} candidates per sign. Query (multi-stage): "
+        f"(raw vectors {study.vectors.dim('projected'):,}), {k} candidates per sign. Query (multi-stage): "
         f"{side['text']}.",
         "",
         "## Precompute throughput (same batches, one run)",
@@ -397,7 +397,7 @@ def main(argv=None) -> int:
 
     side = query_side(tracer, query_text(study), repeats=3)
     stages, first, last = precompute_stages(study, batches, side["query"])
-    dim, k = study.indexes.whitened.dim, study.config.influence.candidates
+    dim, k = study.vectors.dim("whitened"), study.config.influence.candidates
     sizes = []
     for n in args.sizes:
         for kind in ("flat", "ivf") if args.ivf else ("flat",):

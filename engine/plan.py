@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+SHARD_ROWS = 1024  # documents per vector shard (precompute.pipeline.SHARD_SIZE)
 GIB = 2**30
 LOGIT_COPIES = 2.9  # float32 copies of the logits at a capture's peak (measured)
 SAVED_PER_HIDDEN = 20.5  # hidden-sized activations saved per token and block (measured)
@@ -211,6 +212,20 @@ def projection_stage(job: Job, documents: int) -> StagePlan:
                      seconds, {"weights": job.weights, "kept eigenvector columns": columns, "base": job.base})
 
 
+def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool) -> StagePlan:
+    """The search index (engine.study.index): a flat index writes nothing and reads a shard at a time;
+    a pca index holds its sample (float32, centred in place) and writes (documents, index_dims) float32
+    per vector kind (two kinds), memory-mapped when served."""
+    kind = inf.index_settings().resolved(documents)
+    if kind == "flat":
+        peak = PROCESS_BASE + SHARD_ROWS * max(dims) * 4
+        return StagePlan("index", peak if cpu else 0.0, peak, 0.0, 0.0, {"one shard": SHARD_ROWS * max(dims) * 4})
+    sample = min(documents, inf.index_sample) * max(dims) * 4
+    files = 2 * documents * inf.index_dims * 4
+    peak = PROCESS_BASE + 2 * sample  # the sample and its principal coordinates' temporaries
+    return StagePlan("index", peak if cpu else 0.0, peak, files, 0.0, {"PCA sample": sample, "prefix files": files})
+
+
 def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float | None = None,
                documents: int | None = None, records: int | None = None, model_config: str | None = None) -> Plan:
     """Every stage of ``config``'s study on ``gpus`` devices of kind ``device`` (a key of
@@ -228,11 +243,8 @@ def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float
     stages = [factor_stage("factors-pretrained", job, math.ceil(factor_docs / inf.batch_size / gpus)),
               factor_stage("factors-finetuned", job, math.ceil(records / inf.batch_size / gpus)),
               projection_stage(job, documents)]
-    dims = job.dims
-    index_files = documents * (dims[0] + 2 * dims[1]) * 4
-    index_peak = PROCESS_BASE + documents * max(dims) * 4  # one flat index at a time, on the host
-    stages.append(StagePlan("index", index_peak if cpu else 0.0, index_peak, index_files, 0.0,
-                            {"largest flat index": documents * max(dims) * 4}))
+    stages.append(index_stage(inf, documents, job.dims, cpu))
+    index_files = stages[-1].disk_bytes
     factors = 2 * (shape.eigenbasis_numbers + shape.gradient_numbers) * 4
     serve = job.base + 2 * job.weights + factors + capture_bytes(job) + (index_files if cpu else 0.0)
     stages.append(StagePlan("serve (explorer)", serve, PROCESS_BASE + index_files, 0.0, 0.0,
@@ -280,8 +292,8 @@ def advice(plan: Plan, config) -> list[str]:
         if stage.name.startswith("serve"):
             hint.append("serve on a larger device: both factor sets stay on the device for queries")
         if stage.name == "index":
-            hint.append(f"a smaller eigen_dim (now {inf.eigen_dim}) or fewer documents: flat indexes are held "
-                        "whole while they are built")
+            hint.append(f"a smaller index_sample (now {inf.index_sample}): the principal directions are fit "
+                        "on a sample held in memory")
         lines.append("; ".join(hint))
     return lines
 

@@ -191,6 +191,15 @@ class Retrieval:
             "proponent_ids", "proponent_projected", "opponent_ids", "opponent_projected",
             "proponent_exact", "opponent_exact")))
 
+    def row(self, i: int) -> Retrieval:
+        """Query ``i`` alone (one row)."""
+        def pick(x):
+            return None if x is None else x[i:i + 1]
+
+        return Retrieval(*(pick(getattr(self, f)) for f in (
+            "proponent_ids", "proponent_projected", "opponent_ids", "opponent_projected",
+            "proponent_exact", "opponent_exact")))
+
     def candidate_ids(self) -> np.ndarray:
         """Every document id retrieved for any query, sorted, once."""
         return np.unique(np.concatenate([self.proponent_ids.ravel(), self.opponent_ids.ravel()]))

@@ -76,11 +76,16 @@ def _query(args) -> int:
 
     prompts = _read_prompts(args)
     tracer = Tracer.open(args.study, device=args.device)  # models load once for all prompts
-    for row in prompts:
-        trace = tracer.trace(row["prompt"], row["answer"], method=args.method, top_k=args.top_k,
-                             exhaustive=args.exhaustive)
-        print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
+    # indexed methods: one shared pass per group of prompts (query gradients, index search, re-scoring)
+    for start in range(0, len(prompts), QUERY_GROUP):
+        group = prompts[start:start + QUERY_GROUP]
+        for trace in tracer.trace_many([(r["prompt"], r["answer"]) for r in group], method=args.method,
+                                       top_k=args.top_k, exhaustive=args.exhaustive):
+            print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
     return 0
+
+
+QUERY_GROUP = 16  # prompts traced together: bounds the memory of one stacked query
 
 
 def _format_trace(trace) -> str:

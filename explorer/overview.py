@@ -34,7 +34,7 @@ class StudySummary:
     records: int
     record_categories: dict[str, int]  # most common first
     indexed_documents: int
-    index_kind: str
+    search: dict[str, Any]  # the index stage's record: kind, settings, measured recall
     candidates_per_sign: int
     influence: dict[str, Any]  # the study's influence settings
     stages: dict[str, dict]  # as the manifest records them
@@ -42,6 +42,21 @@ class StudySummary:
 
     def model_table(self) -> dict[str, dict[str, Any]]:
         return {stage: asdict(m) for stage, m in self.models.items()}
+
+    def search_text(self) -> str:
+        """The index in words: what it is and how well it was measured to find the best documents."""
+        s = self.search
+        if s["kind"] == "flat":
+            text = (f"Exhaustive scan of all {self.indexed_documents:,} documents' stored vectors (exact "
+                    "for those vectors)")
+        else:
+            text = (f"Staged search: {s['dims']} principal coordinates of every document scanned in full, "
+                    f"the best {s['rerank']:,} per sign re-scored with their full vectors")
+        text += f", then {self.candidates_per_sign} per sign re-scored exactly."
+        for name, r in s.get("recall", {}).items():
+            text += (f" Measured recall@10 against a full scan of the {name} vectors: {r['at_10']:.3f} "
+                     f"(recall@100 {r['at_100']:.3f}, {r['queries']} fine-tuning records as queries).")
+        return text
 
 
 class Spectrum(NamedTuple):
@@ -65,7 +80,7 @@ def summarize(study: OpenedStudy) -> StudySummary:
         str(study.root), str(study.device),
         {"pretrained": _model_summary(study.pretrained), "fine-tuned": _model_summary(study.finetuned)},
         len(study.documents), len(study.records), dict(categories.most_common()),
-        study.indexes.whitened.ntotal, study.indexes.whitened.kind, config.influence.candidates,
+        study.vectors.documents, study.index.record, config.influence.candidates,
         asdict(config.influence), manifest.get("stages", {}), manifest.get("software", {}))
 
 

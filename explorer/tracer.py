@@ -27,7 +27,6 @@ from engine import (
     pooled_representations,
     precondition,
     rescore,
-    retrieve,
     score_documents,
     sequence_gradients,
 )
@@ -153,18 +152,64 @@ class Tracer:
         query = self.preconditioned_query(prompt, answer, method)
         if method in INDEXED and not exhaustive:
             pool = self.retrieve(query, max(k, self.study.config.influence.candidates))
-            found = pool.head(k)
-            pro = self._document_hits(found.proponent_ids[0], found.proponent_exact[0],
-                                      found.proponent_projected[0])
-            opp = self._document_hits(found.opponent_ids[0], found.opponent_exact[0],
-                                      found.opponent_projected[0])
-            scored = dict(zip(pool.proponent_ids[0].tolist(), pool.proponent_exact[0].tolist()))
-            scored.update(zip(pool.opponent_ids[0].tolist(), pool.opponent_exact[0].tolist()))
-            return (*_signed(pro, opp), query, list(scored.values()))
+            pro, opp, scored = self._pool_hits(pool, k)
+            return pro, opp, query, scored
         side = self._document_side(method)
         scores = score_documents(side.model, TASK, self.study.document_batches(range(len(self.study.documents))),
                                  side.layers, query, progress=self.progress)[0].double().numpy()
         return (*_signed(*self._ranked(scores, k, self._document_hits)), query, scores.tolist())
+
+    def _pool_hits(self, pool: Retrieval, k: int):
+        """(proponents, opponents, exact scores of the pool) of a one-query re-scored pool."""
+        found = pool.head(k)
+        pro = self._document_hits(found.proponent_ids[0], found.proponent_exact[0], found.proponent_projected[0])
+        opp = self._document_hits(found.opponent_ids[0], found.opponent_exact[0], found.opponent_projected[0])
+        scored = dict(zip(pool.proponent_ids[0].tolist(), pool.proponent_exact[0].tolist()))
+        scored.update(zip(pool.opponent_ids[0].tolist(), pool.opponent_exact[0].tolist()))
+        return (*_signed(pro, opp), list(scored.values()))
+
+    def trace_many(self, requests: Sequence[tuple[str, str | None]], method: str = "multi-stage", top_k: int = 10,
+                   heatmaps: bool = True, exhaustive: bool = False) -> list[Trace]:
+        """Trace several (instruction, answer or None) at once. For indexed methods the prompts
+        share one backward pass for their query gradients, one index search and one exact
+        re-scoring pass over all their candidates; other methods trace one by one."""
+        check_method(method)
+        if method not in INDEXED or exhaustive or len(requests) < 2:
+            return [self.trace(i, a, method, top_k, heatmaps=heatmaps, exhaustive=exhaustive) for i, a in requests]
+        started = time.perf_counter()
+        answers = [a if a and a.strip() else self.generate(i) for i, a in requests]
+        if not all(a.strip() for a in answers):
+            raise ValueError("the model's answer to a prompt is empty; give that prompt an answer to trace")
+        prompts = [self.prompt_for(i) for i, _ in requests]
+        generated = time.perf_counter() - started
+        k = min(top_k, len(self.study.documents))
+        with self._lock:
+            t0 = time.perf_counter()
+            batch = encode_prompt_answer(self.study.tokenizer, prompts, answers, self.study.config.influence.max_length)
+            ft = self.study.finetuned
+            query = precondition(sequence_gradients(ft.model, TASK, batch, ft.layers),
+                                 self.study.config.influence.score_arguments(method), self.study.pretrained.factors,
+                                 ft.factors)
+            pool = self.retrieve(query, max(k, self.study.config.influence.candidates))
+            shared = time.perf_counter() - t0
+            traces = []
+            for i, ((instruction, _), prompt, answer) in enumerate(zip(requests, prompts, answers)):
+                t0 = time.perf_counter()
+                pro, opp, scored = self._pool_hits(pool.row(i), k)
+                one = query.select(slice(i, i + 1))
+                if heatmaps:
+                    self._attach_heatmaps(pro + opp, [h.doc_id for h in pro + opp], one, self.study.pretrained,
+                                          self.study.document_batches)
+                timings = Timings(generate=generated / len(requests), rank=shared / len(requests),
+                                  heatmaps=time.perf_counter() - t0)
+                timings.total = timings.generate + timings.rank + timings.heatmaps
+                settings = TraceSettings(self.study.config.influence.alpha, k, one.damping,
+                                         f"index candidates ({self.study.config.influence.candidates} per sign) "
+                                         f"re-scored exactly, in one pass shared by {len(requests)} prompts",
+                                         prompt, "")
+                traces.append(Trace(instruction.strip(), answer, method, pro, opp, self.answer_pieces(prompt, answer),
+                                    settings, timings, scored))
+        return traces
 
     @staticmethod
     def _ranked(scores: np.ndarray, k: int, hits: Callable[[np.ndarray, np.ndarray], list[Hit]]):
@@ -176,10 +221,10 @@ class Tracer:
         """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly."""
         study = self.study
         if query.method == "multi-stage" and whiten:  # split (H_pt + lambda)^-1 between sides
-            found = retrieve(study.whitening.query_vectors(query.vectors), study.indexes.whitened, pool)
-        else:
-            index = study.indexes.cosine if query.method == "gradient-cosine" else study.indexes.raw
-            found = retrieve(study.projector.project_gradients(query.vectors), index, pool)
+            found = study.index.search("whitened", study.whitening.query_vectors(query.vectors), pool)
+        else:  # unit-scale rows: cosine as they are, dot products times the exact norms
+            found = study.index.search("projected", study.projector.project_gradients(query.vectors), pool,
+                                       raw=query.method != "gradient-cosine")
         pt = study.pretrained
         return rescore(found, pt.model, TASK, pt.layers, query, study.document_batches)
 

@@ -34,7 +34,7 @@ def _build_demo(args) -> int:
 
     started = time.perf_counter()
     study = build_demo(args.out, seed=args.seed, recipe=tiny_recipe() if args.tiny else None,
-                       progress=not args.quiet)
+                       progress=not args.quiet, extra_documents=args.extra_documents)
     if not distributed.is_main():
         return 0
     qa = qa_summary(study)["pretrain_only"]
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
     demo.add_argument("--seed", type=int, default=0, help="same seed, same study")
     demo.add_argument("--tiny", action="store_true", help="a seconds-sized world (tests, CI)")
+    demo.add_argument("--extra-documents", type=int, metavar="N",
+                      help="add a haystack of N generated distractor documents to the corpus after training "
+                           "(none of them states a world fact); a study grows or shrinks to N, recomputing only "
+                           "new shards; default: keep the study's")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
     demo.set_defaults(run=_build_demo)

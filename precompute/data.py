@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -44,9 +45,11 @@ def _field(row: dict, name: str, spec_name: str, required: bool = True) -> str:
 
 
 def load_documents(spec: DatasetConfig) -> datasets.Dataset:
-    """Pretraining documents as a Dataset with ``doc_id``, ``title``, ``text`` (empty texts dropped)."""
+    """Pretraining documents as a Dataset with ``doc_id``, ``title``, ``text`` (empty texts dropped);
+    the files of ``spec.more`` follow ``spec.path``'s documents, in order."""
     out = {"doc_id": [], "title": [], "text": []}
-    for row in _rows(spec):
+    sources = [spec] + [replace(spec, path=p, name="", limit=0, more=[]) for p in spec.more]
+    for row in (row for source in sources for row in _rows(source)):
         text = _field(row, spec.text_field, "text_field")
         if not text.strip():
             continue

@@ -17,7 +17,7 @@ import torch
 
 from engine import distributed as dist
 from engine.models import resolve_device
-from engine.storage import atomic_dir, write_json, write_text
+from engine.storage import atomic_dir, atomic_path, write_json, write_text
 from engine.study import (
     DatasetConfig,
     FinetuneDataConfig,
@@ -65,8 +65,12 @@ def tiny_recipe() -> DemoRecipe:
 
 
 def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
-               progress: bool = True) -> Study:
-    """Build (or resume) the demo study in ``out``; every stage is skipped when already done."""
+               progress: bool = True, extra_documents: int | None = None) -> Study:
+    """Build (or resume) the demo study in ``out``; every stage is skipped when already done.
+
+    ``extra_documents``: a haystack of that many generated documents added to the corpus after
+    training (``precompute.haystack``); None keeps what the study has (none for a new study).
+    """
     recipe = recipe or DemoRecipe()
     study = Study(out)
     dist.init(resolve_device("auto"))  # under torchrun, rank 0 alone trains; all ranks run the pipeline
@@ -91,20 +95,45 @@ def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
     run_stage(study, Stage.QA_EVAL, lambda: _evaluate(study, world, tokenizer, recipe),
               {**ft_config, "outputs": [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]})
 
+    extra = _haystack_size(study, extra_documents)
+    run_stage(study, Stage.HAYSTACK, lambda: _write_haystack(study, world, seed, extra, progress),
+              {**world_config, "documents": extra})
+
     alpha = study.manifest()["stages"][Stage.FINETUNE]["report"]["alpha_engine"]
-    run_pipeline(study_config(recipe, alpha, tokenizer.eos_token), out, progress=progress)
+    run_pipeline(study_config(recipe, alpha, tokenizer.eos_token, len(world.documents), extra), out,
+                 progress=progress)
     return study
 
 
-def study_config(recipe: DemoRecipe, alpha: float, eos: str) -> StudyConfig:
-    """The demo as an ordinary study config: paths relative to the study directory."""
+def _haystack_size(study: Study, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--extra-documents must be >= 0, got {requested}")
+        return requested
+    record = study.manifest()["stages"].get(Stage.HAYSTACK)
+    return int(record["config"]["documents"]) if record else 0
+
+
+def _write_haystack(study: Study, world, seed: int, count: int, progress: bool) -> list[str]:
+    from . import haystack
+
+    with atomic_path(study.path(layout.HAYSTACK)) as tmp:
+        haystack.write(tmp, seed, count, haystack.Names.outside(world), progress)
+    return [layout.HAYSTACK.path]
+
+
+def study_config(recipe: DemoRecipe, alpha: float, eos: str, world_documents: int, extra: int = 0) -> StudyConfig:
+    """The demo as an ordinary study config: paths relative to the study directory. Factors are fit
+    on the world's documents (what the model was trained on), not on a haystack after them."""
     prompts = PromptTemplate.dolly(recipe.finetune.intro, response_suffix=eos)
     return StudyConfig(
         models=ModelsConfig(base=layout.PRETRAINED_DIR.path, finetuned=layout.FINETUNED_DIR.path,
                             tokenizer=layout.TOKENIZER_DIR.path, dtype="float32", device="auto"),
-        pretraining=DatasetConfig(path=layout.WORLD_DOCUMENTS.path, title_field="title"),
+        pretraining=DatasetConfig(path=layout.WORLD_DOCUMENTS.path, title_field="title",
+                                  more=[layout.HAYSTACK.path] if extra else []),
         finetuning=FinetuneDataConfig(path=layout.WORLD_RECORDS.path),
-        influence=InfluenceConfig(**{**asdict(recipe.influence), "alpha": alpha}),
+        influence=InfluenceConfig(**{**asdict(recipe.influence), "alpha": alpha,
+                                     "factor_documents": world_documents}),
         template=prompts.template, context_template=prompts.context_template,
         response_suffix=prompts.response_suffix,
     )

@@ -6,7 +6,7 @@ Stages, each resumable and recorded in the manifest (paths: ``engine.study.layou
   factors-pretrained  curvature of theta_pt on pretraining text (all tokens scored)
   factors-finetuned   curvature of theta_ft on the records (response tokens scored)
   projection          projected and whitened pretraining-document gradients at theta_pt (shards)
-  index               faiss indexes over them
+  index               the search index over them (exhaustive, or staged for large corpora)
 
 Under torchrun every rank runs this; rank 0 alone writes the manifest, the data stages, the
 factor directories and the indexes, while factor passes split batches across ranks and the
@@ -15,6 +15,7 @@ projection stage splits shards (shard ``s`` belongs to rank ``s % world``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,20 +32,21 @@ from tqdm.auto import tqdm
 
 from engine import (
     Factors,
-    GradientIndex,
     KroneckerProjector,
     LanguageModelingTask,
     encode_document_batches,
     encode_documents,
     fit_factors,
     iter_projected_documents,
+    precondition,
+    sequence_gradients,
 )
 from engine import distributed as dist
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
 from engine.resources import Meter
-from engine.storage import atomic_path, write_json
-from engine.study import Stage, Study, StudyConfig, layout
-from engine.study.vectors import DocumentVectors, shard_done, write_shard
+from engine.storage import atomic_path, write_json, write_text
+from engine.study import Stage, Study, StudyConfig, build_index, layout
+from engine.study.vectors import shard_done, write_shard
 
 log = logging.getLogger(__name__)
 TASK = LanguageModelingTask()
@@ -120,8 +122,10 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
                          "inputs": study.checksums(layout.DOCUMENTS, layout.RECORDS, layout.PT_FACTORS)}
     run_stage(study, Stage.PROJECTION, lambda: _project(study, config, tokenizer, device, progress),
               projection_config, every_rank=True, info=lambda: _vector_record(study, inf.vector_dtype))
-    run_stage(study, Stage.INDEX, lambda: _index(study, inf.index),
-              {"index": inf.index, "inputs": study.checksums(layout.SHARDS)})
+    index: dict = {}
+    run_stage(study, Stage.INDEX, lambda: _index(study, config, device, index, progress),
+              {"index": asdict(inf.index_settings()), "inputs": study.checksums(layout.SHARDS)},
+              info=lambda: {"search": index.pop("search")})
     return study
 
 
@@ -131,8 +135,11 @@ def _data_stages(study: Study, config: StudyConfig) -> None:
 
     pt_data = replace(config.pretraining, path=study.resolve(config.pretraining.path))
     ft_data = replace(config.finetuning, path=study.resolve(config.finetuning.path))
+    pt_data = replace(pt_data, more=[study.resolve(p) for p in pt_data.more])
     run_stage(study, Stage.CORPUS, lambda: _write_dataset(study, layout.DOCUMENTS, load_documents(pt_data)),
-              {**asdict(config.pretraining), "inputs": _source_stamp(pt_data.path)})
+              {**asdict(config.pretraining),
+               "inputs": [_source_stamp(p) for p in [pt_data.path, *pt_data.more]] if pt_data.more
+               else _source_stamp(pt_data.path)})
     run_stage(study, Stage.FINETUNE_DATA,
               lambda: _write_dataset(study, layout.RECORDS, load_finetune_records(ft_data)),
               {**asdict(config.finetuning), "inputs": _source_stamp(ft_data.path)})
@@ -142,11 +149,14 @@ def _factor_stages(study: Study, config: StudyConfig, tokenizer, device: torch.d
                    progress: bool) -> dict:
     """Both stages' curvature factors; returns the settings they depend on (for later stages)."""
     inf = config.influence
+    documents = _dataset(study, layout.DOCUMENTS)
+    used = min(len(documents), inf.factor_documents or len(documents))
+    texts = documents.select(range(used))["text"]
+    # H_pt depends on the documents it is fit on, not on documents added after them (a haystack)
     factor_config = {"models": asdict(config.models),
-                     "influence": {k: getattr(inf, k) for k in FIT_KEYS},
+                     "influence": {**{k: getattr(inf, k) for k in FIT_KEYS}, "factor_documents": used},
                      "template": config.template, "response_suffix": config.response_suffix,
-                     "inputs": study.checksums(layout.DOCUMENTS, layout.RECORDS)}
-    texts = _dataset(study, layout.DOCUMENTS)["text"][: inf.factor_documents or None]
+                     "inputs": {"documents": texts_digest(texts), **study.checksums(layout.RECORDS)}}
     records = _dataset(study, layout.RECORDS)
 
     def fit(location: str, factors: layout.Artifact, loader: Batches) -> list[str]:
@@ -181,21 +191,30 @@ def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
     projector = KroneckerProjector.for_layers(layers, inf.projection_dim, seed=inf.seed)
     whitening = inf.whitening(Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False))
     _fresh_shards(study, {"projector": projector.checksum(), "vector_dtype": inf.vector_dtype,
-                          "inputs": study.checksums(layout.DOCUMENTS, layout.PT_FACTORS)})
+                          "inputs": study.checksums(layout.PT_FACTORS)})
     texts = _dataset(study, layout.DOCUMENTS)["text"]
     shards = math.ceil(len(texts) / SHARD_SIZE)
+    digests = [texts_digest(texts[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]) for s in range(shards)]
+    if dist.is_main():
+        _drop_stale_shards(study, digests)
+    dist.barrier()
     mine = [s for s in range(shards) if dist.owner(s) == dist.rank() and not shard_done(study, s)]
-    for s in tqdm(mine, desc="projection shards", disable=not progress, unit="shard"):
-        batches = encode_document_batches(tokenizer, texts[s * SHARD_SIZE:(s + 1) * SHARD_SIZE], inf.max_length,
-                                          batch_size=inf.batch_size)
-        parts = list(iter_projected_documents(model, TASK, batches, layers, projector, norms=True,
-                                              whitening=whitening, progress=False))
-        write_shard(study, s, *(np.concatenate([getattr(p, k) for p in parts])
-                                for k in ("vectors", "whitened", "sq_norms")), inf.vector_dtype)
+    todo = sum(len(texts[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]) for s in mine)
+    with tqdm(total=todo, desc="projecting documents", disable=not progress, unit="doc", unit_scale=True) as bar:
+        for s in mine:
+            chunk = texts[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]
+            batches = encode_document_batches(tokenizer, chunk, inf.max_length, batch_size=inf.batch_size)
+            parts = list(iter_projected_documents(model, TASK, batches, layers, projector, norms=True,
+                                                  whitening=whitening, progress=False))
+            write_text(study.path(layout.shard_digest_file(s)), digests[s] + "\n")
+            write_shard(study, s, *(np.concatenate([getattr(p, k) for p in parts])
+                                    for k in ("vectors", "whitened", "sq_norms")), inf.vector_dtype)
+            bar.update(len(chunk))
     if dist.is_main():
         projector.save(study.path(layout.PROJECTOR), include_matrices=True, metadata={"model": config.models.base})
     return [layout.PROJECTOR.path, f"{layout.SHARDS.path}/stamp.json",
-            *(layout.shard_file(s, kind) for s in range(shards) for kind in layout.SHARD_KINDS)]
+            *(f for s in range(shards) for f in (layout.shard_digest_file(s),
+                                                  *(layout.shard_file(s, kind) for kind in layout.SHARD_KINDS)))]
 
 
 def _vector_record(study: Study, dtype: str) -> dict:
@@ -217,16 +236,58 @@ def _fresh_shards(study: Study, stamp: dict) -> None:
     dist.barrier()
 
 
-def _index(study: Study, kind: str) -> list[str]:
-    """Inner-product indexes: raw projections, raw / ||G|| (cosine), whitened (multi-stage), each
-    filled a shard at a time from the memory-mapped vectors."""
-    vectors = DocumentVectors.of(study)
-    kind = kind if vectors.documents >= 1000 else "flat"  # IVF needs enough points to train
-    built = ((layout.RAW_INDEX, "raw"), (layout.COSINE_INDEX, "projected"), (layout.WHITENED_INDEX, "whitened"))
-    for artifact, rows in built:
-        index = GradientIndex.from_chunks(vectors.chunks(rows), vectors.dim(rows), vectors.documents, kind=kind)
-        index.save(study.path(artifact))
-    return [artifact.path for artifact, _ in built]
+def _index(study: Study, config: StudyConfig, device: torch.device, out: dict, progress: bool) -> list[str]:
+    """The search index over the shards (``engine.study.index``), with its recall against a full
+    scan measured on fine-tuning records as queries (they are prompts in the study's template)."""
+    settings = config.influence.index_settings()
+    staged = settings.resolved(len(_dataset(study, layout.DOCUMENTS))) != "flat"  # a flat index is the scan itself
+    written, out["search"] = build_index(study, settings, probes=_probe_queries(study, config, device) if staged
+                                         else None, progress=progress)
+    return written
+
+
+def _probe_queries(study: Study, config: StudyConfig, device: torch.device, count: int = 16) -> dict:
+    """Query vectors of the first ``count`` fine-tuning records as the explorer makes them for a prompt
+    and its answer: multi-stage, whitened (for the whitened vectors); gradient-dot, projected (for the
+    projected ones)."""
+    inf = config.influence
+    records = _dataset(study, layout.RECORDS)
+    records = records.select(range(min(count, len(records))))
+    ft_model = load_causal_lm(study.resolve(config.models.finetuned), config.models.dtype, device)
+    pt_factors = Factors.load(study.path(layout.PT_FACTORS), device=device)
+    ft_factors = Factors.load(study.path(layout.FT_FACTORS), device=device)
+    tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
+    layers = inf.tracked_layers(ft_model)
+    queries: dict[str, list] = {"multi-stage": [], "gradient-dot": []}
+    for batch in config.prompts.record_batches(tokenizer, records, inf.max_length, inf.batch_size):
+        grads = sequence_gradients(ft_model, TASK, batch, layers)
+        for method, parts in queries.items():
+            parts.append(precondition(grads, inf.score_arguments(method), pt_factors, ft_factors).vectors)
+    joined = {method: {name: torch.cat([v[name] for v in parts]) for name in parts[0]}
+              for method, parts in queries.items()}
+    projector = KroneckerProjector.load(study.path(layout.PROJECTOR))
+    return {"whitened": inf.whitening(pt_factors).query_vectors(joined["multi-stage"]).cpu().numpy(),
+            "projected": projector.project_gradients(joined["gradient-dot"]).cpu().numpy()}
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """sha256 over texts (length-prefixed, so boundaries count)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def _drop_stale_shards(study: Study, digests: list[str]) -> None:
+    """Remove shards whose texts changed, and shards past the end of a corpus that shrank."""
+    shard_dir = study.path(layout.SHARDS)
+    for path in sorted(shard_dir.glob("shard-*")):
+        s = int(path.name.split("-")[1])
+        digest_file = study.path(layout.shard_digest_file(s))
+        stored = digest_file.read_text().strip() if digest_file.exists() else ""
+        if s >= len(digests) or stored != digests[s]:
+            shutil.rmtree(path)
 
 
 def _dataset(study: Study, artifact: layout.Artifact) -> datasets.Dataset:

@@ -71,7 +71,7 @@ def test_a_study_of_another_format_version_is_refused_with_a_rebuild_message(tmp
     study.mkdir()  # format 1: factors in one float64 file, vectors concatenated (before 2026-12-01)
     (study / layout.MANIFEST.path).write_text(json.dumps({"format": layout.FORMAT, "format_version": 1,
                                                           "stages": {}, "files": {}}))
-    with pytest.raises(StudyError, match=r"format 1; this one reads 2\): rebuild the study .*msif build-demo"):
+    with pytest.raises(StudyError, match=r"format 1; this one reads 3\): rebuild the study .*msif build-demo"):
         open_study(study)
 
 

@@ -4,6 +4,7 @@
 - :mod:`~engine.study.layout`: every path in one table, stage names, what a reader needs (no torch);
 - :mod:`~engine.study.config`: the config schema and the prompt template;
 - :mod:`~engine.study.manifest`: the manifest, stages run once and recorded, verification;
+- :mod:`~engine.study.vectors` and :mod:`~engine.study.index`: document vectors in shards, the search index;
 - :mod:`~engine.study.opened`: :func:`open_study`, a finished study as one typed bundle.
 """
 
@@ -12,9 +13,10 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "config": ["DOLLY_INTRO", "DatasetConfig", "FinetuneDataConfig", "InfluenceConfig", "ModelsConfig",
                "PromptTemplate", "StudyConfig", "dolly_template"],
+    "index": ["IndexSettings", "StudyIndex", "VectorSearch", "build_index"],
     "layout": ["DEFAULT_STUDY", "Stage"],
     "manifest": ["Study", "StudyError", "jsonable", "sha256_file"],
-    "opened": ["Indexes", "OpenedStudy", "StageModel", "open_study"],
+    "opened": ["OpenedStudy", "StageModel", "open_study"],
 }
 
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)

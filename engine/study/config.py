@@ -19,6 +19,7 @@ from ..projection import Whitening
 from ..storage import VECTOR_DTYPES
 from ..text import encode_prompt_answer
 from ..tracking import find_tracked_layers
+from .index import IndexSettings
 
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.")
@@ -87,6 +88,7 @@ class DatasetConfig:
     title_field: str = ""
     limit: int = 0  # 0 = all
     streaming: bool = False
+    more: list[str] = field(default_factory=list)  # more document files, appended in order (e.g. a haystack)
 
 
 @dataclass
@@ -113,7 +115,10 @@ class InfluenceConfig:
     exclude: list[str] = field(default_factory=list)
     projection_dim: int = 256  # per tracked layer (k_out * k_in), for the raw-gradient indexes
     eigen_dim: int = 1024  # per tracked layer: top eigen-coordinates kept for multi-stage retrieval
-    index: str = "flat"  # flat (exact inner product) | ivf
+    index: str = "auto"  # flat (exhaustive scan) | pca (staged: principal prefix, re-rank) | auto: by corpus size
+    index_dims: int = 256  # pca: principal coordinates scanned for every document
+    rerank: int = 1000  # pca: candidates per sign re-scored with their full vectors
+    index_sample: int = 16384  # pca: documents the principal directions are fit on
     candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
     accumulation: str = "float32"  # precision of the factor fit's running sums: float32 | float64
@@ -132,6 +137,9 @@ class InfluenceConfig:
     def score_arguments(self, method: str) -> ScoreArguments:
         return ScoreArguments(method=method, alpha=self.alpha, damping=self.damping,
                               damping_factor=self.damping_factor)
+
+    def index_settings(self) -> IndexSettings:
+        return IndexSettings(self.index, self.index_dims, self.rerank, self.index_sample, self.seed)
 
     def whitening(self, pt_factors) -> Whitening:
         """The pretraining-side half-inverse with the damping multi-stage scoring uses."""
@@ -185,6 +193,7 @@ class StudyConfig:
         if self.influence.vector_dtype not in VECTOR_DTYPES:
             raise ValueError(f"influence.vector_dtype must be one of {', '.join(VECTOR_DTYPES)}")
         self.influence.factor_arguments(progress=False)  # checks accumulation and the rest
+        self.influence.index_settings()  # checks the index knobs
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMAT = "msif-study"
-FORMAT_VERSION = 2  # 2: factors as per-layer directories, document vectors in memory-mappable shards
+FORMAT_VERSION = 3  # 2: factors as per-layer directories, document vectors in memory-mappable shards;
+# 3: a staged search index (PCA prefix + full rows from the shards) instead of three faiss files
 DEFAULT_STUDY = "studies/demo"  # where `msif app` and the benchmarks look for the demo study
 
 
@@ -22,6 +23,7 @@ class Stage:
     PRETRAIN = "pretrain"
     FINETUNE = "finetune"
     QA_EVAL = "qa-eval"
+    HAYSTACK = "haystack"
     # every study (`precompute`, and `build-demo` after the stages above)
     CORPUS = "corpus"
     FINETUNE_DATA = "finetune-data"
@@ -31,7 +33,7 @@ class Stage:
     INDEX = "index"
 
 
-DEMO_STAGES = (Stage.WORLD, Stage.TOKENIZER, Stage.PRETRAIN, Stage.FINETUNE, Stage.QA_EVAL)
+DEMO_STAGES = (Stage.WORLD, Stage.TOKENIZER, Stage.PRETRAIN, Stage.FINETUNE, Stage.QA_EVAL, Stage.HAYSTACK)
 PIPELINE_STAGES = (Stage.CORPUS, Stage.FINETUNE_DATA, Stage.FACTORS_PRETRAINED,
                    Stage.FACTORS_FINETUNED, Stage.PROJECTION, Stage.INDEX)
 READER_STAGES = PIPELINE_STAGES  # what opening a study for queries needs
@@ -65,6 +67,9 @@ QA_REPORT = Artifact("world/qa_eval.json", Stage.QA_EVAL,
                      "how well theta_ft answers questions, per split, with every response")
 DEMO_PROMPTS = Artifact("world/demo_prompts.jsonl", Stage.QA_EVAL,
                         "pretraining-only questions theta_ft answers correctly")
+HAYSTACK = Artifact("world/haystack.parquet", Stage.HAYSTACK,
+                    "generated distractor documents added after training (`--extra-documents`): "
+                    "title, text, kind; none names a world entity")
 # every study
 DOCUMENTS = Artifact("corpus/documents.parquet", Stage.CORPUS,
                      "pretraining documents: doc_id, title, text")
@@ -85,17 +90,20 @@ WHITENED = Artifact("gradients/shards/*/whitened.npy", Stage.PROJECTION,
                     "(shard documents, D') whitened top eigen-coordinates, in vector_dtype")
 SQ_NORMS = Artifact("gradients/shards/*/sq_norms.npy", Stage.PROJECTION,
                     "(shard documents,) float64 exact squared gradient norms")
-RAW_INDEX = Artifact("index/gradients.faiss", Stage.INDEX,
-                     "inner-product index of the projected raw gradients")
-COSINE_INDEX = Artifact("index/gradients-normalized.faiss", Stage.INDEX,
-                        "the same, each row divided by its exact norm (gradient-cosine)")
-WHITENED_INDEX = Artifact("index/gradients-whitened.faiss", Stage.INDEX,
-                          "inner-product index of the whitened coordinates (multi-stage)")
+SHARD_TEXTS = Artifact("gradients/shards/*/texts.sha256", Stage.PROJECTION,
+                       "digest of the shard's document texts: a grown or edited corpus recomputes only "
+                       "the shards whose texts changed")
+INDEX_DIR = Artifact("index", Stage.INDEX, "the search index; none for a flat (exhaustive) index, otherwise "
+                     "the two files below per vector kind (projected, whitened)")
+INDEX_PREFIX = Artifact("index/*-prefix.npy", Stage.INDEX,
+                        "(documents, index_dims) float32 principal coordinates, scanned in full")
+INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
+                       "their mean and principal directions, fit on a sample of the vectors")
 
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
-          PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, DOCUMENTS, RECORDS, PT_FACTORS,
-          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, RAW_INDEX, COSINE_INDEX,
-          WHITENED_INDEX)
+          PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
+          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_PREFIX,
+          INDEX_BASIS)
 SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
 
 
@@ -106,6 +114,15 @@ def shard(index: int) -> str:
 
 def shard_file(index: int, kind: str) -> str:
     return f"{shard(index)}/{kind}.npy"
+
+
+def shard_digest_file(index: int) -> str:
+    return f"{shard(index)}/texts.sha256"
+
+
+def index_file(kind: str, part: str) -> str:
+    """``index/{kind}-prefix.npy`` or ``index/{kind}-basis.safetensors`` (kind: projected | whitened)."""
+    return f"{INDEX_DIR.path}/{kind}-prefix.npy" if part == "prefix" else f"{INDEX_DIR.path}/{kind}-basis.safetensors"
 
 
 def describe() -> str:

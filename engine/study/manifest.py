@@ -114,6 +114,9 @@ class Study:
         """Record a finished stage: its settings, its files with their checksums, ``info``."""
         written = [str(f) for f in written]
         data = self.manifest()
+        before = data["stages"].get(stage, {}).get("files", [])
+        for rel in set(before) - set(written):  # e.g. shards of a corpus that shrank
+            data["files"].pop(rel, None)
         for rel in written:
             p = self.path(rel)
             if not p.exists():

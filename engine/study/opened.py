@@ -16,11 +16,11 @@ from torch import nn
 from ..factors import Factors
 from ..models import load_causal_lm, load_tokenizer, resolve_device
 from ..projection import KroneckerProjector, Whitening
-from ..retrieval import GradientIndex
 from ..text import encode_document_batches
 from ..tracking import TrackedLayer
 from . import layout
 from .config import PromptTemplate, StudyConfig
+from .index import StudyIndex
 from .manifest import Study
 from .vectors import DocumentVectors
 
@@ -36,15 +36,6 @@ class StageModel:
 
 
 @dataclass
-class Indexes:
-    """The study's inner-product indexes over pretraining documents (rows = doc_ids)."""
-
-    raw: GradientIndex  # projected raw gradients: gradient-dot, pt-inverse-dropped
-    cosine: GradientIndex  # the same divided by exact norms: gradient-cosine
-    whitened: GradientIndex  # whitened top eigen-coordinates: multi-stage
-
-
-@dataclass
 class OpenedStudy:
     """Everything a query needs, loaded once."""
 
@@ -57,7 +48,7 @@ class OpenedStudy:
     finetuned: StageModel  # theta_ft; queries' gradients live here
     projector: KroneckerProjector
     whitening: Whitening
-    indexes: Indexes
+    index: StudyIndex  # search over the document vectors (memory-mapped)
     documents: Any  # datasets.Dataset: doc_id, title, text
     records: Any  # datasets.Dataset: record_id, instruction, context, response, category
 
@@ -87,8 +78,8 @@ class OpenedStudy:
 
     @property
     def vectors(self) -> DocumentVectors:
-        """The pretraining documents' stored vectors (memory-mapped shards)."""
-        return DocumentVectors.of(self.directory)
+        """The pretraining documents' stored vectors (memory-mapped shards, opened once)."""
+        return self.index.vectors
 
     def sq_norms(self) -> np.ndarray:
         """Exact squared gradient norms of every document at theta_pt, (documents,) float64."""
@@ -112,11 +103,9 @@ def open_study(root: str | os.PathLike, device: str = "auto") -> OpenedStudy:
     finetuned = _stage_model(study, config, m.finetuned, layout.FT_FACTORS, device)
     projector = KroneckerProjector.load(study.path(layout.PROJECTOR))
     projector.check_compatible(pretrained.layers)
-    indexes = Indexes(*(GradientIndex.load(study.path(a)) for a in (
-        layout.RAW_INDEX, layout.COSINE_INDEX, layout.WHITENED_INDEX)))
     return OpenedStudy(
         study, manifest, config, device, load_tokenizer(study.resolve(m.tokenizer or m.finetuned)),
-        pretrained, finetuned, projector, config.influence.whitening(pretrained.factors), indexes,
+        pretrained, finetuned, projector, config.influence.whitening(pretrained.factors), StudyIndex.of(study),
         datasets.Dataset.from_parquet(str(study.path(layout.DOCUMENTS))),
         datasets.Dataset.from_parquet(str(study.path(layout.RECORDS))))
 

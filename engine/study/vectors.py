@@ -1,15 +1,17 @@
-"""Pretraining-document vectors as a study stores them: shards of memory-mapped .npy files.
+"""Pretraining-document vectors as a study stores them: shards of .npy files.
 
 Shard ``s`` holds documents ``[s * shard_size, (s + 1) * shard_size)`` in three files:
 ``projected`` (the Kronecker projection divided by the document's exact gradient norm, so that
 16-bit storage is safe whatever the gradients' scale), ``whitened`` (the kept eigen-coordinates,
-O(1) by construction) and ``sq_norms`` (float64). Rows are read through memory maps, a chunk at
-a time; nothing concatenates a whole corpus in memory.
+O(1) by construction) and ``sq_norms`` (float64). Scans read a shard at a time, random rows are read
+exactly (``pread``); nothing concatenates a whole corpus in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,38 +40,114 @@ def shard_done(study: Study, index: int) -> bool:
     return study.path(layout.shard_file(index, "sq_norms")).exists()
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    """Threads for reading rows: os.pread releases the GIL, so a disk serves many reads at once."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(16, thread_name_prefix="msif-rows")
+    return _POOL
+
+
+@dataclass(frozen=True)
+class _Header:
+    offset: int  # where the rows start in the .npy file
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 @dataclass
 class DocumentVectors:
-    """The study's document shards, memory-mapped."""
+    """The study's document shards. Scans read whole shards one at a time; random rows (a query's
+    candidates) are read with ``pread``, exactly their bytes, so that neither keeps pages mapped:
+    the process's memory is what it allocates, and the page cache stays the kernel's."""
 
     study: Study
     shards: int
     dtype: str  # how projected and whitened rows are stored (float16 | bfloat16 | float32)
     documents: int = 0
+    shard_size: int = 1024
 
     @classmethod
     def of(cls, study: Study) -> DocumentVectors:
         """The vectors the projection stage recorded in the study's manifest."""
         info = study.manifest()["stages"][layout.Stage.PROJECTION]["vectors"]
-        return cls(study, info["shards"], info["dtype"], info["documents"])
+        return cls(study, info["shards"], info["dtype"], info["documents"], info["shard_size"])
 
-    def _map(self, index: int, kind: str) -> np.ndarray:
-        return np.load(self.study.path(layout.shard_file(index, kind)), mmap_mode="r")
+    def __post_init__(self):
+        self._headers: dict[tuple[int, str], _Header] = {}
+
+    def _path(self, index: int, kind: str) -> str:
+        return str(self.study.path(layout.shard_file(index, kind)))
+
+    def _read(self, index: int, kind: str) -> np.ndarray:
+        return np.load(self._path(index, kind))
+
+    def _header(self, index: int, kind: str) -> _Header:
+        key = (index, kind)
+        if key not in self._headers:
+            with open(self._path(index, kind), "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if fortran:
+                    raise ValueError(f"{self._path(index, kind)}: rows are not contiguous")
+                self._headers[key] = _Header(f.tell(), shape, dtype)
+        return self._headers[key]
 
     def sq_norms(self) -> np.ndarray:
         """(documents,) float64: small enough to read whole (8 bytes a document)."""
-        return np.concatenate([np.asarray(self._map(i, "sq_norms")) for i in range(self.shards)])
+        return np.concatenate([self._read(i, "sq_norms") for i in range(self.shards)])
 
     def chunks(self, kind: str) -> Iterator[np.ndarray]:
         """float32 rows of ``kind``, one shard at a time, in document order; ``raw`` is the
         projected gradient itself (the stored rows times the exact norms), ``projected`` the
         stored unit-scale rows."""
-        stored = "projected" if kind == "raw" else kind
-        for i in range(self.shards):
-            rows = decode_vectors(self._map(i, stored), self.dtype)
-            if kind == "raw":
-                rows = rows * np.sqrt(np.asarray(self._map(i, "sq_norms")))[:, None].astype(np.float32)
+        for _, rows in self.numbered_chunks(kind):
             yield rows
 
+    def numbered_chunks(self, kind: str, shards: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first document id, float32 rows of ``kind``) per shard (all, or the ``shards`` given)."""
+        stored = "projected" if kind == "raw" else kind
+        for i in range(self.shards) if shards is None else shards:
+            rows = decode_vectors(self._read(i, stored), self.dtype)
+            if kind == "raw":
+                rows = rows * np.sqrt(self._read(i, "sq_norms"))[:, None].astype(np.float32)
+            yield i * self.shard_size, rows
+
+    def gather(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """float32 rows of ``kind`` ("projected" or "whitened") for sorted document ids: runs of
+        consecutive rows read with one ``pread`` each, several shards at once."""
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), self.dim(kind)), np.float32)
+        shard_of = ids // self.shard_size
+        shards = [int(s) for s in np.unique(shard_of)]
+        headers = {s: self._header(s, kind) for s in shards}
+
+        def read(s: int) -> None:
+            where = np.flatnonzero(shard_of == s)
+            rows = ids[where] - s * self.shard_size
+            header = headers[s]
+            width = int(np.prod(header.shape[1:])) * header.dtype.itemsize
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            fd = os.open(self._path(s, kind), os.O_RDONLY)
+            try:
+                for run_where, run in zip(np.split(where, breaks), np.split(rows, breaks)):
+                    data = os.pread(fd, width * len(run), header.offset + int(run[0]) * width)
+                    stored = np.frombuffer(data, header.dtype).reshape(len(run), *header.shape[1:])
+                    out[run_where] = decode_vectors(stored, self.dtype)
+            finally:
+                os.close(fd)
+
+        if len(shards) < 4:
+            for s in shards:
+                read(s)
+        else:
+            list(_readers().map(read, shards))
+        return out
+
     def dim(self, kind: str) -> int:
-        return int(self._map(0, "projected" if kind == "raw" else kind).shape[1])
+        return int(self._header(0, "projected" if kind == "raw" else kind).shape[1])

@@ -39,6 +39,9 @@ cols[1].metric("Fine-tuning records", f"{summary.records:,}")
 cols[2].metric("Indexed documents", f"{summary.indexed_documents:,}")
 cols[3].metric("Candidates per sign", summary.candidates_per_sign)
 
+st.subheader("Search index")
+st.write(summary.search_text())
+
 st.subheader("Models")
 models = summary.model_table()
 st.dataframe(pd.DataFrame(models).T.astype(str), width="stretch")

@@ -1,0 +1,196 @@
+"""A million-document study in miniature: the haystack, the staged index, growing a study.
+
+The staged index (PCA prefix scanned in full, candidates re-ranked with their full rows) must
+return what an exhaustive scan of the stored vectors returns, and its build must read the
+vectors a shard at a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import engine.study.vectors as vectors_module
+from engine.search import PCABasis, TopK, scan, staged_search
+from engine.study import Stage, Study, StudyIndex, layout
+from precompute import haystack
+from precompute.demo import build_demo, tiny_recipe
+from precompute.world import World, build_world, mentions
+
+EXTRA = 3000
+
+
+# -- the search itself, against brute force ------------------------------------------------------
+def _brute(rows: np.ndarray, q: np.ndarray, k: int, weights=None):
+    scores = rows @ q.T * (1 if weights is None else weights[:, None])
+    return np.argsort(-scores, axis=0, kind="stable")[:k].T, np.argsort(scores, axis=0, kind="stable")[:k].T
+
+
+def test_scan_finds_both_signs_over_chunks():
+    rng = np.random.default_rng(0)
+    rows, q, w = rng.standard_normal((1000, 12)).astype(np.float32), rng.standard_normal((3, 12)), rng.random(1000)
+    chunks = [(s, rows[s:s + 128]) for s in range(0, 1000, 128)][::-1]  # any order of chunks
+    found = scan(chunks, q, 7, weights=w.astype(np.float32))
+    pro, opp = _brute(rows, q.astype(np.float32), 7, w.astype(np.float32))
+    assert (found.proponent_ids == pro).all() and (found.opponent_ids == opp).all()
+    exact = rows @ q.T.astype(np.float32) * w[:, None].astype(np.float32)
+    assert np.allclose(found.proponent_projected, np.take_along_axis(exact.T, pro, 1), rtol=1e-5)
+    assert (found.opponent_projected < 0).all() and (np.diff(found.opponent_projected, axis=1) >= 0).all()
+
+
+def test_topk_keeps_k_and_breaks_ties_by_id():
+    top = TopK(1, 2)
+    top.add(np.array([[1.0], [3.0], [3.0]]), np.array([5, 9, 2]))
+    found = top.result()
+    assert found.proponent_ids.tolist() == [[2, 9]] and found.opponent_ids.tolist() == [[5, 2]]
+
+
+def test_pca_basis_is_the_principal_subspace():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((500, 3)) @ rng.standard_normal((3, 20)) + 5).astype(np.float32)  # rank 3 + mean
+    basis = PCABasis.fit(x, 3)
+    assert np.allclose(basis.components.T @ basis.components, np.eye(3), atol=1e-5)
+    back = basis.transform(x) @ basis.components.T + basis.mean
+    assert np.abs(back - x).max() < 1e-3 * np.abs(x).max()  # a rank-3 cloud is kept whole
+    q = rng.standard_normal((2, 20)).astype(np.float32)
+    coarse, offset = basis.queries(q)
+    assert np.allclose(basis.transform(x) @ coarse.T + offset, x @ q.T, rtol=1e-3, atol=1e-2)
+
+
+def test_staged_search_equals_the_scan_when_nothing_is_cut():
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((400, 16)).astype(np.float32)
+    q = rng.standard_normal((2, 16)).astype(np.float32)
+    basis = PCABasis.fit(rows, 16)
+    prefix = basis.transform(rows)
+    for weights in (None, rng.random(400).astype(np.float32) + 0.5):
+        staged = staged_search(prefix, basis, lambda ids: rows[ids], q, 10, rerank=400, weights=weights)
+        exact = scan([(0, rows)], q, 10, weights=weights)
+        assert (staged.proponent_ids == exact.proponent_ids).all()
+        assert (staged.opponent_ids == exact.opponent_ids).all()
+        assert np.allclose(staged.proponent_projected, exact.proponent_projected, rtol=1e-5)
+
+
+def test_staged_search_re_ranks_with_full_rows():
+    """A short prefix only picks candidates; the scores served are those of the full rows."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((2000, 64)).astype(np.float32)
+    q = rng.standard_normal((1, 64)).astype(np.float32)
+    basis = PCABasis.fit(rows, 8)
+    staged = staged_search(basis.transform(rows), basis, lambda ids: rows[ids], q, 5, rerank=50)
+    full = (rows @ q.T)[:, 0]
+    assert np.allclose(staged.proponent_projected[0], full[staged.proponent_ids[0]], rtol=1e-5)
+    assert (np.diff(staged.proponent_projected[0]) <= 0).all()
+
+
+# -- the haystack --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_world() -> World:
+    return build_world(seed=1, n_people=12, n_towns=6, n_orgs=4, n_documents=120)
+
+
+def test_haystack_never_names_a_world_entity(small_world):
+    names = haystack.Names.outside(small_world)
+    docs = list(haystack.documents(0, 0, 4000, names))
+    assert {d["kind"] for d in docs} == set(haystack.KINDS)
+    entities = haystack.named_entities(small_world)
+    offending = [(d["text"], e) for d in docs for e in entities if mentions(d["text"], e)]
+    assert offending == []
+    # ... while looking like the world: biographies in the world's own wordings
+    assert sum(" was born in " in d["text"] for d in docs) > 200
+
+
+def test_haystack_is_prefix_stable(small_world):
+    names = haystack.Names.outside(small_world)
+    assert list(haystack.documents(5, 0, 50, names))[30:] == list(haystack.documents(5, 30, 50, names))
+    assert list(haystack.documents(5, 0, 20, names)) != list(haystack.documents(6, 0, 20, names))
+
+
+# -- a staged study, built from the shards ---------------------------------------------------------
+def _staged_recipe():
+    recipe = tiny_recipe()
+    return replace(recipe, influence=replace(recipe.influence, index="pca", index_dims=48, rerank=400,
+                                             index_sample=1024))
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_study, tmp_path_factory):
+    """The tiny demo plus EXTRA haystack documents, indexed by the staged (pca) index; the loader
+    is spied on: how many rows are decoded at once."""
+    root = tmp_path_factory.mktemp("haystack") / "study"
+    shutil.copytree(tiny_study, root)
+    decoded = []
+    real = vectors_module.decode_vectors
+
+    def spy(stored, dtype):
+        decoded.append(len(stored))
+        return real(stored, dtype)
+
+    vectors_module.decode_vectors = spy
+    try:
+        build_demo(root, seed=3, recipe=_staged_recipe(), progress=False, extra_documents=EXTRA)
+    finally:
+        vectors_module.decode_vectors = real
+    return Study(root), decoded
+
+
+def test_staged_index_serves_the_scan_top10(staged):
+    study, _ = staged
+    record = study.manifest()["stages"][Stage.INDEX]["search"]
+    assert record["kind"] == "pca" and record["documents"] > EXTRA
+    assert record["recall"]["whitened"]["at_10"] >= 0.95 and record["recall"]["projected"]["at_10"] >= 0.95
+    index = StudyIndex.of(study)
+    assert isinstance(index.searches["whitened"].prefix, np.memmap)  # memory-mapped, not loaded
+    rng = np.random.default_rng(0)
+    for name in ("whitened", "projected"):
+        # queries shaped like documents (a random mix of stored rows): the regime the index serves
+        rows = index.vectors.gather(name, np.sort(rng.choice(index.vectors.documents, 20, replace=False)))
+        queries = rows[:10] + 0.5 * rows[10:]
+        served, truth = index.search(name, queries, 10), index.searches[name].scan(queries, 10)
+        same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(served.proponent_ids, truth.proponent_ids)])
+        assert same >= 0.95, (name, same)
+
+
+def test_index_build_reads_one_shard_at_a_time(staged):
+    study, decoded = staged
+    shard = study.manifest()["stages"][Stage.PROJECTION]["vectors"]["shard_size"]
+    documents = study.manifest()["stages"][Stage.INDEX]["search"]["documents"]
+    assert decoded and max(decoded) <= shard < documents
+
+
+def test_growing_a_study_recomputes_only_new_shards(staged, tmp_path):
+    study, _ = staged
+    root = tmp_path / "grown"
+    shutil.copytree(study.root, root)
+    kept = layout.shard_file(1, "whitened")
+    before = (root / kept).stat().st_mtime_ns
+    grown = build_demo(root, seed=3, recipe=_staged_recipe(), progress=False, extra_documents=EXTRA + 1500)
+    manifest = grown.verify(layout.READER_STAGES, checksums=True)
+    assert (root / kept).stat().st_mtime_ns == before  # untouched: its texts did not change
+    assert manifest["stages"][Stage.PROJECTION]["vectors"]["documents"] == study.manifest()["stages"][
+        Stage.PROJECTION]["vectors"]["documents"] + 1500
+    shrunk = build_demo(root, seed=3, recipe=_staged_recipe(), progress=False, extra_documents=0)
+    manifest = shrunk.verify(layout.READER_STAGES)  # no stale shard left in the manifest
+    assert manifest["stages"][Stage.INDEX]["search"]["kind"] == "pca"
+    assert not any(f.startswith(layout.shard(5)) for f in manifest["files"])
+
+
+def test_batched_prompts_trace_as_one_by_one(staged):
+    """Several prompts share one query pass, one index search and one re-scoring pass: same results."""
+    from explorer.tracer import Tracer
+
+    study, _ = staged
+    tracer = Tracer.open(study.root, device="cpu")
+    requests = [("Where was Alen Ashford born?", "Alen Ashford was born in Brismoor."),
+                ("Who founded Westmere Bank?", "Westmere Bank was founded by Peron Wexford."),
+                ("What is a good name for a boat?", "Heron.")]
+    together = tracer.trace_many(requests, top_k=5, heatmaps=False)
+    for (instruction, answer), trace in zip(requests, together):
+        alone = tracer.trace(instruction, answer, top_k=5, heatmaps=False)
+        assert [h.doc_id for h in trace.proponents] == [h.doc_id for h in alone.proponents]
+        assert [h.doc_id for h in trace.opponents] == [h.doc_id for h in alone.opponents]
+        assert np.allclose([h.score for h in trace.proponents], [h.score for h in alone.proponents], rtol=1e-4)
+        assert "shared by 3 prompts" in trace.settings.retrieval
