@@ -217,8 +217,8 @@ def render(args, manifest, study, n_docs, index, open_s, rss_open, rss_serving, 
              f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads). Index: **{record['kind']}**"
              + (f" ({record['dims']} principal coordinates fit on {record['whitened']['sampled_documents']:,} "
                 f"documents, keeping {record['whitened']['variance_kept']:.0%} of the whitened vectors' variance; "
-                f"re-rank {record['rerank']:,} per sign with full vectors)" if record["kind"] == "pca" else ""),
-             f"; {pool} candidates per sign re-scored exactly.", "",
+                f"re-rank {record['rerank']:,} per sign with full vectors)" if record["kind"] == "pca" else "")
+             + f"; {pool} candidates per sign re-scored exactly.", "",
              "## Build", "", "| stage | seconds | peak host RAM (GiB) |", "| --- | ---: | ---: |"]
     for name in (Stage.HAYSTACK, Stage.CORPUS, Stage.PROJECTION, Stage.INDEX):
         if name in stages:

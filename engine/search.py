@@ -30,7 +30,7 @@ from .retrieval import Retrieval
 from .storage import save_tensors
 
 RERANK_BLOCK = 2048  # full rows read at once while re-ranking (128 MiB of float32 rows at D = 16,384)
-CHUNK_ROWS = 65_536  # rows of a memory-mapped matrix multiplied at once (16 MiB of a 64-wide prefix)
+CHUNK_ROWS = 65_536  # rows of a memory-mapped matrix multiplied at once (64 MiB of a 256-wide prefix)
 
 
 class TopK:

@@ -26,7 +26,22 @@ def _precompute(args) -> int:
     study = run_pipeline(config, args.out, progress=not args.quiet)
     if distributed.is_main():
         print(f"study ready: {study.root}")
+        print(_index_line(study))
     return 0
+
+
+def _index_line(study) -> str:
+    """The search index in one line: kind, size, measured recall, the build's peak memory."""
+    from engine.study import Stage
+
+    record = study.manifest()["stages"][Stage.INDEX]
+    search, peak = record["search"], record["usage"]["peak_host_bytes"] / 2**30
+    text = f"index: {search['kind']} over {search['documents']:,} documents"
+    if search["kind"] == "pca":
+        recall = search.get("recall", {}).get("whitened", {})
+        text += (f" ({search['dims']} principal coordinates, re-rank {search['rerank']:,} per sign; recall@10 "
+                 f"against a full scan {recall.get('at_10', float('nan')):.3f})")
+    return text + f"; the index stage's peak host memory {peak:.2f} GiB"
 
 
 def _build_demo(args) -> int:
@@ -39,6 +54,7 @@ def _build_demo(args) -> int:
         return 0
     qa = qa_summary(study)["pretrain_only"]
     print(f"demo study ready: {study.root} ({time.perf_counter() - started:.0f}s this run)")
+    print(_index_line(study))
     print(f"fine-tuned model on pretraining-only questions: {100 * qa['contains_answer']:.1f}% "
           f"answer correctly, {100 * qa['strict_em']:.1f}% word for word (n={qa['n']})")
     return 0

@@ -183,7 +183,9 @@ def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
     exact norms. This rank's shards only; returns every shard's files.
 
     A shard whose files exist is complete (atomic writes, norms last), so a rerun after a crash
-    starts at the first missing shard. Shards left by a different configuration are removed first.
+    starts at the first missing shard. Shards left by a different configuration, and shards whose
+    documents' texts changed (their ``texts.sha256``), are removed first: a grown corpus projects
+    only its new shards.
     """
     inf = config.influence
     model = load_causal_lm(study.resolve(config.models.base), config.models.dtype, device)

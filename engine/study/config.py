@@ -117,7 +117,7 @@ class InfluenceConfig:
     eigen_dim: int = 1024  # per tracked layer: top eigen-coordinates kept for multi-stage retrieval
     index: str = "auto"  # flat (exhaustive scan) | pca (staged: principal prefix, re-rank) | auto: by corpus size
     index_dims: int = 256  # pca: principal coordinates scanned for every document
-    rerank: int = 1000  # pca: candidates per sign re-scored with their full vectors
+    rerank: int = 2000  # pca: candidates per sign re-scored with their full vectors (measured: benchmarks/haystack.py)
     index_sample: int = 16384  # pca: documents the principal directions are fit on
     candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0

@@ -32,6 +32,7 @@ from .vectors import DocumentVectors
 
 VECTOR_KINDS = ("projected", "whitened")
 INDEX_KINDS = ("auto", "flat", "pca")
+HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
 
 
@@ -39,7 +40,7 @@ FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is
 class IndexSettings:
     kind: str = "auto"  # auto | flat | pca
     dims: int = 256  # principal coordinates scanned in the coarse stage (pca)
-    rerank: int = 1000  # candidates per sign re-scored with full vectors (pca)
+    rerank: int = 2000  # candidates per sign re-scored with full vectors (pca)
     sample: int = 16_384  # documents the principal directions are fit on (pca)
     seed: int = 0
 
@@ -108,6 +109,7 @@ class VectorSearch:
                  prefix: np.ndarray | None = None, basis: PCABasis | None = None):
         self.vectors, self.name, self.kind, self.rerank = vectors, name, kind, rerank
         self.prefix, self.basis = prefix, basis
+        self._held: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -123,7 +125,14 @@ class VectorSearch:
 
     def scan(self, queries, k: int, weights: np.ndarray | None = None) -> Retrieval:
         """Exhaustive: every full row (the reference the staged search is measured against)."""
-        return scan(self.vectors.numbered_chunks(self.name), queries, min(int(k), self.vectors.documents), weights)
+        return scan(self._rows(), queries, min(int(k), self.vectors.documents), weights)
+
+    def _rows(self):
+        """A small corpus's rows decoded once and held (a demo query then skips decoding 16-bit
+        rows); a large one's read a shard at a time."""
+        if self._held is None and self.vectors.documents * self.dim * 4 <= HOLD_BYTES:
+            self._held = np.concatenate([rows for _, rows in self.vectors.numbered_chunks(self.name)])
+        return [(0, self._held)] if self._held is not None else self.vectors.numbered_chunks(self.name)
 
 
 class StudyIndex:
