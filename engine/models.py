@@ -41,3 +41,23 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")  # weights, config, tokenizer
+
+
+def model_files(location: str) -> list:
+    """The files a model or tokenizer is loaded from (weights, config, vocabulary), for its
+    identity: a directory's own files, or a hub id's files in the local cache; none when the
+    location is not on this machine."""
+    from pathlib import Path
+
+    directory = Path(location)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(location, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached here (or not a hub id): no file identity
+            return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)

@@ -16,6 +16,24 @@ from typing import Any
 import numpy as np
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says (setting and restoring
+    it would race with other threads' file creation)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _as_umask_allows(path: str | os.PathLike, mode: int) -> None:
+    """mkstemp and mkdtemp create owner-only entries; a study's files get the process's usual
+    permissions instead (group-readable under the common umask 022; ``--private`` sets 077)."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -23,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    _as_umask_allows(tmp, 0o666)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -38,6 +57,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _as_umask_allows(tmp, 0o777)
     try:
         yield tmp
         if path.exists():

@@ -33,22 +33,25 @@ def build_studies(argv: list[str]) -> int:
 
 def _app(args) -> int:
     from engine.study import Study, StudyError
+    from engine.study.layout import DEMO_STAGES, READER_STAGES
 
     from .server import serve
 
-    if args.study.resolve() == Path(DEFAULT_STUDY).resolve() or args.build_demo:
-        print(f"checking the demo study at {args.study} (built on first use, about 5 minutes on CPU)…",
-              flush=True)
-        # idempotent: finished stages are skipped
+    study = Study(args.study)
+    demo = args.study.resolve() == Path(DEFAULT_STUDY).resolve() or args.build_demo
+    stages = study.manifest()["stages"] if study.manifest_path.exists() else {}
+    if demo and not all(s in stages for s in DEMO_STAGES + READER_STAGES):
+        # a missing or unfinished demo is built (resumed); build-demo refuses a directory that holds
+        # another study, and a finished study is never rebuilt here, only verified
+        print(f"building the demo study at {args.study} (first use: about 5 minutes on CPU)…", flush=True)
         code = build_studies(["build-demo", "--out", str(args.study), "--seed", "0"])
         if code:
             return code
-    else:
-        try:
-            Study(args.study).verify()
-        except StudyError as err:
-            raise ValueError(f"{err}; build it with `msif precompute` "
-                             f"(or `msif build-demo --out {args.study}`)") from None
+    try:
+        study.verify(progress=True)
+    except StudyError as err:
+        raise ValueError(f"{err}" if demo else f"{err}; build a study with `msif precompute` "
+                         f"(or `msif build-demo --out {args.study}`)") from None
     return serve(args.study, args.host, args.port, args.device, open_browser=not args.no_browser)
 
 
@@ -75,7 +78,7 @@ def _query(args) -> int:
     from .tracer import Tracer
 
     prompts = _read_prompts(args)
-    tracer = Tracer.open(args.study, device=args.device)  # models load once for all prompts
+    tracer = Tracer.open(args.study, device=args.device, progress=True)  # models load once for all prompts
     # indexed methods: one shared pass per group of prompts (query gradients, index search, re-scoring)
     for start in range(0, len(prompts), QUERY_GROUP):
         group = prompts[start:start + QUERY_GROUP]

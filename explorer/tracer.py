@@ -61,7 +61,7 @@ class Tracer:
 
     @classmethod
     def open(cls, root: str | os.PathLike, device: str = "auto", progress: bool = False) -> Tracer:
-        return cls(open_study(root, device), progress)
+        return cls(open_study(root, device, progress=progress), progress)
 
     # -- answering ------------------------------------------------------------------------------
     def prompt_for(self, instruction: str, context: str = "") -> str:

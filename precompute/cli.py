@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
     pre.add_argument("--quiet", action="store_true", help="no progress bars")
     pre.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
+    pre.add_argument("--force", action="store_true", help=FORCE_HELP)
+    pre.add_argument("--private", action="store_true", help=PRIVATE_HELP)
     pre.set_defaults(run=_precompute)
 
     demo = commands.add_parser("build-demo", help="build the default demo study offline (CPU, minutes)",
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "new shards; default: keep the study's")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
+    demo.add_argument("--force", action="store_true", help=FORCE_HELP)
+    demo.add_argument("--private", action="store_true", help=PRIVATE_HELP)
     demo.set_defaults(run=_build_demo)
 
     plan = commands.add_parser("plan", help="memory, disk and time each stage of a study will need",
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FORCE_HELP = ("build even where --out holds another study (other seed or settings) or other files; "
+              "stages whose settings are unchanged are kept")
+PRIVATE_HELP = "study files readable by you alone (default: as your umask allows, usually group-readable)"
 NPROC_HELP = ("processes on this machine, launched with torchrun (one per GPU, or CPU ranks with gloo); "
               "the result does not depend on it")
 
@@ -167,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
-        return _launch(argv, args.nproc)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
@@ -178,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
+        if args.command in BUILDS and not distributed.launched():  # torchrun's workers run under their parent's lock
+            return _locked_build(args, argv)
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as err:
         print(f"msif {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -187,3 +195,40 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.finish()
+
+
+BUILDS = ("build-demo", "precompute")
+
+
+def _locked_build(args, argv: list[str]) -> int:
+    """A build holds its study's lock throughout, refuses a directory holding another study unless
+    --force, and records the command that rebuilds it (for repair messages)."""
+    from engine.study.lock import BuildLock
+
+    if args.private:
+        os.umask(0o077)  # inherited by torchrun's workers
+    command = ["msif", *(a for a in argv if a != "--force")]
+    with BuildLock(args.out, command) as lock:
+        if lock.took_over:
+            print(f"(took over the build lock of pid {lock.took_over.get('pid')}, which is no longer running)",
+                  file=sys.stderr)
+        study, key, expected = _claim(args)
+        study.remove_temporaries()  # a killed build's half-written files
+        study.update_manifest(command=command, **{key: expected})  # claimed: a resumed build is the same study
+        return _launch(argv, args.nproc) if args.nproc > 1 else args.run(args)
+
+
+def _claim(args):
+    """The study at --out, the manifest entry that says which study it is and its value here,
+    once it is clear that building there overwrites nothing else."""
+    from engine.study import Study, StudyConfig
+
+    study = Study(args.out)
+    if args.command == "build-demo":
+        from .demo import DemoRecipe, recipe_json, tiny_recipe
+
+        key, expected = "demo", {"seed": args.seed, "recipe": recipe_json(tiny_recipe() if args.tiny else DemoRecipe())}
+    else:
+        key, expected = "config", StudyConfig.from_toml(args.config).to_dict()
+    study.check_overwrite(key, expected, args.force)
+    return study, key, expected

@@ -153,7 +153,7 @@ def _factor_stages(study: Study, config: StudyConfig, tokenizer, device: torch.d
     used = min(len(documents), inf.factor_documents or len(documents))
     texts = documents.select(range(used))["text"]
     # H_pt depends on the documents it is fit on, not on documents added after them (a haystack)
-    factor_config = {"models": asdict(config.models),
+    factor_config = {"models": asdict(config.models), "identity": study.model_identity(config.models.locations()),
                      "influence": {**{k: getattr(inf, k) for k in FIT_KEYS}, "factor_documents": used},
                      "template": config.template, "response_suffix": config.response_suffix,
                      "inputs": {"documents": texts_digest(texts), **study.checksums(layout.RECORDS)}}
@@ -282,13 +282,17 @@ def texts_digest(texts: Sequence[str]) -> str:
 
 
 def _drop_stale_shards(study: Study, digests: list[str]) -> None:
-    """Remove shards whose texts changed, and shards past the end of a corpus that shrank."""
+    """Remove shards whose texts changed, shards past the end of a corpus that shrank, and shards
+    with a file that no longer matches its recorded checksum (damaged: recomputed)."""
     shard_dir = study.path(layout.SHARDS)
+    manifest = study.manifest()
+    recorded = [f for f in manifest["files"] if f.startswith(layout.SHARDS.path + "/shard-")]
+    damaged = {f.split("/")[2] for f in study.damaged(manifest, recorded)}
     for path in sorted(shard_dir.glob("shard-*")):
         s = int(path.name.split("-")[1])
         digest_file = study.path(layout.shard_digest_file(s))
         stored = digest_file.read_text().strip() if digest_file.exists() else ""
-        if s >= len(digests) or stored != digests[s]:
+        if s >= len(digests) or stored != digests[s] or path.name in damaged:
             shutil.rmtree(path)
 
 

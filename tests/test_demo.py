@@ -19,7 +19,7 @@ def demo(tiny_study):
 
 
 def test_demo_study_is_complete_and_self_describing(demo):
-    manifest = demo.verify(STAGES, checksums=True)
+    manifest = demo.verify(STAGES)
     assert manifest["demo"]["seed"] == 3
     assert manifest["software"]["torch"].startswith("2.13")
     alpha = manifest["stages"][Stage.FINETUNE]["report"]["alpha_engine"]

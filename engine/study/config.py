@@ -76,6 +76,10 @@ class ModelsConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
+    def locations(self) -> dict[str, str]:
+        """Where each part is loaded from, by role (the identity recorded with the factors)."""
+        return {"base": self.base, "finetuned": self.finetuned, "tokenizer": self.tokenizer or self.finetuned}
+
 
 @dataclass
 class DatasetConfig:

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import platform
+import shlex
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -19,19 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from ..storage import write_json
+from .integrity import CACHE, DigestCache, sha256_file
 from .layout import FORMAT, FORMAT_VERSION, MANIFEST, READER_STAGES, Artifact
+from .lock import LOCK
+
+__all__ = ["Study", "StudyError", "jsonable", "sha256_file", "software_versions"]
 
 
 class StudyError(RuntimeError):
     """A study directory is missing, incomplete, stale or from another model."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def jsonable(value: Any) -> Any:
@@ -54,6 +52,21 @@ def software_versions() -> dict[str, str]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+BOOKKEEPING = (CACHE, LOCK)  # files in a study directory that are not part of the study
+
+
+def _difference(key: str, found: Any, expected: Any) -> str:
+    """The first setting where a study differs from the one asked for, in words."""
+    if found is None:
+        return f"it has no {key!r} record: another command built it"
+    while isinstance(found, dict) and isinstance(expected, dict):
+        name = next((n for n in sorted(set(found) | set(expected)) if found.get(n) != expected.get(n)), None)
+        if name is None:
+            break
+        key, found, expected = f"{key}.{name}", found.get(name), expected.get(name)
+    return f"{key} is {json.dumps(found)[:60]} there, {json.dumps(expected)[:60]} here"
 
 
 class Study:
@@ -80,15 +93,97 @@ class Study:
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {"format": FORMAT, "format_version": FORMAT_VERSION, "stages": {}, "files": {}}
-        data = json.loads(self.manifest_path.read_text())
-        if data.get("format") != FORMAT:
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise StudyError(f"{self.manifest_path} cannot be read ({type(err).__name__}); the study's record "
+                             "is lost: build it again in a new directory") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StudyError(f"{self.manifest_path} is not an MSIF study manifest")
         if data.get("format_version") != FORMAT_VERSION:
             raise StudyError(f"{self.root} was built by another msif (study format {data.get('format_version')}; "
                              f"this one reads {FORMAT_VERSION}): rebuild the study in a new directory, or remove "
                              f"this one and run its build command again (`msif build-demo --out {self.root}` "
                              "for the demo)")
+        if not isinstance(data.get("stages"), dict) or not isinstance(data.get("files"), dict) or not all(
+                isinstance(r, dict) and isinstance(r.get("files"), list) for r in data["stages"].values()):
+            raise StudyError(f"{self.manifest_path} is damaged (its stages or files are missing); run "
+                             f"`{self.rebuild_command(data)}` to rebuild the study")
         return data
+
+    def rebuild_command(self, data: dict[str, Any] | None = None) -> str:
+        """The command that builds (or repairs) this study, as recorded by the build."""
+        data = data if data is not None else self.manifest()
+        if isinstance(data.get("command"), list):
+            return shlex.join(map(str, data["command"]))
+        if isinstance(data.get("demo"), dict):
+            seed = data["demo"].get("seed", 0)
+            return shlex.join(["msif", "build-demo", "--out", str(self.root), *(["--seed", str(seed)] if seed else [])])
+        return shlex.join(["msif", "precompute", "--config", "STUDY.toml", "--out", str(self.root)])
+
+    def stage_of(self, rel: str, data: dict[str, Any] | None = None) -> str:
+        """The stage that wrote a study file (as the manifest records it)."""
+        data = data if data is not None else self.manifest()
+        return next((name for name, record in data["stages"].items() if rel in record["files"]), "unknown")
+
+    # -- refusals -------------------------------------------------------------------------------
+    def check_overwrite(self, key: str, expected: Any, force: bool = False) -> None:
+        """Refuse to build into a directory that holds another study (its manifest's ``key``, e.g. the
+        demo's seed and recipe or a study's config, differs from ``expected``) or other files, unless
+        ``force``; nothing is touched either way."""
+        if force or not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise StudyError(f"{self.root} is a file, not a study directory: choose another --out")
+        if not self.manifest_path.exists():
+            others = sorted(p.name for p in self.root.iterdir() if p.name not in BOOKKEEPING)
+            if others:
+                raise StudyError(f"{self.root} is not empty and holds no study ({', '.join(others[:3])}"
+                                 f"{', ...' if len(others) > 3 else ''}): choose another --out, or pass --force "
+                                 "to build into it")
+            return
+        found = self.manifest().get(key)
+        if found is None or jsonable(found) != jsonable(expected):
+            raise StudyError(f"{self.root} holds another study ({_difference(key, found, jsonable(expected))}); "
+                             "it was left as it is: choose another --out, or pass --force to rebuild it with "
+                             "these settings (stages whose settings are unchanged are kept)")
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete what killed writers left behind (atomic writes' ``.NAME.*.tmp``); call it only while
+        holding the build lock, when nobody else can be writing."""
+        left = sorted(p for p in self.root.rglob(".*.tmp")) if self.root.is_dir() else []
+        for path in left:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return [str(p.relative_to(self.root)) for p in left]
+
+    # -- integrity ------------------------------------------------------------------------------
+    def model_identity(self, locations: dict[str, str]) -> dict[str, dict[str, str]]:
+        """sha256 of every file each model (or tokenizer) is loaded from, by role: a model's identity
+        over all its weights, not a sample; recorded with the factors, verified on opening."""
+        from ..models import model_files
+
+        out = {}
+        for role, location in locations.items():
+            files = model_files(self.resolve(location))
+            digests = self.digests([str(f) for f in files])  # absolute paths: keyed as such in the cache
+            out[role] = {f.name: digests[str(f)] for f in files}
+        return out
+
+    def digests(self, files: Iterable[str], progress: bool = False) -> dict[str, str | None]:
+        """Current sha256 of study files (None when missing), cached between calls and processes."""
+        cache = DigestCache(self.root)
+        try:
+            return cache.digests(self.root, files, progress)
+        finally:
+            cache.save()
+
+    def damaged(self, data: dict[str, Any], files: Iterable[str] | None = None,
+                progress: bool = False) -> list[str]:
+        """The recorded files (of ``files``, or all) that are missing or differ from their checksum."""
+        records = data["files"]
+        wanted = [f for f in (records if files is None else files) if f in records]
+        found = self.digests(wanted, progress)
+        return [f for f in wanted if found[f] != records[f].get("sha256")]
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         data = self.manifest()
@@ -105,9 +200,8 @@ class Study:
         record = manifest["stages"].get(stage)
         if record is None or record.get("config") != jsonable(config):
             return False
-        files = manifest["files"]
-        return all(self.path(f).exists() and files.get(f, {}).get("size") == self.path(f).stat().st_size
-                   for f in record["files"])
+        files = record["files"]
+        return all(f in manifest["files"] for f in files) and not self.damaged(manifest, files)
 
     def record_stage(self, stage: str, written: Iterable[str | Artifact], config: Any = None,
                      info: dict | None = None) -> None:
@@ -117,11 +211,11 @@ class Study:
         before = data["stages"].get(stage, {}).get("files", [])
         for rel in set(before) - set(written):  # e.g. shards of a corpus that shrank
             data["files"].pop(rel, None)
+        digests = self.digests(written)
         for rel in written:
-            p = self.path(rel)
-            if not p.exists():
+            if digests[rel] is None:
                 raise StudyError(f"stage {stage} said it wrote {rel}, which does not exist")
-            data["files"][rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+            data["files"][rel] = {"sha256": digests[rel], "size": self.path(rel).stat().st_size}
         data["stages"][stage] = {"config": jsonable(config), "files": written, "finished": _now(), **(info or {})}
         self.update_manifest(stages=data["stages"], files=data["files"])
 
@@ -142,12 +236,10 @@ class Study:
         """Every file below a directory of the study, as study-relative paths."""
         return sorted(str(p.relative_to(self.root)) for p in self.path(directory).rglob("*") if p.is_file())
 
-    def verify(self, required: Sequence[str] = READER_STAGES, checksums: bool = False) -> dict[str, Any]:
-        """The manifest, once the study exists, has the ``required`` stages and its files are intact.
-
-        Sizes are always compared; ``checksums=True`` also recomputes every sha256 (slow for big
-        studies). Raises :class:`StudyError` with what to do otherwise.
-        """
+    def verify(self, required: Sequence[str] = READER_STAGES, progress: bool = False) -> dict[str, Any]:
+        """The manifest, once the study exists, has the ``required`` stages and every file it lists
+        matches its recorded sha256 (cached by stamp: an unchanged study verifies in milliseconds).
+        Raises :class:`StudyError` saying what to do otherwise."""
         if not self.root.is_dir():
             raise StudyError(f"no study at {self.root}: build one with `msif build-demo --out "
                              f"{self.root}` or `msif precompute`")
@@ -158,12 +250,13 @@ class Study:
         missing = [s for s in required if s not in data["stages"]]
         if missing:
             raise StudyError(f"{self.root} is incomplete (missing stages: {', '.join(missing)}); "
-                             "run the same build command again to resume it")
-        for rel, rec in data["files"].items():
-            p = self.path(rel)
-            if not p.exists():
-                raise StudyError(f"{rel} is listed in the manifest but missing from {self.root}")
-            if p.stat().st_size != rec["size"] or (checksums and sha256_file(p) != rec["sha256"]):
-                raise StudyError(f"{rel} changed after the study was built (checksum mismatch); "
-                                 "rebuild the study")
+                             f"run `{self.rebuild_command(data)}` to resume it")
+        damaged = self.damaged(data, progress=progress)
+        if damaged:
+            rel = damaged[0]
+            what = ("is missing" if not self.path(rel).exists()
+                    else "changed after the study was built (checksum mismatch)")
+            more = f" (and {len(damaged) - 1} more file{'s' * (len(damaged) > 2)})" if len(damaged) > 1 else ""
+            raise StudyError(f"{rel} in {self.root} {what}{more}; it was written by the "
+                             f"{self.stage_of(rel, data)} stage: run `{self.rebuild_command(data)}` to rebuild it")
         return data

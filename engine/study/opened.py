@@ -21,7 +21,7 @@ from ..tracking import TrackedLayer
 from . import layout
 from .config import PromptTemplate, StudyConfig
 from .index import StudyIndex
-from .manifest import Study
+from .manifest import Study, StudyError
 from .vectors import DocumentVectors
 
 
@@ -86,8 +86,9 @@ class OpenedStudy:
         return self.vectors.sq_norms()
 
 
-def open_study(root: str | os.PathLike, device: str = "auto") -> OpenedStudy:
-    """Verify a finished study and load it; ``device`` "auto" takes the study's configured one.
+def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = False) -> OpenedStudy:
+    """Verify a finished study (every file's sha256, and every file its models are loaded from)
+    and load it; ``device`` "auto" takes the study's configured one.
 
     Raises :class:`StudyError` when the study is missing or incomplete and
     :class:`FactorMismatchError` when its factors or projector do not fit its models.
@@ -95,8 +96,9 @@ def open_study(root: str | os.PathLike, device: str = "auto") -> OpenedStudy:
     import datasets
 
     study = Study(root)
-    manifest = study.verify(layout.READER_STAGES)
+    manifest = study.verify(layout.READER_STAGES, progress=progress)
     config = StudyConfig.from_dict(manifest["config"])
+    _check_identity(study, manifest, config)
     device = resolve_device(device if device != "auto" else config.models.device)
     m = config.models
     pretrained = _stage_model(study, config, m.base, layout.PT_FACTORS, device)
@@ -108,6 +110,19 @@ def open_study(root: str | os.PathLike, device: str = "auto") -> OpenedStudy:
         pretrained, finetuned, projector, config.influence.whitening(pretrained.factors), StudyIndex.of(study),
         datasets.Dataset.from_parquet(str(study.path(layout.DOCUMENTS))),
         datasets.Dataset.from_parquet(str(study.path(layout.RECORDS))))
+
+
+def _check_identity(study: Study, manifest: dict, config: StudyConfig) -> None:
+    """The models and tokenizer are the files the factors were fit with, byte for byte."""
+    recorded = manifest["stages"][layout.Stage.FACTORS_PRETRAINED]["config"].get("identity", {})
+    found = study.model_identity(config.models.locations())
+    for role, files in recorded.items():
+        changed = sorted(set(files.items()) ^ set(found.get(role, {}).items()))
+        if changed:
+            location = config.models.locations()[role]
+            raise StudyError(f"the {role} model's file {changed[0][0]} at {study.resolve(location)} is not the one "
+                             f"the study was built with (missing, added or changed); rebuild the study "
+                             f"(`{study.rebuild_command(manifest)}`) or point models.{role} at the original")
 
 
 def _stage_model(study: Study, config: StudyConfig, location: str, factors: layout.Artifact,
