@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from engine import __version__
+from engine.console import Parser, run_command, terminal_safe
 from engine.methods import ALL_METHODS
 from engine.study.layout import DEFAULT_STUDY
 
@@ -56,29 +57,52 @@ def _app(args) -> int:
 
 
 def _read_prompts(args) -> list[dict]:
+    """The prompts to trace, each with where it came from (for messages), all read before any runs."""
     if args.prompt is not None:
-        return [{"prompt": args.prompt, "answer": args.answer}]
+        return [{"prompt": args.prompt, "answer": args.answer, "where": "--prompt"}]
+    source = args.prompts_file
+    try:
+        data = source.read_bytes()
+    except IsADirectoryError:
+        raise ValueError(f"--prompts-file {source} is a directory; give a JSONL file") from None
+    except OSError as err:
+        raise ValueError(f"--prompts-file {source}: {err.strerror or err}") from None
     rows = []
-    for n, line in enumerate(Path(args.prompts_file).read_text().splitlines(), 1):
+    for n, raw in enumerate(data.splitlines(), 1):
+        where = f"{source}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: not UTF-8 text (byte {err.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{args.prompts_file}:{n}: not JSON ({err})") from None
+            raise ValueError(f"{where}: not JSON ({err.msg}, column {err.colno})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f'{args.prompts_file}:{n}: expected {{"prompt": "..."}}')
-        rows.append({"prompt": row["prompt"], "answer": row.get("answer", args.answer)})
+            raise ValueError(f'{where}: expected an object with a "prompt" string, like {{"prompt": "..."}}')
+        answer = row.get("answer", args.answer)
+        if answer is not None and not isinstance(answer, str):
+            raise ValueError(f'{where}: "answer" must be a string (or left out to let the model answer)')
+        rows.append({"prompt": row["prompt"], "answer": answer, "where": where})
     if not rows:
-        raise ValueError(f"{args.prompts_file} holds no prompts")
+        raise ValueError(f"{source} holds no prompts")
     return rows
 
 
 def _query(args) -> int:
     from .tracer import Tracer
 
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     prompts = _read_prompts(args)
     tracer = Tracer.open(args.study, device=args.device, progress=True)  # models load once for all prompts
+    for row in prompts:  # every prompt is checked before the first one runs
+        try:
+            tracer.check_request(row["prompt"], row["answer"])
+        except ValueError as err:
+            raise ValueError(f"{row['where']}: {err}") from None
     # indexed methods: one shared pass per group of prompts (query gradients, index search, re-scoring)
     for start in range(0, len(prompts), QUERY_GROUP):
         group = prompts[start:start + QUERY_GROUP]
@@ -92,26 +116,31 @@ QUERY_GROUP = 16  # prompts traced together: bounds the memory of one stacked qu
 
 
 def _format_trace(trace) -> str:
-    lines = [f"prompt:  {trace.prompt}", f"answer:  {trace.answer}",
+    from engine.methods import BASELINES
+
+    baseline = trace.method in BASELINES
+    lines = [f"prompt:  {terminal_safe(trace.prompt)}", f"answer:  {terminal_safe(trace.answer)}",
              f"method:  {trace.method} ({trace.settings.retrieval}; {trace.timings.total:.2f}s)",
-             "positive = raises the answer's log-likelihood"]
-    for label, hits in (("proponents", trace.proponents), ("opponents", trace.opponents)):
+             "score = similarity to the prompt and answer (a baseline, not influence: it has no sign)" if baseline
+             else "positive = raises the answer's log-likelihood"]
+    sides = (("most similar", "least similar") if baseline else ("proponents", "opponents"))
+    for label, hits in zip(sides, (trace.proponents, trace.opponents)):
         lines.append(f"{label}:")
         for rank, hit in enumerate(hits, 1):
-            snippet = " ".join(hit.text.split())[:90]
+            snippet = terminal_safe(" ".join(hit.text.split())[:90])
             lines.append(f"  {rank:>3}. {hit.score:+.4e}  doc {hit.doc_id:<6} {snippet}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="msif",
         description="MSIF Explorer: trace a fine-tuned model's answers back to the pretraining "
                     "documents behind them (multi-stage influence functions with EK-FAC).",
     )
     parser.add_argument("--version", action="version", version=f"msif {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, summary in BUILD_COMMANDS.items():  # options: `msif NAME --help` (python -m precompute)
         commands.add_parser(name, help=summary, add_help=False)
 
@@ -163,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.models import quiet_libraries
 
     quiet_libraries()
-    try:
-        return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"msif {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args.command, lambda: args.run(args), args.verbose)
 
 
 if __name__ == "__main__":

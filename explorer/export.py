@@ -6,6 +6,8 @@ import json
 
 import pandas as pd
 
+from engine.methods import BASELINES
+
 from .heatmap import snippet
 from .results import Trace
 
@@ -13,9 +15,22 @@ COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "projected_scor
            "snippet", "prompt", "answer"]
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet evaluates a cell starting so
+
+
+def spreadsheet_safe(value):
+    """A text cell a spreadsheet would read as a formula gets a leading apostrophe (OWASP's advice);
+    numbers and other text are unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
     rows = []
-    for sign, hits in (("proponent", trace.proponents), ("opponent", trace.opponents)):
+    baseline = trace.method in BASELINES
+    for sign, hits in (("most similar" if baseline else "proponent", trace.proponents),
+                       ("least similar" if baseline else "opponent", trace.opponents)):
         for rank, hit in enumerate(hits, start=1):
             order = sorted(range(len(hit.token_scores)), key=lambda i: -abs(hit.token_scores[i]))
             rows.append({"method": trace.method, "sign": sign, "rank": rank, "doc_id": hit.doc_id,
@@ -28,7 +43,8 @@ def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
 
 
 def to_csv(trace: Trace) -> bytes:
-    return hits_frame(trace).to_csv(index=False).encode("utf-8")
+    """The ranked documents as CSV, safe to open in a spreadsheet (no cell is evaluated)."""
+    return hits_frame(trace).map(spreadsheet_safe).to_csv(index=False).encode("utf-8")
 
 
 def to_json(trace: Trace) -> bytes:

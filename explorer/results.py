@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.methods import BASELINES
+
 
 @dataclass
 class DocumentHit:
@@ -89,6 +91,8 @@ class Trace:
                 data.pop("text")
             return data
         return {"prompt": self.prompt, "answer": self.answer, "method": self.method,
+                "scores": ("similarity (a baseline; unsigned: 'opponents' are the least similar)"
+                           if self.method in BASELINES else "influence: positive raises the answer's log-likelihood"),
                 "proponents": [hit(h) for h in self.proponents],
                 "opponents": [hit(h) for h in self.opponents],
                 "answer_tokens": self.answer_tokens, "settings": asdict(self.settings),

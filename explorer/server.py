@@ -29,13 +29,36 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> b
     return False
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken before starting: the health check would otherwise find the
+    server already there (another study) and announce its URL as this one's."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (1-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ValueError(f"--host {host!r} is not an address of this machine") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError:
+            raise ValueError(f"port {port} on {host} is in use (another msif app?): pass --port with a free one, "
+                             f"e.g. --port {port + 1}") from None
+
+
 def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False) -> int:
     """Run the Streamlit app on ``study`` until interrupted; returns the server's exit code."""
+    check_port(host, port)
     env = dict(os.environ, **{STUDY_ENV: str(study.resolve()), DEVICE_ENV: device})
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", host,
                "--server.port", str(port), "--server.headless", "true",
                "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-               "--theme.base", "light", "--client.toolbarMode", "viewer"]
+               "--theme.base", "light", "--client.toolbarMode", "viewer",
+               "--client.showErrorDetails", "none"]  # an unforeseen error: a generic message, no traceback or path
     server = subprocess.Popen(command, env=env)
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}"
     try:

@@ -8,6 +8,7 @@ its own results in ``st.session_state``, so sessions cannot see or overwrite eac
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import streamlit as st
@@ -43,10 +44,20 @@ def get_tracer() -> Tracer:
             raise StudyError(f"no study at {path} ({manifest.name} is missing)")
         return _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
     except (StudyError, ValueError, OSError) as err:  # FactorMismatchError is a ValueError
-        st.error(f"Cannot open the study: {err}")
+        st.error(f"Cannot open the study: {without_paths(str(err), path)}")
         st.info(f"Build the demo study with `msif build-demo --out {DEFAULT_STUDY}`, or start the "
                 "app on another study with `msif app --study DIR`.")
         st.stop()
+
+
+def without_paths(message: str, study: Path) -> str:
+    """A message for the page: the server's directories are not shown to whoever opens it (the
+    terminal that started the app has the full message)."""
+    import re
+
+    print(f"msif app: {message}", file=sys.stderr, flush=True)
+    message = message.replace(str(study), "the study directory")
+    return re.sub(r"(?<![\w.])/[^\s:;,'\"`()]+", "<path>", message)
 
 
 def restore_from_url() -> bool:
@@ -55,9 +66,17 @@ def restore_from_url() -> bool:
         return False
     st.session_state["_url_restored"] = True
     params = st.query_params
+    unknown = sorted(set(params) - set(URL_FIELDS))
+    if unknown:
+        st.warning(f"Ignored URL parameter{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: "
+                   f"this page reads {', '.join(URL_FIELDS)}.")
     for param, key in URL_FIELDS.items():
         value = params.get(param)
-        if value is None or (param == "method" and value not in ALL_METHODS):
+        if value is None:
+            continue
+        if param == "method" and value not in ALL_METHODS:
+            st.warning(f"Unknown method {value!r} in the URL: using {st.session_state.get(key, ALL_METHODS[0])}; "
+                       f"the methods are {', '.join(ALL_METHODS)}.")
             continue
         st.session_state[key] = value
     return bool(params.get("prompt", "").strip())

@@ -73,10 +73,8 @@ class Tracer:
         tokenizer = self.study.tokenizer
         prompt = self.prompt_for(instruction, context)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        limit = self.study.config.influence.max_length - max_new_tokens
-        if limit < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt")
-        ids = ids[:, -limit:].to(self.study.device)
+        self._check_fits(ids.shape[1], max_new_tokens, "a generated answer of up to")
+        ids = ids.to(self.study.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
             "do_sample": False}
         with self._lock:
@@ -85,6 +83,29 @@ class Tracer:
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         return answer.split("### End")[0].strip()
+
+    def check_request(self, instruction: str, answer: str | None = None, context: str = "",
+                      max_new_tokens: int = 48) -> None:
+        """Raise ValueError, saying why, unless the request can be traced as it is (nothing is cut)."""
+        prompt = self.prompt_for(instruction, context)
+        if answer is not None and answer.strip():
+            self._check_answer_fits(prompt, answer)
+        else:
+            self._check_fits(len(self._tokens(prompt)), max_new_tokens, "a generated answer of up to")
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.study.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_answer_fits(self, prompt: str, answer: str) -> None:
+        self._check_fits(len(self._tokens(prompt)), len(self._tokens(answer)), "the answer's")
+
+    def _check_fits(self, prompt_tokens: int, answer_tokens: int, what: str) -> None:
+        """The model sees the whole prompt or nothing: a prompt that does not fit is refused, never cut."""
+        limit = self.study.config.influence.max_length
+        if prompt_tokens + answer_tokens > limit:
+            raise ValueError(f"the prompt does not fit the study's context of {limit} tokens (influence.max_length): "
+                             f"it is {prompt_tokens} tokens with the template, plus {what} {answer_tokens}; "
+                             f"shorten it by at least {prompt_tokens + answer_tokens - limit} tokens")
 
     # -- tracing --------------------------------------------------------------------------------
     def preconditioned_query(self, prompt: str, answer: str, method: str,
@@ -122,6 +143,7 @@ class Tracer:
         if not answer.strip():
             raise ValueError("the model's answer is empty; type an answer to trace")
         prompt = self.prompt_for(instruction, context)
+        self._check_answer_fits(prompt, answer)
         top_k = min(top_k, len(self.study.documents))
         with self._lock:
             t0 = time.perf_counter()
@@ -181,6 +203,8 @@ class Tracer:
         if not all(a.strip() for a in answers):
             raise ValueError("the model's answer to a prompt is empty; give that prompt an answer to trace")
         prompts = [self.prompt_for(i) for i, _ in requests]
+        for prompt, answer in zip(prompts, answers):
+            self._check_answer_fits(prompt, answer)
         generated = time.perf_counter() - started
         k = min(top_k, len(self.study.documents))
         with self._lock:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from engine import __version__, distributed
+from engine.console import Parser, run_command
 
 
 def _precompute(args) -> int:
@@ -113,10 +114,10 @@ def _launch(argv: list[str], nproc: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msif", description="Build MSIF studies offline.")
+    parser = Parser(prog="msif", description="Build MSIF studies offline.")
     parser.add_argument("--version", action="version", version=f"msif {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     pre = commands.add_parser("precompute", help="build a study for real models from a TOML config",
                               description="Fit EK-FAC factors for both stages, project pretraining "
@@ -183,13 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     from engine.models import quiet_libraries
 
     quiet_libraries()
-    try:
+
+    def run() -> int:
+        if getattr(args, "nproc", 1) < 1:
+            raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+        if (getattr(args, "extra_documents", None) or 0) < 0:
+            raise ValueError(f"--extra-documents must be >= 0, got {args.extra_documents}")
         if args.command in BUILDS and not distributed.launched():  # torchrun's workers run under their parent's lock
             return _locked_build(args, argv)
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError, OSError) as err:
-        print(f"msif {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+    try:
+        return run_command(args.command, run, args.verbose)
     except KeyboardInterrupt:
         print(f"msif {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -208,27 +214,27 @@ def _locked_build(args, argv: list[str]) -> int:
     if args.private:
         os.umask(0o077)  # inherited by torchrun's workers
     command = ["msif", *(a for a in argv if a != "--force")]
+    study, key, expected = _identity(args)  # a bad config is reported before anything is created
+    study.check_overwrite(key, expected, args.force)
     with BuildLock(args.out, command) as lock:
         if lock.took_over:
             print(f"(took over the build lock of pid {lock.took_over.get('pid')}, which is no longer running)",
                   file=sys.stderr)
-        study, key, expected = _claim(args)
+        study.check_overwrite(key, expected, args.force)  # again, now that no other build can be writing
         study.remove_temporaries()  # a killed build's half-written files
         study.update_manifest(command=command, **{key: expected})  # claimed: a resumed build is the same study
         return _launch(argv, args.nproc) if args.nproc > 1 else args.run(args)
 
 
-def _claim(args):
-    """The study at --out, the manifest entry that says which study it is and its value here,
-    once it is clear that building there overwrites nothing else."""
+def _identity(args):
+    """The study at --out, the manifest entry that says which study it is, and its value for this
+    command (the demo's seed and recipe, or the study's config)."""
     from engine.study import Study, StudyConfig
 
-    study = Study(args.out)
     if args.command == "build-demo":
         from .demo import DemoRecipe, recipe_json, tiny_recipe
 
         key, expected = "demo", {"seed": args.seed, "recipe": recipe_json(tiny_recipe() if args.tiny else DemoRecipe())}
     else:
         key, expected = "config", StudyConfig.from_toml(args.config).to_dict()
-    study.check_overwrite(key, expected, args.force)
-    return study, key, expected
+    return Study(args.out), key, expected

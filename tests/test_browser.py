@@ -48,3 +48,51 @@ def test_prompt_to_ranked_documents_and_heatmap(tiny_study, tmp_path):
     assert shot.stat().st_size > 20_000
     print(f"\nbrowser: ranked documents and heatmaps {seconds:.2f} s after the click; "
           f"{len(ranked)} documents, {len(tokens)} token spans; screenshot {shot}")
+
+
+HOSTILE = [  # (title, text): every kind of markup a corpus can carry; none may run or render
+    ("<b onmouseover=\"window.__pwned='title'\">Bold title</b>",
+     "<script>window.__pwned = 'script'</script> Garmoor is a town with a market."),
+    ("Image", "<img src=x onerror=\"window.__pwned='img'\"> Perda Yarmere was born in Garmoor."),
+    ("Links", "[click me](javascript:window.__pwned='md') and <a href=\"javascript:window.__pwned='a'\">here</a> "
+              "Garmoor has a river."),
+    ("Markdown", "**loud** _quiet_ ![picture](http://127.0.0.1:9/x.png) # heading\n---\n| a | b | Garmoor."),
+]
+
+
+@pytest.fixture
+def hostile_study(tiny_study, tmp_path):
+    """A study over the tiny demo's models whose corpus is mostly markup meant to run in a page."""
+    from engine.study import StudyConfig
+    from precompute.pipeline import run_pipeline
+
+    world = [json.loads(line) for line in Study(tiny_study).path(layout.WORLD_DOCUMENTS).read_text().splitlines()]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"title": t, "text": x}) + "\n"
+                            for t, x in HOSTILE + [(d["title"], d["text"]) for d in world[:8]]))
+    config = Study(tiny_study).manifest()["config"]
+    config["models"] = {**config["models"], **{k: str(tiny_study / config["models"][k])
+                                               for k in ("base", "finetuned", "tokenizer")}}
+    config["pretraining"] = {**config["pretraining"], "path": str(docs), "more": []}
+    config["finetuning"]["path"] = str(tiny_study / config["finetuning"]["path"])
+    config["influence"]["factor_documents"] = 0
+    return run_pipeline(StudyConfig.from_dict(config), tmp_path / "hostile", progress=False).root
+
+
+def test_markup_in_documents_and_prompts_renders_as_text(hostile_study, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    prompt = "<img src=x onerror=\"window.__pwned='prompt'\"> Where was Perda Yarmere born?"
+    with running_app(hostile_study, tmp_path / "server.log") as url, chromium() as browser:
+        trace_in_browser(browser, url, prompt)
+        assert browser.execute_script("return window.__pwned") is None
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text  # noqa: B018 - reading it is the check
+        injected = browser.execute_script(
+            "return [...document.querySelectorAll('img[src=\"x\"], a[href^=\"javascript:\"], [onerror], "
+            "[onmouseover], img[src^=\"http://127.0.0.1:9\"]')].map(e => e.outerHTML)")
+        assert injected == []
+        text = browser.find_element(By.TAG_NAME, "body").text
+        assert "onerror" in text and ("<script>" in text or "javascript:" in text)  # shown, as text
+        assert "Bold title" in text and "<b" in text

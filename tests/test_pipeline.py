@@ -166,7 +166,8 @@ def test_query_cli_json(built, method, capsys):
     assert main(["query", "--study", str(built.root), "--prompt", "What colour is fox 2?",
                  "--answer", "The fox is green.", "--method", method, "--top-k", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip())
-    assert list(result)[:5] == ["prompt", "answer", "method", "proponents", "opponents"]
+    assert list(result)[:6] == ["prompt", "answer", "method", "scores", "proponents", "opponents"]
+    assert result["scores"].startswith("similarity" if method in ("bm25", "representation") else "influence")
     assert result["answer"] == "The fox is green." and result["method"] == method
     pro, opp = result["proponents"], result["opponents"]
     assert len(pro) == len(opp) == 3
@@ -214,3 +215,32 @@ def test_query_cli_reads_prompts_file_and_reports_bad_input(built, tmp_path, cap
     prompts.write_text("not json\n")
     assert main(["query", "--study", str(built.root), "--prompts-file", str(prompts)]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_every_weight_of_an_external_model_is_its_identity(inputs, tmp_path):
+    """A model outside the study (a hub id or a path): one changed value in its embedding, which the
+    factors' sampled fingerprint does not see, is refused on opening and refits the factors on rebuild."""
+    import shutil
+    import struct
+
+    from engine.study import open_study
+
+    models = tmp_path / "models"
+    for name in ("base", "child"):
+        shutil.copytree(inputs / name, models / name)
+    config = _config(inputs)
+    config.models.base, config.models.finetuned = str(models / "base"), str(models / "child")
+    study = run_pipeline(config, tmp_path / "study", progress=False)
+    weights = models / "base" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    (length,) = struct.unpack("<Q", blob[:8])
+    start = json.loads(blob[8:8 + length])["gpt_neox.embed_in.weight"]["data_offsets"][0]
+    blob[8 + length + start + 3] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(StudyError, match="the base model's file model.safetensors .* is not the one"):
+        open_study(study.root, device="cpu")
+    before = study.manifest()["stages"]
+    run_pipeline(config, study.root, progress=False)
+    after = study.manifest()["stages"]
+    assert after[Stage.FACTORS_PRETRAINED]["config"] != before[Stage.FACTORS_PRETRAINED]["config"]
+    open_study(study.root, device="cpu")

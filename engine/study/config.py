@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 try:
     import tomllib
@@ -176,9 +177,11 @@ class StudyConfig:
     def from_toml(cls, path: str | Path) -> StudyConfig:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise ValueError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path} is not valid TOML: {err}") from None
         config = cls.from_dict(data)
@@ -196,6 +199,14 @@ class StudyConfig:
             raise ValueError("influence.alpha must be > 0")
         if self.influence.vector_dtype not in VECTOR_DTYPES:
             raise ValueError(f"influence.vector_dtype must be one of {', '.join(VECTOR_DTYPES)}")
+        inf = self.influence
+        for name, low in (("max_length", 2), ("batch_size", 1), ("label_samples", 1), ("factor_documents", 0),
+                          ("projection_dim", 1), ("eigen_dim", 1), ("index_dims", 1), ("rerank", 1),
+                          ("index_sample", 1), ("candidates", 1)):
+            if getattr(inf, name) < low:
+                raise ValueError(f"influence.{name} must be at least {low}, got {getattr(inf, name)}")
+        if inf.damping_factor <= 0 or (inf.damping is not None and inf.damping <= 0):
+            raise ValueError("influence.damping and influence.damping_factor must be > 0")
         self.influence.factor_arguments(progress=False)  # checks accumulation and the rest
         self.influence.index_settings()  # checks the index knobs
 
@@ -206,7 +217,7 @@ def _build(cls, data: dict[str, Any], where: str):
     if unknown:
         raise ValueError(f"unknown key(s) in [{where}]: {', '.join(sorted(unknown))}; "
                          f"known: {', '.join(known)}")
-    defaults = cls()
+    defaults, hints = cls(), get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         sub = getattr(defaults, name)
@@ -214,5 +225,29 @@ def _build(cls, data: dict[str, Any], where: str):
             if not isinstance(value, dict):
                 raise ValueError(f"[{where}].{name} must be a table")
             value = _build(type(sub), value, name)
+        else:
+            value = _typed(value, hints[name], f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field's type (an int where a float goes), or a message naming the field."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    wanted = " or ".join("a list of strings" if get_origin(o) is list else
+                         {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                          type(None): "left out"}.get(o, str(o)) for o in options)
+    raise ValueError(f"{where} must be {wanted}, got {value!r}")
