@@ -97,7 +97,11 @@ def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = F
 
     study = Study(root)
     manifest = study.verify(layout.READER_STAGES, progress=progress)
-    config = StudyConfig.from_dict(manifest["config"])
+    try:
+        config = StudyConfig.from_dict(manifest.get("config") or {})
+    except ValueError as err:
+        raise StudyError(f"{study.manifest_path}: the study's config is invalid ({err}); "
+                         f"run `{study.rebuild_command(manifest)}` to rebuild it") from None
     _check_identity(study, manifest, config)
     device = resolve_device(device if device != "auto" else config.models.device)
     m = config.models
