@@ -32,6 +32,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> b
 def check_port(host: str, port: int) -> None:
     """Refuse a port that is taken before starting: the health check would otherwise find the
     server already there (another study) and announce its URL as this one's."""
+    import errno
     import socket
 
     if not 1 <= port <= 65535:
@@ -40,14 +41,16 @@ def check_port(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise ValueError(f"--host {host!r} is not an address of this machine") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
-        try:
-            probe.bind(address)
-        except OSError:
-            raise ValueError(f"port {port} on {host} is in use (another msif app?): pass --port with a free one, "
-                             f"e.g. --port {port + 1}") from None
+    for family, _, _, _, address in infos:  # the server listens on every address of the name
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRNOTAVAIL:  # e.g. no IPv6 here
+                    continue
+                raise ValueError(f"port {port} on {host} is in use (another msif app?): pass --port with a free "
+                                 f"one, e.g. --port {port + 1}") from None
 
 
 def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False) -> int:

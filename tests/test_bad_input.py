@@ -250,3 +250,18 @@ def test_csv_cells_a_spreadsheet_would_evaluate_are_neutralised(tiny_study):
     assert rows[0]["answer"] == "'" + trace.answer and rows[0]["prompt"] == "'=1+2 where?"
     assert float(rows[0]["score"]) == pytest.approx(trace.proponents[0].score if trace.proponents else
                                                     trace.opponents[0].score, rel=1e-6)  # numbers stay numbers
+
+
+def test_a_busy_port_is_refused_before_any_url_is_printed():
+    import socket
+
+    from explorer.server import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} on localhost is in use"):
+            check_port("localhost", port)
+    with pytest.raises(ValueError, match="not a TCP port"):
+        check_port("localhost", 70000)

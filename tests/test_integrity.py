@@ -218,14 +218,15 @@ def test_the_progress_setting_changes_no_stored_byte(tiny_study, tmp_path):
     assert _checksums(out) == _checksums(tiny_study)
 
 
-def _killed_then_finished(out: Path, argv: list[str], kill_after: list[float]) -> list[str]:
-    """Run a build, kill -9 it after each delay in turn (resuming each time), then let it finish;
-    the stages that were recorded when each kill struck."""
+def _killed_then_finished(out: Path, argv: list[str], kill_after: list[float],
+                          command: str = "build-demo") -> list[str]:
+    """Run a build, kill -9 it (its whole process group: torchrun and its workers too) after each
+    delay in turn, resuming each time, then let it finish; the stages recorded when each kill struck."""
     import signal
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "precompute", "build-demo", "--out", str(out), *argv]
+    command = [sys.executable, "-m", "precompute", command, "--out", str(out), *argv]
     struck = []
     for delay in kill_after:
         run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -257,5 +258,42 @@ def test_kill_minus_9_in_the_haystack_projection_then_rerun_gives_the_same_bytes
     grow = [*TINY, "--extra-documents", "3000"]
     _killed_then_finished(whole, grow, [])
     _killed_then_finished(killed, grow, [7.0, 6.5])
+    assert _checksums(killed) == _checksums(whole)
+    assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
+
+
+def _precompute_config(tiny_study: Path, tmp_path: Path) -> Path:
+    """A real-study config over the tiny demo's models and data, outside any study."""
+    config = Study(tiny_study).manifest()["config"]
+    inf = {k: config["influence"][k] for k in ("alpha", "max_length", "batch_size", "projection_dim", "candidates",
+                                               "accumulation")}
+    path = tmp_path / "study.toml"
+    path.write_text("\n".join([
+        f"template = {json.dumps(config['template'])}",
+        "[models]", *(f'{k} = "{tiny_study / config["models"][k]}"' for k in ("base", "finetuned", "tokenizer")),
+        'device = "cpu"', "[pretraining]", f'path = "{tiny_study / config["pretraining"]["path"]}"',
+        'title_field = "title"', "[finetuning]", f'path = "{tiny_study / config["finetuning"]["path"]}"',
+        "[influence]", *(f"{k} = {json.dumps(v)}" for k, v in inf.items()), ""]))
+    return path
+
+
+@pytest.mark.slow
+def test_kill_minus_9_anywhere_in_precompute_then_rerun_gives_the_same_bytes(tiny_study, tmp_path):
+    config = ["--config", str(_precompute_config(tiny_study, tmp_path)), "--quiet"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _killed_then_finished(whole, config, [], command="precompute")
+    struck = _killed_then_finished(killed, config, [3.6, 4.0, 4.4, 4.8], command="precompute")
+    assert any("index" not in s for s in struck), struck  # at least one kill struck mid-build
+    assert _checksums(killed) == _checksums(whole)
+    assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
+
+
+@pytest.mark.slow
+def test_kill_minus_9_in_a_distributed_build_then_rerun_gives_the_same_bytes(tmp_path):
+    argv = [*TINY, "--nproc", "2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _killed_then_finished(whole, argv, [])
+    struck = _killed_then_finished(killed, argv, [9.0, 9.7, 10.1])
+    assert any("index" not in s for s in struck), struck
     assert _checksums(killed) == _checksums(whole)
     assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
