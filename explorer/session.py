@@ -42,7 +42,9 @@ def get_tracer() -> Tracer:
     try:
         if not manifest.exists():
             raise StudyError(f"no study at {path} ({manifest.name} is missing)")
-        return _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
+        tracer = _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
+        Study(path).verify()  # at every run of a page: a file changed since opening is refused (a stat per file)
+        return tracer
     except (StudyError, ValueError, OSError) as err:  # FactorMismatchError is a ValueError
         st.error(f"Cannot open the study: {without_paths(str(err), path)}")
         st.info(f"Build the demo study with `msif build-demo --out {DEFAULT_STUDY}`, or start the "

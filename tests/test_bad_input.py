@@ -211,6 +211,14 @@ def test_a_prompt_over_the_context_is_refused_in_the_app(tiny_study, monkeypatch
     assert any("does not fit the study's context" in e.value for e in at.error)
 
 
+def test_a_study_damaged_while_served_is_refused_at_the_next_run(study, monkeypatch):
+    at = _app(study, monkeypatch)
+    assert not at.error
+    _flip(study / layout.shard_file(0, "whitened"), 200)  # read lazily by the index: not yet in memory
+    at.run()
+    assert any("changed after the study was built" in e.value for e in at.error)
+
+
 def test_a_damaged_study_in_the_app_shows_no_server_path(study, monkeypatch):
     _flip(study / layout.DOCUMENTS.path, 100)
     at = _app(study, monkeypatch)
