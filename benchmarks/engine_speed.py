@@ -5,9 +5,9 @@ right-padded random-token documents, and measures over exactly the same batches:
 
   (i)   plain training forward + backward (loss.backward() into every parameter): docs/s, tokens/s
   (ii)  fit_factors wall time for EK-FAC (covariance + correction passes), K-FAC and diagonal,
-        as a multiple of one forward+backward epoch            goal: EK-FAC <= 3x
+        as a multiple of one forward+backward epoch            goal: EK-FAC <= 2.5x
   (iii) score_documents throughput for 1 and for 16 multi-stage queries,
-        as a fraction of forward+backward throughput          goal: >= 0.7x
+        as a fraction of forward+backward throughput          goal: >= 0.9x
   (iv)  attribute_tokens throughput (per-token heatmaps) for 1 and 16 queries
 
 Each timing is the best of ``--repeats`` runs after a warm-up; forward+backward is timed at the start
@@ -51,8 +51,8 @@ from engine import (
 from engine.gradients import capture
 from engine.tasks import IGNORE
 
-FIT_GOAL = 3.0  # EK-FAC fit time / one forward+backward epoch, at most
-SCORE_GOAL = 0.7  # scoring throughput / forward+backward throughput, at least
+FIT_GOAL = 2.5  # EK-FAC fit time / one forward+backward epoch, at most
+SCORE_GOAL = 0.9  # scoring throughput / forward+backward throughput, at least
 
 
 def parse_args(argv=None) -> argparse.Namespace:

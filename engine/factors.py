@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import distributed as dist
 from .curvature import LayerFactors, get_strategy
-from .gradients import capture, model_device
+from .gradients import capture, model_device, per_sequence
 from .storage import atomic_dir, save_tensors, write_json
 from .tasks import Task
 from .tracking import TrackedLayer
@@ -245,10 +245,47 @@ class _Sums:
     def add(self, name: str, value: torch.Tensor) -> None:
         self.values[name] += value
 
+    def add_squares(self, name: str, parts) -> None:
+        """Add the elementwise square of each tensor of ``parts``."""
+        total = self.values[name]
+        for part in parts:
+            total.addcmul_(part, part) if total.dtype == part.dtype else total.add_(part.square())
+
+    def add_gram(self, name: str, x: torch.Tensor) -> None:
+        """Add x^T x: in place into the sum when the precisions agree (no product tensor)."""
+        total = self.values[name]
+        if total.dtype == x.dtype:
+            total.addmm_(x.T, x)
+        else:
+            total += x.T @ x
+
     def all_reduce(self) -> _Sums:
         for value in self.values.values():
             dist.all_reduce_sum(value)
         return self
+
+
+class _Rows:
+    """A padded batch's real token rows: statistics over tokens skip the padding's zero rows (a
+    quarter of the work for documents of mixed lengths)."""
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.padded = mask is not None and not bool(mask.all())
+        if self.padded:
+            self.index = mask.reshape(-1).nonzero().squeeze(1)
+            self.lengths = mask.sum(1).tolist()
+
+    def real(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (real tokens, d), in order: each sequence's tokens stay together."""
+        flat = x.flatten(0, 1)
+        return flat.index_select(0, self.index) if self.padded else flat
+
+    def per_sequence(self, g: torch.Tensor, a: torch.Tensor):
+        """sum_t g_t a_t^T of each sequence, from real-token rows (``real``)."""
+        start = 0
+        for length in self.lengths:
+            yield g[start:start + length].T @ a[start:start + length]
+            start += length
 
 
 def _accumulation_dtype(model: nn.Module, args: FactorArguments) -> torch.dtype:
@@ -312,10 +349,10 @@ def _covariance_pass(model, task, loader, layers, args: FactorArguments, fitted:
     counts = _Counts()
 
     def visit(acts, grads, mask, n):
+        rows = _Rows(mask)
         for name in acts:
-            a, g = acts[name].flatten(0, 1), grads[name].flatten(0, 1)
-            act.add(name, a.T @ a)
-            grad.add(name, g.T @ g)
+            act.add_gram(name, rows.real(acts[name]))
+            grad.add_gram(name, rows.real(grads[name]))
         counts.add(mask, acts, n)
 
     _each_capture(model, task, loader, layers, args, "covariance", visit)
@@ -360,12 +397,18 @@ def _second_pass(model, task, loader, layers, args: FactorArguments, fitted: dic
     basis = {name: (lf.gradient_eigenvectors, lf.activation_eigenvectors) for name, lf in fitted.items()}
 
     def visit(acts, grads, mask, n):
+        rows = _Rows(mask)
         for name in acts:
             a, g = acts[name], grads[name]
+            if pass_name == "correction" and rows.padded:  # rotate real tokens only, sum per sequence
+                q_s, q_a = basis[name]
+                a, g = rows.real(a) @ q_a.to(a), rows.real(g) @ q_s.to(g)
+                sums.add_squares(name, rows.per_sequence(g, a))
+                continue
             if pass_name == "correction":  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T
                 q_s, q_a = basis[name]
                 a, g = a @ q_a.to(a), g @ q_s.to(g)
-            sums.add(name, torch.einsum("bto,bti->boi", g, a).square().sum(0))
+            sums.add(name, per_sequence(g, a).square_().sum(0))
         counts.add(mask, acts, n)
 
     _each_capture(model, task, loader, layers, args, pass_name, visit)

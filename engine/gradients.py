@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tasks import Task
+from .tasks import Task, outputs_only
 from .tracking import LayerCapture, TrackedLayer, tracking_mode
 
 
@@ -42,11 +42,18 @@ def capture(model: nn.Module, task: Task, batch: Any, layers: Sequence[TrackedLa
     """
     batch = to_device(batch, model_device(model))
     mask = task.activation_mask(batch)
+    applied = None if mask is None or bool(mask.all()) else mask  # nothing to zero: no multiply
     with tracking_mode(model, layers), LayerCapture(layers) as cap:
-        loss = task.sequence_losses(model, batch, sample=sample, generator=generator).sum()
-        grads = cap.output_gradients(loss, mask)
-        acts = {layer.name: cap.activations(layer, mask) for layer in layers}
+        with outputs_only():  # only tracked layers' outputs are differentiated: the loss may be fused
+            loss = task.sequence_losses(model, batch, sample=sample, generator=generator).sum()
+        grads = cap.output_gradients(loss, applied)
+        acts = {layer.name: cap.activations(layer, applied) for layer in layers}
     return acts, grads, mask
+
+
+def per_sequence(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """G_b = sum_t g_bt a_bt^T, (B, out, in[+1]), as one batched matmul (no copy of either side)."""
+    return torch.bmm(g.transpose(1, 2), a)
 
 
 def sequence_gradients(model: nn.Module, task: Task, batch: Any, layers: Sequence[TrackedLayer],
@@ -54,7 +61,7 @@ def sequence_gradients(model: nn.Module, task: Task, batch: Any, layers: Sequenc
                        ) -> dict[str, torch.Tensor]:
     """Per-sequence gradient of every tracked layer: G_b = sum_t g_bt a_bt^T, (B, out, in[+1])."""
     acts, grads, _ = capture(model, task, batch, layers, sample=sample, generator=generator)
-    return {name: torch.einsum("bto,bti->boi", grads[name], acts[name]) for name in acts}
+    return {name: per_sequence(grads[name], acts[name]) for name in acts}
 
 
 def stack_gradients(model: nn.Module, task: Task, batches: Iterable[Any],

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .curvature import get_strategy, relative_damping
 from .factors import Factors
-from .gradients import capture
+from .gradients import capture, per_sequence
 from .methods import METHODS
 from .tasks import Task
 from .tracking import TrackedLayer
@@ -135,7 +135,7 @@ def score_documents(model: nn.Module, task: Task, loader: Iterable[Any],
         acts, grads, _ = capture(model, task, batch, layers)
         scores, sq_norm = 0.0, 0.0
         for name, a in acts.items():
-            g_doc = torch.einsum("bto,bti->boi", grads[name], a)
+            g_doc = per_sequence(grads[name], a)
             u = query.vectors[name].to(g_doc)
             scores = scores + u.flatten(1) @ g_doc.flatten(1).T
             if query.normalize_documents:

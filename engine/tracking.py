@@ -148,13 +148,25 @@ class LayerCapture:
         self.outputs.clear()
 
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None) -> torch.Tensor:
-        """Inputs (B, T, in[+1]), upcast to float32 (float64 kept), bias column of ones, mask applied."""
-        a = upcast(self.inputs[layer.name])
+        """Inputs (B, T, in[+1]), upcast to float32 (float64 kept), bias column of ones, mask applied.
+
+        One new tensor at most: the bias column and the mask are written in the same pass as the
+        copy (``mask=None`` when every position counts)."""
+        a = self.inputs[layer.name]
         if a.dim() == 2:  # a non-sequence model: one "token" per example
             a = a.unsqueeze(1)
-        if layer.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        return a if mask is None else a * mask.unsqueeze(-1).to(a.dtype)
+        dtype = upcast(a[:0]).dtype
+        if not layer.has_bias:
+            return upcast(a) if mask is None else torch.mul(a, mask.unsqueeze(-1).to(dtype))
+        out = a.new_empty(a.shape[:-1] + (a.shape[-1] + 1,), dtype=dtype)
+        if mask is None:
+            out[..., :-1].copy_(a)
+            out[..., -1] = 1
+        else:
+            weights = mask.to(dtype)
+            torch.mul(a, weights.unsqueeze(-1), out=out[..., :-1])
+            out[..., -1] = weights
+        return out
 
     def output_gradients(self, loss: torch.Tensor, mask: torch.Tensor | None,
                          retain_graph: bool = False) -> dict[str, torch.Tensor]:
@@ -164,13 +176,15 @@ class LayerCapture:
             raise RuntimeError(f"tracked layers did not run in the forward pass: {missing}")
         outs = [self.outputs[layer.name] for layer in self.layers]
         grads = torch.autograd.grad(loss, outs, retain_graph=retain_graph, allow_unused=True)
-        result = {}
+        result, masked = {}, set()
         for layer, out, g in zip(self.layers, outs, grads):
-            g = torch.zeros_like(out) if g is None else g
-            g = upcast(g)
+            g = torch.zeros_like(out) if g is None else upcast(g)
             if g.dim() == 2:
                 g = g.unsqueeze(1)
-            result[layer.name] = g if mask is None else g * mask.unsqueeze(-1).to(g.dtype)
+            if mask is not None and id(g) not in masked:  # autograd's own buffer, masked in place once
+                g.mul_(mask.unsqueeze(-1).to(g.dtype))  # (one buffer can serve two outputs: a residual sum)
+                masked.add(id(g))
+            result[layer.name] = g
         return result
 
 

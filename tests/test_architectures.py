@@ -246,6 +246,32 @@ def test_sequence_gradients_match_autograd(arch, kind, tokenizer):
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_the_fused_head_loss_gives_the_plain_losses_gradients_and_draws(arch, sample, tokenizer, monkeypatch):
+    """capture() fuses the LM head with the loss (logits a few rows at a time, scored rows only):
+    activations, output gradients and sampled labels are those of the plain path."""
+    from engine import tasks
+    from engine.gradients import capture
+
+    model = build(arch).double()
+    batch = encode_documents(tokenizer, PRETRAINING[:4], MAX_LEN)
+    layers = find_tracked_layers(model)
+    monkeypatch.setattr(tasks, "HEAD_CHUNK_ELEMENTS", 3 * VOCAB)  # several chunks even here
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(tasks, "FUSED_HEAD_TYPES", tasks.FUSED_HEAD_TYPES if fused else ())
+        with tasks.outputs_only():
+            assert (tasks._fused_head(model) is not None) == fused  # the path under test runs
+        generator = torch.Generator().manual_seed(5)
+        runs.append(capture(model, LanguageModelingTask(), batch, layers, sample=sample, generator=generator))
+    (a1, g1, _), (a2, g2, _) = runs
+    for name in a1:
+        torch.testing.assert_close(a1[name], a2[name], rtol=1e-12, atol=0)
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in g1.values())
+
+
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_factor_statistics_ignore_padding(arch, tokenizer):
     """Padded batches give the statistics of the same sequences fed one at a time, unpadded.
