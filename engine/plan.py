@@ -6,8 +6,9 @@ holds at its peak, in bytes:
 
 - the model's weights;
 - one batch's forward + backward capture, measured on Pythia-shaped models (see
-  ``benchmarks/memory_plan.py``): ``2.9 tokens V x 4`` (logits and their float32 copies: the
-  loss, its gradient, sampled labels) ``+ 20.5 tokens h blocks x w`` (activations autograd saves,
+  ``benchmarks/memory_plan.py``): the LM head's logits, a 16 MiB chunk at a time where the head is
+  fused with the loss (``engine.tasks``; else ``2.9 tokens V x 4``: logits and their float32 copies,
+  the loss, its gradient, sampled labels) ``+ 20.5 tokens h blocks x w`` (activations autograd saves,
   ``w`` bytes per weight), or, if larger, the captured ``a`` and ``g`` of every tracked layer in
   float32 together with the layers' raw inputs;
 - the factor fit's running sums ``sum (in^2 + out^2)`` (covariance pass) or its eigenbases plus
@@ -66,6 +67,7 @@ class Shape:
     blocks: int
     vocab: int
     layers: tuple[tuple[int, int], ...]
+    fused_head: bool = False  # the LM head's loss is fused in captures (engine.tasks): no logits tensor
 
     @classmethod
     def of(cls, location: str, include=None, exclude=None) -> Shape:
@@ -77,10 +79,14 @@ class Shape:
         config = AutoConfig.from_pretrained(location)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
+        from .tasks import FUSED_HEAD_TYPES
+
         tracked = find_tracked_layers(model, include=include or None, exclude=exclude or None)
+        head = model.get_output_embeddings()
+        fused = config.model_type in FUSED_HEAD_TYPES and all(layer.module is not head for layer in tracked)
         return cls(location, sum(p.numel() for p in model.parameters()), config.hidden_size,
                    config.num_hidden_layers, config.vocab_size,
-                   tuple(layer.gradient_shape for layer in tracked))
+                   tuple(layer.gradient_shape for layer in tracked), fused)
 
     @property
     def eigenbasis_numbers(self) -> int:
@@ -166,8 +172,13 @@ class Job:
 def capture_bytes(job: Job) -> float:
     """One batch's forward + backward capture at its peak (working memory only)."""
     shape = job.shape
-    backward = job.tokens * (LOGIT_COPIES * shape.vocab * 4
-                             + SAVED_PER_HIDDEN * shape.hidden * shape.blocks * job.weight_bytes)
+    if shape.fused_head:  # a few rows of logits at a time (and their CDF when sampling), in float32
+        from .tasks import HEAD_CHUNK_ELEMENTS
+
+        logits = 2 * HEAD_CHUNK_ELEMENTS * 4 + job.tokens * shape.hidden * 4 * 2
+    else:
+        logits = job.tokens * LOGIT_COPIES * shape.vocab * 4
+    backward = logits + job.tokens * SAVED_PER_HIDDEN * shape.hidden * shape.blocks * job.weight_bytes
     captured = job.tokens * (shape.capture_numbers * 4 + shape.input_numbers * job.weight_bytes)
     return max(backward, captured)
 
@@ -218,8 +229,9 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool) -> StageP
     per vector kind (two kinds), memory-mapped when served."""
     kind = inf.index_settings().resolved(documents)
     if kind == "flat":
-        peak = PROCESS_BASE + SHARD_ROWS * max(dims) * 4
-        return StagePlan("index", peak if cpu else 0.0, peak, 0.0, 0.0, {"one shard": SHARD_ROWS * max(dims) * 4})
+        shard = min(documents, SHARD_ROWS) * max(dims) * 4
+        return StagePlan("index", PROCESS_BASE + shard if cpu else 0.0, PROCESS_BASE + shard, 0.0, 0.0,
+                         {"one shard": shard})
     sample = min(documents, inf.index_sample) * max(dims) * 4
     files = 2 * documents * inf.index_dims * 4
     peak = PROCESS_BASE + 2 * sample  # the sample and its principal coordinates' temporaries
