@@ -218,24 +218,36 @@ def test_the_progress_setting_changes_no_stored_byte(tiny_study, tmp_path):
     assert _checksums(out) == _checksums(tiny_study)
 
 
-def _killed_then_finished(out: Path, argv: list[str], kill_after: list[float],
+def _recorded(out: Path) -> list[str]:
+    try:
+        return list(json.loads((out / layout.MANIFEST.path).read_text())["stages"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _killed_then_finished(out: Path, argv: list[str], kill_when: list[str],
                           command: str = "build-demo") -> list[str]:
-    """Run a build, kill -9 it (its whole process group: torchrun and its workers too) after each
-    delay in turn, resuming each time, then let it finish; the stages recorded when each kill struck."""
+    """Run a build and kill -9 it (its whole process group: torchrun and its workers too) as soon as
+    each mark in turn is reached, resuming each time, then let it finish. A mark is a stage name
+    (killed right after that stage is recorded, inside the next one) or ``file:PATH`` (killed when
+    that study file appears, e.g. a shard). Returns the stages recorded when each kill struck."""
     import signal
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "precompute", command, "--out", str(out), *argv]
     struck = []
-    for delay in kill_after:
+    for mark in kill_when:
         run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-        time.sleep(delay)
+        reached = ((lambda mark=mark: (out / mark[5:]).exists()) if mark.startswith("file:")
+                   else (lambda mark=mark: mark in _recorded(out)))
+        deadline = time.monotonic() + 300
+        while run.poll() is None and not reached() and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
-        manifest = out / layout.MANIFEST.path
-        struck.append(",".join(json.loads(manifest.read_text())["stages"]) if manifest.exists() else "-")
+        struck.append(",".join(_recorded(out)) or "-")
     assert subprocess.run(command, env=env, stdout=subprocess.DEVNULL).returncode == 0
     return struck
 
@@ -244,8 +256,9 @@ def _killed_then_finished(out: Path, argv: list[str], kill_after: list[float],
 def test_kill_minus_9_anywhere_in_build_demo_then_rerun_gives_the_same_bytes(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _killed_then_finished(whole, TINY, [])  # the reference, with the same threads (float sums depend on them)
-    struck = _killed_then_finished(killed, TINY, [3.5, 3.8, 4.1, 4.4, 4.8, 5.2])
-    assert len(set(struck)) >= 2, struck  # the kills struck in different stages
+    marks = ["world", "pretrain", "finetune", "corpus", "factors-pretrained", "factors-finetuned", "projection"]
+    struck = _killed_then_finished(killed, TINY, marks)
+    assert len(set(struck)) >= 5 and all("index" not in s for s in struck), struck  # struck mid-build, in turn
     assert _checksums(killed) == _checksums(whole)
     assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))  # no stray file, no temporary left
 
@@ -257,7 +270,9 @@ def test_kill_minus_9_in_the_haystack_projection_then_rerun_gives_the_same_bytes
         shutil.copytree(tiny_study, out)
     grow = [*TINY, "--extra-documents", "3000"]
     _killed_then_finished(whole, grow, [])
-    _killed_then_finished(killed, grow, [7.0, 6.5])
+    # killed as shards 1 and 2 of the 4 appear: inside the projection, twice
+    _killed_then_finished(killed, grow, [f"file:{layout.shard_file(1, 'sq_norms')}",
+                                         f"file:{layout.shard_file(2, 'sq_norms')}"])
     assert _checksums(killed) == _checksums(whole)
     assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
 
@@ -282,8 +297,9 @@ def test_kill_minus_9_anywhere_in_precompute_then_rerun_gives_the_same_bytes(tin
     config = ["--config", str(_precompute_config(tiny_study, tmp_path)), "--quiet"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _killed_then_finished(whole, config, [], command="precompute")
-    struck = _killed_then_finished(killed, config, [3.6, 4.0, 4.4, 4.8], command="precompute")
-    assert any("index" not in s for s in struck), struck  # at least one kill struck mid-build
+    struck = _killed_then_finished(killed, config, ["corpus", "factors-pretrained", "factors-finetuned"],
+                                   command="precompute")
+    assert all("index" not in s for s in struck), struck
     assert _checksums(killed) == _checksums(whole)
     assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
 
@@ -293,7 +309,7 @@ def test_kill_minus_9_in_a_distributed_build_then_rerun_gives_the_same_bytes(tmp
     argv = [*TINY, "--nproc", "2"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _killed_then_finished(whole, argv, [])
-    struck = _killed_then_finished(killed, argv, [9.0, 9.7, 10.1])
-    assert any("index" not in s for s in struck), struck
+    struck = _killed_then_finished(killed, argv, ["pretrain", "factors-pretrained", "factors-finetuned"])
+    assert all("index" not in s for s in struck), struck
     assert _checksums(killed) == _checksums(whole)
     assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
