@@ -249,7 +249,10 @@ class _Sums:
         """Add the elementwise square of each tensor of ``parts``."""
         total = self.values[name]
         for part in parts:
-            total.addcmul_(part, part) if total.dtype == part.dtype else total.add_(part.square())
+            if total.dtype == part.dtype:
+                total.addcmul_(part, part)
+            else:
+                total.add_(part.square())
 
     def add_gram(self, name: str, x: torch.Tensor) -> None:
         """Add x^T x: in place into the sum when the precisions agree (no product tensor)."""
@@ -269,8 +272,9 @@ class _Rows:
     """A padded batch's real token rows: statistics over tokens skip the padding's zero rows (a
     quarter of the work for documents of mixed lengths)."""
 
-    def __init__(self, mask: torch.Tensor | None):
+    def __init__(self, mask: torch.Tensor | None, batch: int, length: int):
         self.padded = mask is not None and not bool(mask.all())
+        self.shape = (batch, length)
         if self.padded:
             self.index = mask.reshape(-1).nonzero().squeeze(1)
             self.lengths = mask.sum(1).tolist()
@@ -281,7 +285,11 @@ class _Rows:
         return flat.index_select(0, self.index) if self.padded else flat
 
     def per_sequence(self, g: torch.Tensor, a: torch.Tensor):
-        """sum_t g_t a_t^T of each sequence, from real-token rows (``real``)."""
+        """sum_t g_t a_t^T of each sequence, from real-token rows (``real``): one batched product
+        when nothing is padded, else one product per sequence over its own rows."""
+        if not self.padded:
+            yield from per_sequence(g.view(*self.shape, -1), a.view(*self.shape, -1))
+            return
         start = 0
         for length in self.lengths:
             yield g[start:start + length].T @ a[start:start + length]
@@ -349,7 +357,7 @@ def _covariance_pass(model, task, loader, layers, args: FactorArguments, fitted:
     counts = _Counts()
 
     def visit(acts, grads, mask, n):
-        rows = _Rows(mask)
+        rows = _Rows(mask, *next(iter(acts.values())).shape[:2])
         for name in acts:
             act.add_gram(name, rows.real(acts[name]))
             grad.add_gram(name, rows.real(grads[name]))
@@ -397,18 +405,14 @@ def _second_pass(model, task, loader, layers, args: FactorArguments, fitted: dic
     basis = {name: (lf.gradient_eigenvectors, lf.activation_eigenvectors) for name, lf in fitted.items()}
 
     def visit(acts, grads, mask, n):
-        rows = _Rows(mask)
+        rows = _Rows(mask, *next(iter(acts.values())).shape[:2])
         for name in acts:
             a, g = acts[name], grads[name]
-            if pass_name == "correction" and rows.padded:  # rotate real tokens only, sum per sequence
+            if pass_name == "correction":  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T, real tokens only
                 q_s, q_a = basis[name]
-                a, g = rows.real(a) @ q_a.to(a), rows.real(g) @ q_s.to(g)
-                sums.add_squares(name, rows.per_sequence(g, a))
-                continue
-            if pass_name == "correction":  # Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T
-                q_s, q_a = basis[name]
-                a, g = a @ q_a.to(a), g @ q_s.to(g)
-            sums.add(name, per_sequence(g, a).square_().sum(0))
+                sums.add_squares(name, rows.per_sequence(rows.real(g) @ q_s.to(g), rows.real(a) @ q_a.to(a)))
+            else:
+                sums.add(name, per_sequence(g, a).square_().sum(0))
         counts.add(mask, acts, n)
 
     _each_capture(model, task, loader, layers, args, pass_name, visit)

@@ -159,8 +159,7 @@ class Tracer:
             timings.heatmaps = time.perf_counter() - t0
         timings.total = time.perf_counter() - started
         indexed = method in INDEXED and not exhaustive
-        retrieval = (f"index candidates ({self.study.config.influence.candidates} per sign) re-scored exactly"
-                     if indexed else "exact, all documents")
+        retrieval = self._index_retrieval() if indexed else "exact, all documents"
         settings = TraceSettings(self.study.config.influence.alpha, top_k,
                                  query.damping if query is not None else {}, retrieval, prompt, context)
         return Trace(instruction.strip(), answer, method, pro, opp, self.answer_pieces(prompt, answer),
@@ -180,6 +179,11 @@ class Tracer:
         scores = score_documents(side.model, TASK, self.study.document_batches(range(len(self.study.documents))),
                                  side.layers, query, progress=self.progress)[0].double().numpy()
         return (*_signed(*self._ranked(scores, k, self._document_hits)), query, scores.tolist())
+
+    def _index_retrieval(self, shared_by: int = 1) -> str:
+        """How an indexed trace's documents were found, in words (its settings' ``retrieval``)."""
+        text = f"index candidates ({self.study.config.influence.candidates} per sign) re-scored exactly"
+        return text + (f", in one pass shared by {shared_by} prompts" if shared_by > 1 else "")
 
     def _pool_hits(self, pool: Retrieval, k: int):
         """(proponents, opponents, exact scores of the pool) of a one-query re-scored pool."""
@@ -228,9 +232,7 @@ class Tracer:
                                   heatmaps=time.perf_counter() - t0)
                 timings.total = timings.generate + timings.rank + timings.heatmaps
                 settings = TraceSettings(self.study.config.influence.alpha, k, one.damping,
-                                         f"index candidates ({self.study.config.influence.candidates} per sign) "
-                                         f"re-scored exactly, in one pass shared by {len(requests)} prompts",
-                                         prompt, "")
+                                         self._index_retrieval(shared_by=len(requests)), prompt, "")
                 traces.append(Trace(instruction.strip(), answer, method, pro, opp, self.answer_pieces(prompt, answer),
                                     settings, timings, scored))
         return traces

@@ -153,7 +153,10 @@ class Study:
         holding the build lock, when nobody else can be writing."""
         left = sorted(p for p in self.root.rglob(".*.tmp")) if self.root.is_dir() else []
         for path in left:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         return [str(p.relative_to(self.root)) for p in left]
 
     # -- integrity ------------------------------------------------------------------------------
