@@ -256,7 +256,8 @@ def _killed_then_finished(out: Path, argv: list[str], kill_when: list[str],
 def test_kill_minus_9_anywhere_in_build_demo_then_rerun_gives_the_same_bytes(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _killed_then_finished(whole, TINY, [])  # the reference, with the same threads (float sums depend on them)
-    marks = ["world", "pretrain", "finetune", "corpus", "factors-pretrained", "factors-finetuned", "projection"]
+    # after factors-finetuned the projection runs; the flat index after it takes milliseconds, so no mark there
+    marks = ["world", "pretrain", "finetune", "corpus", "factors-pretrained", "factors-finetuned"]
     struck = _killed_then_finished(killed, TINY, marks)
     assert len(set(struck)) >= 5 and all("index" not in s for s in struck), struck  # struck mid-build, in turn
     assert _checksums(killed) == _checksums(whole)
