@@ -23,6 +23,18 @@ def terminal_safe(text: object) -> str:
                    c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def with_option(command: list[str], option: str, value: str) -> list[str]:
+    """``command`` with ``option``'s value (``--out X`` or ``--out=X``) replaced by ``value``."""
+    out = []
+    for i, arg in enumerate(command):
+        if i and command[i - 1] == option:
+            arg = value
+        elif arg.startswith(option + "="):
+            arg = f"{option}={value}"
+        out.append(arg)
+    return out
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (``PROG: error: ... (see PROG --help)``), exit code 2."""
 
@@ -30,18 +42,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {terminal_safe(message)} (see {self.prog} --help)\n")
 
 
+def error_line(err: BaseException) -> str | None:
+    """A user's error (bad input, a damaged study) as the one line a user sees; None for an
+    unforeseen error, which is reported as an internal error instead."""
+    if not isinstance(err, USER_ERRORS):
+        return None
+    return terminal_safe(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
 def run_command(name: str, run: Callable[[], int], verbose: bool = False) -> int:
     """Run a command; a user's error becomes one line on stderr and exit code 2, an unforeseen one
     a line that says so (the traceback only with --verbose)."""
     try:
         return run()
-    except USER_ERRORS as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"msif {name}: error: {terminal_safe(text)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         raise
-    except Exception as err:  # noqa: BLE001 - the one place an unforeseen error is turned into a message
+    except Exception as err:  # noqa: BLE001 - the one place a command's errors are turned into messages
+        line = error_line(err)
+        if line is not None:
+            print(f"msif {name}: error: {line}", file=sys.stderr)
+            return 2
         if verbose:
             traceback.print_exc()
         print(f"msif {name}: internal error ({type(err).__name__}: {terminal_safe(err)}); please report it"

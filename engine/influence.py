@@ -122,28 +122,83 @@ def score_gradients(query: PreconditionedQuery, doc_grads: dict[str, torch.Tenso
     return scores
 
 
+@dataclass(frozen=True)
+class DocumentMetric:
+    """A document's squared norm in the metric of an inverse, ``scale <G, (H + d I)^-1 G>`` summed
+    over layers: its self-influence under that preconditioner (RelatIF's denominator, squared)."""
+
+    factors: Factors
+    damping: dict[str, float]  # d per layer
+    scale: float = 1.0
+
+    def sq_norms(self, name: str, g_doc: torch.Tensor) -> torch.Tensor:
+        """(B,) for one layer's per-document gradients (B, out, in[+1]), in the eigenbasis of H:
+        sum (Q_S^T G Q_A)^2 / (eigenvalues + d)."""
+        strategy, lf, d = get_strategy(self.factors.strategy), self.factors.layers[name], self.damping[name]
+        rotated = strategy.to_eigenbasis(lf, g_doc).square()
+        lam = strategy.eigenvalues(lf)
+        weights = 1.0 / (lam.to(rotated) + d) if lam is not None else torch.full_like(rotated[0], 1.0 / d)
+        return self.scale * (rotated * weights).flatten(1).sum(1)
+
+
+def document_metric(args: ScoreArguments, pt_factors: Factors | None = None,
+                    ft_factors: Factors | None = None) -> DocumentMetric | None:
+    """The inverse each method applies on its documents' side, whose metric is the documents'
+    RelatIF norm: (H_pt + lambda I)^-1 for multi-stage, (H_ft + lambda I)^-1 for single-stage,
+    alpha (H_ft + alpha I)^-1 for pt-inverse-dropped; None (the identity) for the gradient methods."""
+    if args.method == "multi-stage":
+        return DocumentMetric(pt_factors, damping_values(pt_factors, args))
+    if args.method == "single-stage":
+        return DocumentMetric(ft_factors, damping_values(ft_factors, args))
+    if args.method == "pt-inverse-dropped":
+        return DocumentMetric(ft_factors, dict.fromkeys(ft_factors.layers, float(args.alpha)), float(args.alpha))
+    return None
+
+
+@dataclass
+class DocumentScores:
+    """One gradient pass over documents: raw scores and the documents' norms."""
+
+    scores: torch.Tensor  # (Q, N) <u, G>, float64 on the CPU
+    sq_norms: torch.Tensor  # (N,) |G|^2
+    metric_sq_norms: torch.Tensor | None = None  # (N,) <G, (H + d I)^-1 G> when a metric was given
+
+
+def measure_documents(model: nn.Module, task: Task, loader: Iterable[Any], layers: Sequence[TrackedLayer],
+                      query: PreconditionedQuery, progress: bool = True,
+                      metric: DocumentMetric | None = None) -> DocumentScores:
+    """Raw scores (Q, N) of every document in ``loader`` and its norms: one gradient pass, shared
+    by all queries. Per layer and batch: G_b = sum_t g_bt a_bt^T, then one matmul against all Q
+    vectors; no loop over (query, document) pairs."""
+    columns, sq_norms, metric_norms = [], [], []
+    for batch in tqdm(loader, desc="scoring", disable=not progress, unit="batch", leave=False):
+        acts, grads, _ = capture(model, task, batch, layers)
+        scores, sq_norm, metric_norm = 0.0, 0.0, 0.0
+        for name, a in acts.items():
+            g_doc = per_sequence(grads[name], a)
+            scores = scores + query.vectors[name].to(g_doc).flatten(1) @ g_doc.flatten(1).T
+            sq_norm = sq_norm + g_doc.flatten(1).square().sum(1)
+            if metric is not None:
+                metric_norm = metric_norm + metric.sq_norms(name, g_doc)
+        columns.append(scores.detach().double().cpu())
+        sq_norms.append(sq_norm.detach().double().cpu())
+        if metric is not None:
+            metric_norms.append(metric_norm.detach().double().cpu())
+        del acts, grads, g_doc  # one batch's captures in memory at a time
+    if not columns:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return DocumentScores(torch.zeros(query.num_queries, 0, dtype=torch.float64), empty,
+                              empty if metric is not None else None)
+    return DocumentScores(torch.cat(columns, 1), torch.cat(sq_norms),
+                          torch.cat(metric_norms) if metric is not None else None)
+
+
 def score_documents(model: nn.Module, task: Task, loader: Iterable[Any],
                     layers: Sequence[TrackedLayer], query: PreconditionedQuery,
                     progress: bool = True) -> torch.Tensor:
-    """Scores (Q, N) of every document in ``loader``: one gradient pass, shared by all queries.
-
-    Per layer and batch: G_b = sum_t g_bt a_bt^T, then one matmul against all Q vectors; no loop
-    over (query, document) pairs.
-    """
-    columns = []
-    for batch in tqdm(loader, desc="scoring", disable=not progress, unit="batch", leave=False):
-        acts, grads, _ = capture(model, task, batch, layers)
-        scores, sq_norm = 0.0, 0.0
-        for name, a in acts.items():
-            g_doc = per_sequence(grads[name], a)
-            u = query.vectors[name].to(g_doc)
-            scores = scores + u.flatten(1) @ g_doc.flatten(1).T
-            if query.normalize_documents:
-                sq_norm = sq_norm + g_doc.flatten(1).square().sum(1)
-        if query.normalize_documents:
-            scores = scores / torch.sqrt(sq_norm).clamp_min(1e-30)
-        columns.append(scores.detach().cpu())
-        del acts, grads, g_doc  # one batch's captures in memory at a time
-    if not columns:
-        return torch.zeros(query.num_queries, 0)
-    return torch.cat(columns, dim=1)
+    """Scores (Q, N) of every document in ``loader`` (gradient-cosine: divided by the documents'
+    gradient norms); see :func:`measure_documents`."""
+    measured = measure_documents(model, task, loader, layers, query, progress)
+    if query.normalize_documents:
+        return measured.scores / measured.sq_norms.sqrt().clamp_min(1e-30)
+    return measured.scores

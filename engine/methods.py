@@ -10,6 +10,10 @@ METHODS = ("multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot", 
 BASELINES = ("representation", "bm25")
 ALL_METHODS = METHODS + BASELINES
 
+# What influence rankings divide by unless told otherwise (``engine.normalization``): chosen by the
+# multi-seed haystack benchmark (benchmarks/normalization.py, docs/normalization.md).
+DEFAULT_NORMALIZATION = "none"
+
 DESCRIPTIONS = {
     "multi-stage": "Bao et al.: fine-tuned query gradient through (H_ft + αI)⁻¹ and (H_pt + λI)⁻¹",
     "single-stage": "documents treated as training data of the fine-tuned model (H_ft only)",

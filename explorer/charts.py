@@ -31,6 +31,26 @@ def score_distribution(pool_scores: Sequence[float], top_scores: Sequence[float]
     return fig
 
 
+def score_against_norm(norms: Sequence[float], scores: Sequence[float], shown: Sequence[int],
+                       pool_label: str, norm_label: str) -> go.Figure:
+    """Exact score against the document's norm for every document scored (log norm axis), the shown
+    ones marked: a ranking driven by norms shows as the shown documents sitting at the right."""
+    norms, scores = np.asarray(norms, float), np.asarray(scores, float)
+    marked = np.zeros(len(norms), bool)
+    marked[list(shown)] = True
+    fig = go.Figure()
+    fig.add_scattergl(x=norms[~marked], y=scores[~marked], mode="markers", name=pool_label,
+                      marker=dict(size=4, color="#9aa7b4", opacity=0.6),
+                      hovertemplate="norm %{x:.3g}<br>score %{y:.3g}<extra></extra>")
+    fig.add_scattergl(x=norms[marked], y=scores[marked], mode="markers", name="shown documents",
+                      marker=dict(size=9, color=["#2166ac" if v > 0 else "#b2182b" for v in scores[marked]]),
+                      hovertemplate="norm %{x:.3g}<br>score %{y:.3g}<extra></extra>")
+    fig.add_hline(y=0, line_dash="dot", line_color="#666")
+    fig.update_layout(title="Score against document norm", xaxis_title=norm_label, xaxis_type="log",
+                      yaxis_title="exact influence", **LAYOUT)
+    return fig
+
+
 def layer_contributions(labels: Sequence[str], layer_names: Sequence[str], values: np.ndarray) -> go.Figure:
     """Documents (rows) x tracked layers (columns): each row sums to the document's score."""
     values = np.asarray(values, dtype=float)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.console import Parser, run_command, terminal_safe
-from engine.methods import ALL_METHODS
+from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION
 from engine.study.layout import DEFAULT_STUDY
 
 BUILD_COMMANDS = {"build-demo": "build the default demo study offline (CPU, minutes)",
@@ -40,11 +40,16 @@ def _app(args) -> int:
 
     study = Study(args.study)
     demo = args.study.resolve() == Path(DEFAULT_STUDY).resolve() or args.build_demo
-    stages = study.manifest()["stages"] if study.manifest_path.exists() else {}
-    if demo and not all(s in stages for s in DEMO_STAGES + READER_STAGES):
-        # a missing or unfinished demo is built (resumed); build-demo refuses a directory that holds
-        # another study, and a finished study is never rebuilt here, only verified
-        print(f"building the demo study at {args.study} (first use: about 5 minutes on CPU)…", flush=True)
+    manifest = study.manifest() if study.manifest_path.exists() else None
+    unfinished = manifest is None or not all(s in manifest["stages"] for s in DEMO_STAGES + READER_STAGES)
+    outdated = [] if unfinished else study.outdated(manifest)
+    if demo and (unfinished or outdated):
+        # a missing or unfinished demo is built (resumed); one an older msif built gets what it left
+        # out (only the stages concerned rerun); build-demo refuses a directory that holds another
+        # study, and a finished study is never rebuilt here, only verified
+        print(f"building the demo study at {args.study} (first use: about 5 minutes on CPU)…" if unfinished else
+              f"completing the demo study at {args.study} (an older msif left out: {'; '.join(outdated)})…",
+              flush=True)
         code = build_studies(["build-demo", "--out", str(args.study), "--seed", "0"])
         if code:
             return code
@@ -98,6 +103,7 @@ def _query(args) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     prompts = _read_prompts(args)
     tracer = Tracer.open(args.study, device=args.device, progress=True)  # models load once for all prompts
+    tracer.normalization_for(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
     for row in prompts:  # every prompt is checked before the first one runs
         try:
             tracer.check_request(row["prompt"], row["answer"])
@@ -107,7 +113,7 @@ def _query(args) -> int:
     for start in range(0, len(prompts), QUERY_GROUP):
         group = prompts[start:start + QUERY_GROUP]
         for trace in tracer.trace_many([(r["prompt"], r["answer"]) for r in group], method=args.method,
-                                       top_k=args.top_k, exhaustive=args.exhaustive):
+                                       top_k=args.top_k, exhaustive=args.exhaustive, normalization=args.normalize):
             print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
     return 0
 
@@ -122,13 +128,18 @@ def _format_trace(trace) -> str:
     lines = [f"prompt:  {terminal_safe(trace.prompt)}", f"answer:  {terminal_safe(trace.answer)}",
              f"method:  {trace.method} ({trace.settings.retrieval}; {trace.timings.total:.2f}s)",
              "score = similarity to the prompt and answer (a baseline, not influence: it has no sign)" if baseline
-             else "positive = raises the answer's log-likelihood"]
+             else "score = exact influence: the change in the answer's log-likelihood per unit of upweighting; "
+                  "positive = raises it"]
+    normalized = trace.settings.normalization != "none"
+    if normalized:
+        lines.append(f"ranked by: {trace.settings.ranked_by} ({trace.settings.normalization}; same sign as the score)")
     sides = (("most similar", "least similar") if baseline else ("proponents", "opponents"))
     for label, hits in zip(sides, (trace.proponents, trace.opponents)):
-        lines.append(f"{label}:")
+        lines.append(f"{label}:" + ("  rank by normalised, then exact score" if normalized else ""))
         for rank, hit in enumerate(hits, 1):
-            snippet = terminal_safe(" ".join(hit.text.split())[:90])
-            lines.append(f"  {rank:>3}. {hit.score:+.4e}  doc {hit.doc_id:<6} {snippet}")
+            snippet = terminal_safe(" ".join(hit.text.split())[:80])
+            ranked = f"{hit.normalized_score:+.3e}  " if normalized else ""
+            lines.append(f"  {rank:>3}. {ranked}{hit.score:+.4e}  doc {hit.doc_id:<6} {snippet}")
     return "\n".join(lines)
 
 
@@ -169,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--method", default="multi-stage", choices=ALL_METHODS)
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    query.add_argument("--normalize", metavar="NORM", default=None,
+                       help="rank by influence / a norm of the document: gradient, metric, whitened, with ^POWER "
+                            "and @median (a floor), e.g. gradient^0.5; none for raw influence (default: "
+                            f"{DEFAULT_NORMALIZATION}). The exact score is shown beside it")
     query.add_argument("--exhaustive", action="store_true",
                        help="score every document exactly instead of index candidates (slow, exact)")
     query.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

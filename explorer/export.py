@@ -11,8 +11,8 @@ from engine.methods import BASELINES
 from .heatmap import snippet
 from .results import Trace
 
-COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "projected_score", "top_tokens",
-           "snippet", "prompt", "answer"]
+COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "normalized_score", "norm", "ranked_by",
+           "projected_score", "top_tokens", "snippet", "prompt", "answer"]
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet evaluates a cell starting so
@@ -34,7 +34,9 @@ def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
         for rank, hit in enumerate(hits, start=1):
             order = sorted(range(len(hit.token_scores)), key=lambda i: -abs(hit.token_scores[i]))
             rows.append({"method": trace.method, "sign": sign, "rank": rank, "doc_id": hit.doc_id,
-                         "title": hit.title, "score": hit.score, "projected_score": hit.projected_score,
+                         "title": hit.title, "score": hit.score, "normalized_score": hit.normalized_score,
+                         "norm": hit.norm, "ranked_by": trace.settings.normalization,
+                         "projected_score": hit.projected_score,
                          "top_tokens": " | ".join(f"{hit.tokens[i]!r}:{hit.token_scores[i]:+.3g}"
                                                   for i in order[:top_tokens]),
                          "snippet": snippet(hit.text, hit.tokens, hit.token_scores),

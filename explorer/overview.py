@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 
 from engine import damping_values
 from engine.study import OpenedStudy, StageModel
@@ -101,3 +102,17 @@ def document_lengths(study: OpenedStudy, limit: int = 5000) -> np.ndarray:
     step = max(1, len(docs) // limit)
     texts = list(docs.select(range(0, len(docs), step))["text"])
     return np.array([len(ids) for ids in study.tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+def largest_norms(study: OpenedStudy, count: int = 20) -> pd.DataFrame:
+    """The documents with the largest gradient norms at theta_pt (and their whitened norms), the
+    ones that dominate raw influence rankings; norms are also given as multiples of the median."""
+    gradient, whitened = study.index.norms.astype(np.float64), study.index.whitened_norms.astype(np.float64)
+    top = np.argsort(-gradient, kind="stable")[:count]
+    rows = study.documents.select(top.tolist())
+    return pd.DataFrame({
+        "doc_id": top, "title": rows["title"],
+        "gradient norm": gradient[top], "× median": gradient[top] / np.median(gradient),
+        "whitened norm": whitened[top], "whitened × median": whitened[top] / np.median(whitened),
+        "text": [" ".join(t.split())[:120] for t in rows["text"]],
+    })

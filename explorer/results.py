@@ -22,6 +22,8 @@ class DocumentHit:
     token_scores: list[float] = field(default_factory=list)  # per token, sums to score
     layer_scores: dict[str, float] = field(default_factory=dict)  # per tracked layer
     projected_score: float | None = None  # the index's estimate, when retrieval used one
+    normalized_score: float | None = None  # score / d(z) when the ranking is normalised (what it is ranked by)
+    norm: float | None = None  # n(z), the document's norm the normalised score divides by
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +41,8 @@ class RecordHit:
     tokens: list[str] = field(default_factory=list)
     token_scores: list[float] = field(default_factory=list)
     layer_scores: dict[str, float] = field(default_factory=dict)
+    normalized_score: float | None = None  # score / d(z) when the ranking is normalised
+    norm: float | None = None  # n(z)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +61,8 @@ class TraceSettings:
     retrieval: str  # in words: index candidates re-scored exactly, or exact over everything
     model_prompt: str  # the exact text the model saw before the answer
     context: str
+    normalization: str = "none"  # what the ranking divides exact scores by (engine.normalization spec)
+    ranked_by: str = "raw influence"  # the same in words
 
 
 @dataclass
@@ -82,7 +88,9 @@ class Trace:
     answer_tokens: list[str]
     settings: TraceSettings
     timings: Timings
-    pool_scores: list[float] = field(default_factory=list)  # exact scores of every document scored
+    pool_ids: list[int] = field(default_factory=list)  # every document scored (the candidate pool, or all)
+    pool_scores: list[float] = field(default_factory=list)  # their exact scores
+    pool_norms: list[float] = field(default_factory=list)  # their norms n(z) (gradient norms for a raw ranking)
 
     def to_json(self, with_text: bool = False) -> dict[str, Any]:
         def hit(h: Hit) -> dict[str, Any]:

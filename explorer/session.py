@@ -9,19 +9,30 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import streamlit as st
 
-from engine.methods import ALL_METHODS
+from engine.console import error_line
+from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION
 from engine.models import quiet_libraries
+from engine.normalization import Normalization
 from engine.study import DEFAULT_STUDY, Study, StudyError
 
 from .server import DEVICE_ENV, STUDY_ENV
 from .tracer import Tracer
 
 # URL query parameter -> session-state key of the widget it fills
-URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "method": "method"}
+URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "method": "method", "normalize": "normalize"}
+# the rankings offered in the app: the default first, then raw influence and the other forms measured
+RANKINGS = tuple(dict.fromkeys([DEFAULT_NORMALIZATION, "none", "gradient", "gradient^0.5", "gradient@median",
+                                "whitened", "whitened^0.5", "whitened@median", "metric", "metric^0.5"]))
+
+
+def ranking_label(spec: str) -> str:
+    words = Normalization.parse(spec).describe()
+    return f"{words} (default)" if spec == DEFAULT_NORMALIZATION else words
 
 
 @st.cache_resource(max_entries=1, show_spinner="Opening the study: models, factors, index…")
@@ -45,11 +56,24 @@ def get_tracer() -> Tracer:
         tracer = _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
         Study(path).verify()  # at every run of a page: a file changed since opening is refused (a stat per file)
         return tracer
-    except (StudyError, ValueError, OSError) as err:  # FactorMismatchError is a ValueError
-        st.error(f"Cannot open the study: {without_paths(str(err), path)}")
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, a line on the page, not Streamlit's error
+        show_error(err, "Cannot open the study")
         st.info(f"Build the demo study with `msif build-demo --out {DEFAULT_STUDY}`, or start the "
                 "app on another study with `msif app --study DIR`.")
         st.stop()
+
+
+def show_error(err: Exception, doing: str) -> None:
+    """An error as one line on the page, never Streamlit's error page: a user's error (bad input, a
+    damaged study) as the CLI would print it, without server paths; an unforeseen one as an internal
+    error to report, its traceback in the server's log only."""
+    line = error_line(err)
+    if line is None:
+        print(f"msif app: internal error while {doing.lower()}:", file=sys.stderr)
+        traceback.print_exception(err, file=sys.stderr)
+        st.error(f"{doing}: internal error ({type(err).__name__}); please report it.")
+    else:
+        st.error(f"{doing}: {without_paths(line, study_dir())}")
 
 
 def without_paths(message: str, study: Path) -> str:
@@ -80,9 +104,19 @@ def restore_from_url() -> bool:
             st.warning(f"Unknown method {value!r} in the URL: using {st.session_state.get(key, ALL_METHODS[0])}; "
                        f"the methods are {', '.join(ALL_METHODS)}.")
             continue
+        if param == "normalize":
+            try:
+                value = str(Normalization.parse(value))
+            except ValueError as err:
+                st.warning(f"Ignored normalize={value!r} in the URL: {err}.")
+                continue
+            if value not in RANKINGS:
+                st.warning(f"normalize={value!r} in the URL is not offered here; the choices are "
+                           f"{', '.join(RANKINGS)}.")
+                continue
         st.session_state[key] = value
     return bool(params.get("prompt", "").strip())
 
 
-def share_in_url(prompt: str, answer: str, method: str) -> None:
-    st.query_params.from_dict({"prompt": prompt, "answer": answer, "method": method})
+def share_in_url(prompt: str, answer: str, method: str, normalization: str) -> None:
+    st.query_params.from_dict({"prompt": prompt, "answer": answer, "method": method, "normalize": normalization})

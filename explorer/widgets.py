@@ -45,9 +45,12 @@ def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) ->
     for rank, hit in enumerate(hits, start=1):
         title, unit, number = _heading(hit)
         with st.container(border=True):
-            st.markdown(f"**#{rank}** · `{format_score(hit.score)}` · {plain(title or '(untitled)')} "
+            shown = hit.score if hit.normalized_score is None else hit.normalized_score
+            st.markdown(f"**#{rank}** · `{format_score(shown)}` · {plain(title or '(untitled)')} "
                         f"· {unit} {number}")
-            meta = [f"score {hit.score:+.6g}"]
+            meta = [f"exact influence {hit.score:+.6g}"]
+            if hit.normalized_score is not None:
+                meta = [f"normalised {hit.normalized_score:+.4g}", *meta, f"norm {hit.norm:.4g}"]
             if isinstance(hit, DocumentHit) and hit.projected_score is not None:
                 meta.append(f"index estimate {hit.projected_score:+.3g}")
             if hit.tokens:

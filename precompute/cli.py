@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from engine import __version__, distributed
-from engine.console import Parser, run_command
+from engine.console import Parser, run_command, with_option
 
 
 def _precompute(args) -> int:
@@ -213,10 +213,13 @@ def _locked_build(args, argv: list[str]) -> int:
 
     if args.private:
         os.umask(0o077)  # inherited by torchrun's workers
-    command = ["msif", *(a for a in argv if a != "--force")]
     study, key, expected = _identity(args)  # a bad config is reported before anything is created
+    command = ["msif", *(a for a in argv if a != "--force")]
+    for option, value in (("--out", study.root), ("--config", getattr(args, "config", None))):
+        if value is not None:  # the recorded command works from any working directory
+            command = with_option(command, option, str(Path(value).resolve()))
     study.check_overwrite(key, expected, args.force)
-    with BuildLock(args.out, command) as lock:
+    with BuildLock(study.root, command) as lock:
         if lock.took_over:
             print(f"(took over the build lock of pid {lock.took_over.get('pid')}, which is no longer running)",
                   file=sys.stderr)

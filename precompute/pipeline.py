@@ -124,7 +124,8 @@ def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) ->
               projection_config, every_rank=True, info=lambda: _vector_record(study, inf.vector_dtype))
     index: dict = {}
     run_stage(study, Stage.INDEX, lambda: _index(study, config, device, index, progress),
-              {"index": asdict(inf.index_settings()), "inputs": study.checksums(layout.SHARDS)},
+              {"index": asdict(inf.index_settings()), "inputs": study.checksums(layout.SHARDS),
+               "outputs": [layout.INDEX_NORMS.path]},
               info=lambda: {"search": index.pop("search")})
     return study
 

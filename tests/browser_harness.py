@@ -25,6 +25,7 @@ HEATMAP_TOKEN = "span.msif-tok"
 FIRST_RESULT = "//*[@data-testid='stMarkdownContainer'][starts-with(normalize-space(.), '#1 ·')]"
 RANKED = "//*[@data-testid='stMarkdownContainer'][contains(., ' · doc ')]"  # one per ranked document
 RUNNING = '[data-testid="stStatusWidget"]'  # Streamlit's "running" indicator
+ERRORS = '[data-testid="stException"], [data-testid^="stAlertContentError"]'  # an error page, st.error
 
 
 def find_chromium() -> tuple[str, str] | None:
@@ -84,6 +85,15 @@ def chromium() -> Iterator[webdriver.Chrome]:  # noqa: F821
             yield driver
         finally:
             driver.quit()
+
+
+def page_errors(driver) -> list[str]:
+    """The text of every error the page shows: Streamlit's error page (an exception) or st.error."""
+    from selenium.webdriver.common.by import By
+
+    errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ERRORS)]
+    body = driver.find_element(By.TAG_NAME, "body").text
+    return errors + (["This app has encountered an error"] if "This app has encountered an error" in body else [])
 
 
 def open_app(driver, url: str, timeout: float = 120.0):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from engine.methods import DEFAULT_NORMALIZATION
 from engine.study import Study, layout
 from explorer.heatmap import snippet
 from explorer.server import STUDY_ENV
@@ -99,7 +100,8 @@ def test_trace_shows_ranked_documents_with_the_tracers_scores(app, tracer, quest
     app.session_state[f"doc-{'proponents' if trace.proponents else 'opponents'}-2"] = True
     app.run()
     assert _bodies(app).count('class="msif-tok"') == sum(len(h.tokens) for h in opened + [second])
-    assert app.query_params == {"prompt": question, "answer": trace.answer, "method": "multi-stage"}
+    assert app.query_params == {"prompt": question, "answer": trace.answer, "method": "multi-stage",
+                                "normalize": DEFAULT_NORMALIZATION}
 
 
 def test_model_answers_when_no_answer_is_typed(app, tracer, question):
@@ -118,6 +120,34 @@ def test_url_restores_prompt_answer_and_method_and_runs(study, monkeypatch, ques
     assert at.text_area(key="instruction").value == question
     trace = at.session_state["trace"]
     assert (trace.prompt, trace.answer, trace.method) == (question, "In Ostgate.", "gradient-dot")
+
+
+def test_url_restores_the_ranking(study, monkeypatch, question):
+    monkeypatch.setenv(STUDY_ENV, str(study))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(prompt=question, answer="In Ostgate.", method="multi-stage", normalize="gradient^0.5")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="normalize").value == "gradient^0.5"
+    assert at.session_state["trace"].settings.normalization == "gradient^0.5"
+
+
+def test_rank_by_a_normalised_score_shows_it_beside_the_exact_one(app, tracer, question):
+    answer = "Yvin Marlford was born in Ostgate."
+    app.selectbox(key="normalize").set_value("gradient")
+    _trace(app, question, answer)
+    trace = app.session_state["trace"]
+    direct = tracer.trace(question, answer, "multi-stage", top_k=10, normalization="gradient", heatmaps=False)
+    assert [h.doc_id for h in trace.proponents] == [h.doc_id for h in direct.proponents]
+    first = trace.proponents[0]
+    assert first.normalized_score == pytest.approx(first.score / first.norm)
+    captions = " ".join(c.value for c in app.caption)
+    assert f"normalised {first.normalized_score:+.4g}" in captions and f"exact influence {first.score:+.6g}" in captions
+    assert "ranked by **influence divided by the gradient norm" in captions
+    assert app.query_params["normalize"] == "gradient"
+    app.selectbox(key="method").set_value("bm25")
+    _trace(app, question, answer)  # a baseline ranks by similarity: the choice does not apply
+    assert app.session_state["trace"].settings.normalization == "none"
 
 
 def test_bad_input_gets_a_message_not_a_crash(app, study, monkeypatch):
@@ -193,7 +223,13 @@ def test_charts_tab_plots_the_scores(app, question):
     histogram, rug = specs[0]["data"][:2]
     assert np.allclose(_array(histogram["x"]), trace.pool_scores)
     assert np.allclose(_array(rug["x"]), [h.score for h in trace.proponents + trace.opponents])
-    layers = specs[1]["data"][0]
+    others, marked = specs[1]["data"][:2]  # score against norm: the pool, the shown documents marked
+    shown = {h.doc_id for h in trace.proponents + trace.opponents}
+    assert len(_array(others["x"])) + len(_array(marked["x"])) == len(trace.pool_ids)
+    at = {d: (n, s) for d, n, s in zip(trace.pool_ids, trace.pool_norms, trace.pool_scores)}
+    assert sorted(_array(marked["y"])) == pytest.approx(sorted(at[d][1] for d in shown))
+    assert sorted(_array(marked["x"])) == pytest.approx(sorted(at[d][0] for d in shown), rel=1e-6)
+    layers = specs[2]["data"][0]
     assert np.allclose(_array(layers["z"]).sum(axis=1), [h.score for h in trace.proponents + trace.opponents],
                        rtol=1e-4)
 
@@ -224,6 +260,10 @@ def test_study_page(app, tracer):
     assert metrics["Fine-tuning records"] == f"{len(tracer.study.records):,}"
     specs = " ".join(c.proto.spec for c in app.get("plotly_chart"))
     assert "Approximate Fisher spectra" in specs and "Document lengths" in specs
+    norms = next(d.value for d in app.dataframe if "gradient norm" in d.value.columns)
+    expected = np.argsort(-tracer.study.index.norms, kind="stable")[:len(norms)]
+    assert list(norms["doc_id"]) == list(expected)
+    assert np.allclose(norms["gradient norm"], tracer.study.index.norms[expected])
 
 
 def test_missing_study_is_explained(monkeypatch, tmp_path):

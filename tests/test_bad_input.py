@@ -227,6 +227,59 @@ def test_a_damaged_study_in_the_app_shows_no_server_path(study, monkeypatch):
     assert str(study) not in errors and "/tmp" not in errors
 
 
+def test_a_study_with_null_model_checksums_is_refused_in_one_line_in_the_app(study, monkeypatch):
+    """The page a fresh clone's `make demo` showed: a study recorded by an older msif under a relative
+    path, with null model checksums, opened by the app. A line that says what to run, no error page."""
+    manifest = json.loads((study / "manifest.json").read_text())
+    for record in manifest["stages"].values():
+        if "identity" in record["config"]:
+            record["config"]["identity"] = {r: dict.fromkeys(f) for r, f in record["config"]["identity"].items()}
+    (study / "manifest.json").write_text(json.dumps(manifest))
+    at = _app(study, monkeypatch)
+    errors = " ".join(e.value for e in at.error)
+    assert "records no checksum of the base model's files" in errors and "msif build-demo --out" in errors
+    assert str(study) not in errors and "/tmp" not in errors
+
+
+@pytest.fixture
+def unforeseen(monkeypatch):
+    """An error no message was written for, carrying a server path; the app's cached Tracer dropped
+    so that opening the study runs again."""
+    import streamlit
+
+    def broken(*args, **kwargs):
+        raise TypeError("'<' not supported between instances of 'NoneType' and 'str' in /srv/msif/secret.py")
+
+    streamlit.cache_resource.clear()
+    streamlit.cache_data.clear()
+    yield broken
+    streamlit.cache_resource.clear()
+    streamlit.cache_data.clear()
+
+
+def test_an_unforeseen_error_opening_the_study_is_one_line(tiny_study, monkeypatch, unforeseen):
+    import engine.study.opened
+
+    monkeypatch.setattr(engine.study.opened, "_check_identity", unforeseen)
+    at = _app(tiny_study, monkeypatch)
+    assert [e.value for e in at.error] == ["Cannot open the study: internal error (TypeError); please report it."]
+    assert not at.exception
+
+
+def test_an_unforeseen_error_in_a_page_is_one_line(tiny_study, monkeypatch, unforeseen):
+    from explorer.tracer import Tracer
+
+    monkeypatch.setattr(Tracer, "trace", unforeseen)
+    at = _app(tiny_study, monkeypatch, prompt="Where was Yvin Marlford born?")
+    assert [e.value for e in at.error] == ["Could not trace: internal error (TypeError); please report it."]
+    import explorer.overview
+
+    monkeypatch.setattr(explorer.overview, "summarize", unforeseen)
+    at.switch_page("views/study.py").run()
+    assert [e.value for e in at.error] == ["This page failed: internal error (TypeError); please report it."]
+    assert not at.exception and "/srv" not in " ".join(e.value for e in at.error)
+
+
 # -- output safety ------------------------------------------------------------------------------
 def test_terminal_output_escapes_control_characters(tiny_study, capsys):
     assert msif(["query", "--study", str(tiny_study), "--prompt", "\x1b[2J\x1b[31mWhere?\r",

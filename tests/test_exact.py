@@ -18,8 +18,10 @@ from engine import (
     LanguageModelingTask,
     ScoreArguments,
     attribute_tokens,
+    document_metric,
     find_tracked_layers,
     fit_factors,
+    measure_documents,
     precondition,
     score_documents,
     score_gradients,
@@ -517,3 +519,30 @@ def test_kept_coordinates_break_ties_by_position():
     lam = torch.tensor([[1.0, 3.0, 3.0, 1.0], [3.0, 1.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0]])
     factors = Factors("diagonal", {"l": LayerFactors(diagonal=lam)}, 1, 1, {})
     assert Whitening(factors, {"l": 0.1}, keep=6).kept["l"].tolist() == [1, 2, 4, 7, 8, 9]
+
+
+@pytest.mark.parametrize("method", ["multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot"])
+def test_document_norms_equal_explicit_formulas(pt_model, ft_model, two_stage, method):
+    """|G| and the RelatIF norm sqrt(G^T M G), M the method's document-side inverse, formed explicitly."""
+    pt_layers, ft_layers, pt_f, ft_f, query, docs = two_stage
+    alpha, args = 0.3, ScoreArguments(method=method, alpha=0.3)
+    doc_model, doc_layers = (ft_model, ft_layers) if method == "single-stage" else (pt_model, pt_layers)
+    pre = precondition(sequence_gradients(ft_model, TASK, query, ft_layers), args, pt_f, ft_f)
+    metric = document_metric(args, pt_f, ft_f)
+    measured = measure_documents(doc_model, TASK, docs, doc_layers, pre, progress=False, metric=metric)
+    d = torch.cat([_flat(sequence_gradients(doc_model, TASK, b, doc_layers)) for b in docs])
+    torch.testing.assert_close(measured.sq_norms, d.square().sum(1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(measured.scores, score_documents(doc_model, TASK, docs, doc_layers, pre, progress=False))
+    if method == "gradient-dot":
+        assert metric is None and measured.metric_sq_norms is None
+        return
+    eye = torch.eye(d.shape[1], dtype=torch.float64)
+    if method == "multi-stage":
+        m = torch.linalg.inv(_block_diag_matrix(pt_f, pt_layers) + _block_damping(metric.damping, pt_layers))
+    elif method == "single-stage":
+        m = torch.linalg.inv(_block_diag_matrix(ft_f, ft_layers) + _block_damping(metric.damping, ft_layers))
+    else:
+        m = alpha * torch.linalg.inv(_block_diag_matrix(ft_f, ft_layers) + alpha * eye)
+    expected = torch.einsum("ni,ij,nj->n", d, m, d)
+    torch.testing.assert_close(measured.metric_sq_norms, expected, rtol=1e-8, atol=0)
+    assert (expected > 0).all() and not torch.allclose(expected / expected[0], d.square().sum(1) / d[0].square().sum())

@@ -89,7 +89,7 @@ def _trace() -> Trace:
     opp = DocumentHit(3, -1.0, "Bo", "Bo, a, b", ["Bo", ","], [-1.5, 0.5], {"l0": -1.0, "l1": 0.0})
     return Trace("Where?", "In Brisk.", "multi-stage", [pro], [opp], ["In", " Brisk", "."],
                  TraceSettings(0.1, 1, {}, "exact, all documents", "Where?", ""), Timings(total=1.0),
-                 [2.5, -1.0, 0.1])
+                 [7, 3, 5], [2.5, -1.0, 0.1], [9.0, 4.0, 1.0])
 
 
 def test_export_round_trips_scores():

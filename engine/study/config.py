@@ -4,7 +4,7 @@ with the one prompt template (databricks/dolly-v2's) that formats every instruct
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -184,9 +184,23 @@ class StudyConfig:
             raise ValueError(f"{path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path} is not valid TOML: {err}") from None
-        config = cls.from_dict(data)
+        config = cls.from_dict(data).with_local_paths_absolute()
         config.validate()
         return config
+
+    def with_local_paths_absolute(self) -> StudyConfig:
+        """Model and data locations that name local paths (relative to the working directory, as
+        when the config was written) made absolute, so that the study they build opens from any
+        directory; hub ids and missing paths are kept as written."""
+        def absolute(location: str) -> str:
+            return str(Path(location).resolve()) if location and Path(location).exists() else location
+
+        m, pt, ft = self.models, self.pretraining, self.finetuning
+        return replace(
+            self, models=replace(m, base=absolute(m.base), finetuned=absolute(m.finetuned),
+                                 tokenizer=absolute(m.tokenizer)),
+            pretraining=replace(pt, path=absolute(pt.path), more=[absolute(p) for p in pt.more]),
+            finetuning=replace(ft, path=absolute(ft.path)))
 
     def validate(self) -> None:
         if not self.models.base or not self.models.finetuned:

@@ -25,9 +25,9 @@ import numpy as np
 
 from ..retrieval import Retrieval
 from ..search import PCABasis, scan, staged_search
-from ..storage import atomic_path
+from ..storage import atomic_path, save_npy
 from . import layout
-from .manifest import Study
+from .manifest import Study, StudyError
 from .vectors import DocumentVectors
 
 VECTOR_KINDS = ("projected", "whitened")
@@ -65,8 +65,9 @@ def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndar
     """
     vectors = DocumentVectors.of(study)
     kind = settings.resolved(vectors.documents)
-    record = {**asdict(settings), "configured": settings.kind, "kind": kind, "documents": vectors.documents}
-    files: list[str] = []
+    record = {**asdict(settings), "configured": settings.kind, "kind": kind, "documents": vectors.documents,
+              "whitened_norms": layout.INDEX_NORMS.path}
+    files = [_save_whitened_norms(study, vectors)]
     if kind == "pca":
         for name in VECTOR_KINDS:
             record[name] = _build_pca(study, vectors, name, settings, progress)
@@ -75,6 +76,15 @@ def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndar
         index = StudyIndex(study, record)
         record["recall"] = {name: index.measure(name, q) for name, q in probes.items()}
     return files, record
+
+
+def _save_whitened_norms(study: Study, vectors: DocumentVectors) -> str:
+    """Every document's whitened-row norm, a shard at a time (4 bytes a document)."""
+    norms = np.empty(vectors.documents, np.float32)
+    for start, rows in vectors.numbered_chunks("whitened"):
+        norms[start:start + len(rows)] = np.sqrt(np.square(rows, dtype=np.float64).sum(1))
+    save_npy(study.path(layout.INDEX_NORMS), norms)
+    return layout.INDEX_NORMS.path
 
 
 def _build_pca(study: Study, vectors: DocumentVectors, name: str, settings: IndexSettings,
@@ -139,9 +149,13 @@ class StudyIndex:
     """The index stage's search over a study's vectors (memory-mapped; nothing loaded whole)."""
 
     def __init__(self, study: Study, record: dict):
+        if "whitened_norms" not in record:
+            raise StudyError(f"the index of {study.root} predates normalised rankings (it has no whitened norms); "
+                             f"run `{study.rebuild_command()}` to add them (it reruns the index stage only)")
         self.record = record
         self.vectors = DocumentVectors.of(study)
         self._norms: np.ndarray | None = None
+        self.whitened_norms: np.ndarray = np.load(study.path(record["whitened_norms"]))
         self.searches = {}
         for name in VECTOR_KINDS:
             prefix = basis = None
@@ -165,9 +179,11 @@ class StudyIndex:
             self._norms = np.sqrt(self.vectors.sq_norms()).astype(np.float32)
         return self._norms
 
-    def search(self, name: str, queries, k: int, raw: bool = False, clock: dict | None = None) -> Retrieval:
-        """``raw``: projected rows scaled back by the exact norms (gradient-dot scores)."""
-        return self.searches[name].search(queries, k, self.norms if raw else None, clock)
+    def search(self, name: str, queries, k: int, weights: np.ndarray | None = None,
+               clock: dict | None = None) -> Retrieval:
+        """Top-k of ``<q, row> * weight`` per document: e.g. the exact norms scale projected rows
+        back to raw gradients (gradient-dot), and dividing weights give normalised rankings."""
+        return self.searches[name].search(queries, k, weights, clock)
 
     def measure(self, name: str, queries, ks: tuple[int, ...] = (10, 100)) -> dict:
         """Recall@k of the served proponents against an exhaustive scan, averaged over queries."""

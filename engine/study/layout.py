@@ -93,8 +93,11 @@ SQ_NORMS = Artifact("gradients/shards/*/sq_norms.npy", Stage.PROJECTION,
 SHARD_TEXTS = Artifact("gradients/shards/*/texts.sha256", Stage.PROJECTION,
                        "digest of the shard's document texts: a grown or edited corpus recomputes only "
                        "the shards whose texts changed")
-INDEX_DIR = Artifact("index", Stage.INDEX, "the search index; none for a flat (exhaustive) index, otherwise "
+INDEX_DIR = Artifact("index", Stage.INDEX, "the search index: the whitened norms; for a staged (pca) index also "
                      "the two files below per vector kind (projected, whitened)")
+INDEX_NORMS = Artifact("index/whitened-norms.npy", Stage.INDEX,
+                       "(documents,) float32 norm of each whitened row: the index's estimate of a document's "
+                       "norm in the (H_pt + lambda I)^-1 metric, for normalised multi-stage rankings")
 INDEX_PREFIX = Artifact("index/*-prefix.npy", Stage.INDEX,
                         "(documents, index_dims) float32 principal coordinates, scanned in full")
 INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
@@ -102,8 +105,8 @@ INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
 
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
-          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_PREFIX,
-          INDEX_BASIS)
+          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_NORMS,
+          INDEX_PREFIX, INDEX_BASIS)
 SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
 
 

@@ -20,9 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..console import with_option
 from ..storage import write_json
 from .integrity import CACHE, DigestCache, sha256_file
-from .layout import FORMAT, FORMAT_VERSION, MANIFEST, READER_STAGES, Artifact
+from .layout import FORMAT, FORMAT_VERSION, INDEX_NORMS, MANIFEST, READER_STAGES, Artifact, Stage
 from .lock import LOCK
 
 __all__ = ["Study", "StudyError", "jsonable", "sha256_file", "software_versions"]
@@ -54,6 +55,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+MODEL_ROLES = ("base", "finetuned", "tokenizer")  # the parts whose files are a study's models' identity
 BOOKKEEPING = (CACHE, LOCK)  # files in a study directory that are not part of the study
 
 
@@ -73,7 +75,9 @@ class Study:
     """A study directory and its manifest."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        # One spelling for every way of naming the directory (relative, absolute, through a symlink,
+        # from any working directory): what is recorded and verified must not depend on it.
+        self.root = Path(root).expanduser().resolve()
 
     def path(self, item: str | Artifact) -> Path:
         return self.root / str(item)
@@ -112,10 +116,11 @@ class Study:
         return data
 
     def rebuild_command(self, data: dict[str, Any] | None = None) -> str:
-        """The command that builds (or repairs) this study, as recorded by the build."""
+        """The command that builds (or repairs) this study, as recorded by the build, aimed at where
+        the study is now (it may have moved since, or been named from another directory)."""
         data = data if data is not None else self.manifest()
         if isinstance(data.get("command"), list):
-            return shlex.join(map(str, data["command"]))
+            return shlex.join(with_option(list(map(str, data["command"])), "--out", str(self.root)))
         if isinstance(data.get("demo"), dict):
             seed = data["demo"].get("seed", 0)
             return shlex.join(["msif", "build-demo", "--out", str(self.root), *(["--seed", str(seed)] if seed else [])])
@@ -162,15 +167,44 @@ class Study:
     # -- integrity ------------------------------------------------------------------------------
     def model_identity(self, locations: dict[str, str]) -> dict[str, dict[str, str]]:
         """sha256 of every file each model (or tokenizer) is loaded from, by role: a model's identity
-        over all its weights, not a sample; recorded with the factors, verified on opening."""
+        over all its weights, not a sample; recorded with the factors, verified on opening. A file that
+        cannot be read is an error, never a missing checksum (that would turn the check off)."""
         from ..models import model_files
 
         out = {}
         for role, location in locations.items():
-            files = model_files(self.resolve(location))
-            digests = self.digests([str(f) for f in files])  # absolute paths: keyed as such in the cache
-            out[role] = {f.name: digests[str(f)] for f in files}
+            files = [self._key(f) for f in model_files(self.resolve(location))]
+            digests = self.digests(files)
+            unreadable = [f for f in files if digests[f] is None]
+            if unreadable:
+                raise StudyError(f"the {role} model's file {unreadable[0]} cannot be read")
+            out[role] = {Path(f).name: digests[f] for f in files}
         return out
+
+    def recorded_identity(self, data: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """The models' identity recorded with the factors: {role: {file name: sha256}}."""
+        return data["stages"].get(Stage.FACTORS_PRETRAINED, {}).get("config", {}).get("identity") or {}
+
+    def unchecked_models(self, data: dict[str, Any]) -> list[str]:
+        """The roles (base, finetuned, tokenizer) whose files have no recorded checksum, so that a
+        changed file could not be noticed: what msif recorded for a study built under a relative
+        path before study roots were resolved."""
+        recorded = self.recorded_identity(data)
+        return [role for role in MODEL_ROLES if not recorded.get(role)
+                or not all(isinstance(d, str) for d in recorded[role].values())]
+
+    def outdated(self, data: dict[str, Any]) -> list[str]:
+        """What an older msif left out of a finished study, which its build command adds (rerunning
+        only the stages concerned): the models' checksums, the index's whitened norms."""
+        reasons = [f"no checksum of the {role} model's files" for role in self.unchecked_models(data)]
+        if Stage.INDEX in data["stages"] and INDEX_NORMS.path not in data["files"]:
+            reasons.append("no whitened norms in the index")
+        return reasons
+
+    def _key(self, path: str | os.PathLike) -> str:
+        """A file's name in the digest cache: study-relative inside the study, absolute outside."""
+        path = Path(path).resolve()
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     def digests(self, files: Iterable[str], progress: bool = False) -> dict[str, str | None]:
         """Current sha256 of study files (None when missing), cached between calls and processes."""

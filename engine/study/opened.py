@@ -118,14 +118,18 @@ def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = F
 
 def _check_identity(study: Study, manifest: dict, config: StudyConfig) -> None:
     """The models and tokenizer are the files the factors were fit with, byte for byte."""
-    recorded = manifest["stages"][layout.Stage.FACTORS_PRETRAINED]["config"].get("identity", {})
-    found = study.model_identity(config.models.locations())
+    locations, recorded = config.models.locations(), study.recorded_identity(manifest)
+    unchecked = study.unchecked_models(manifest)
+    if unchecked:  # an older msif recorded null checksums for a study built under a relative path
+        raise StudyError(f"the study records no checksum of the {unchecked[0]} model's files, so it cannot check "
+                         f"they are the ones its factors were fit with; run `{study.rebuild_command(manifest)}` "
+                         "to record them (it reruns the stages that depend on the models: factors, vectors)")
+    found = study.model_identity(locations)
     for role, files in recorded.items():
         changed = sorted(set(files.items()) ^ set(found.get(role, {}).items()))
         if changed:
-            location = config.models.locations()[role]
-            raise StudyError(f"the {role} model's file {changed[0][0]} at {study.resolve(location)} is not the one "
-                             f"the study was built with (missing, added or changed); rebuild the study "
+            raise StudyError(f"the {role} model's file {changed[0][0]} at {study.resolve(locations[role])} is not "
+                             f"the one the study was built with (missing, added or changed); rebuild the study "
                              f"(`{study.rebuild_command(manifest)}`) or point models.{role} at the original")
 
 

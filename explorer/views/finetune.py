@@ -6,7 +6,7 @@ import streamlit as st
 
 from explorer import charts
 from explorer.results import Trace
-from explorer.session import get_tracer
+from explorer.session import get_tracer, show_error
 from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
 
 tracer = get_tracer()
@@ -33,8 +33,8 @@ if found is None or found[0] != key:
         try:
             result = tracer.finetune_examples(trace.prompt, trace.answer, len(trace.proponents),
                                               trace.settings.context)
-        except ValueError as err:
-            st.error(str(err))
+        except Exception as err:  # noqa: BLE001 - one line on the page
+            show_error(err, "Could not score the fine-tuning records")
             st.stop()
     found = st.session_state["finetune"] = (key, result)
 result: Trace = found[1]

@@ -24,6 +24,11 @@ def _lengths(study: str, _tracer):
 
 
 @st.cache_data(show_spinner=False)
+def _largest(study: str, _tracer):
+    return overview.largest_norms(_tracer.study)
+
+
+@st.cache_data(show_spinner=False)
 def _spectra(study: str, _tracer):
     return overview.spectra(_tracer.study)
 
@@ -56,6 +61,17 @@ left.caption(f"median {int(pd.Series(lengths).median())} tokens; {int((lengths >
              f"longer than max_length = {limit} are truncated when scored.")
 categories = pd.Series(summary.record_categories, name="records")
 right.plotly_chart(charts.bar(categories, "Fine-tuning records by category"), key="categories")
+
+st.subheader("Documents with the largest norms")
+norms = _largest(key, tracer)
+st.dataframe(norms, hide_index=True, width="stretch",
+             column_config={"gradient norm": st.column_config.NumberColumn(format="%.4g"),
+                            "× median": st.column_config.NumberColumn(format="%.1f"),
+                            "whitened norm": st.column_config.NumberColumn(format="%.4g"),
+                            "whitened × median": st.column_config.NumberColumn(format="%.1f")})
+st.caption("Raw influence is proportional to a document's gradient, so documents with large norms (garbled, "
+           "repetitive or unusual text) can top any query's raw ranking. The normalised rankings divide by "
+           "these norms; the Charts tab of a trace plots score against norm for the documents it scored.")
 
 st.subheader("Curvature")
 curves = _spectra(key, tracer)

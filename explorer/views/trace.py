@@ -11,7 +11,7 @@ from engine.methods import ALL_METHODS, BASELINES, DESCRIPTIONS
 from explorer import charts, export
 from explorer.heatmap import heatmap_html, legend_html, symmetric_scale
 from explorer.results import Trace
-from explorer.session import get_tracer, restore_from_url, share_in_url
+from explorer.session import RANKINGS, get_tracer, ranking_label, restore_from_url, share_in_url, show_error
 from explorer.tracer import MAX_PROMPT_CHARS
 from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
 
@@ -24,6 +24,13 @@ with st.sidebar:
     st.header("Settings")
     method = st.selectbox("Method", ALL_METHODS, key="method",
                           help="\n\n".join(f"**{m}**: {h}" for m, h in DESCRIPTIONS.items()))
+    normalize = st.selectbox("Rank by", RANKINGS, key="normalize", format_func=ranking_label,
+                             disabled=method in BASELINES or method == "gradient-cosine",
+                             help="Raw influence grows with a document's gradient, so among many documents a few "
+                                  "with huge gradients top every ranking. A normalised ranking divides each exact "
+                                  "score by a norm of the document (to a power, or with a floor at the corpus "
+                                  "median); the exact score is always shown beside it. The default was chosen "
+                                  "by the multi-seed haystack benchmark (docs/normalization.md).")
     top_k = st.slider("Documents per side", 1, 50, 10, key="top_k")
     exhaustive = st.checkbox("Score every document exactly", key="exhaustive",
                              help="Skip the index and score the whole corpus: the reference ranking "
@@ -59,10 +66,12 @@ def run_trace() -> Trace | None:
         try:
             trace = tracer.trace(instruction, typed_answer or None, method, top_k, context,
                                  exhaustive=exhaustive, on_stage=on_stage,
-                                 max_new_tokens=max_new_tokens, temperature=temperature)
-        except ValueError as err:
+                                 max_new_tokens=max_new_tokens, temperature=temperature,
+                                 normalization=None if method in BASELINES or method == "gradient-cosine"
+                                 else normalize)
+        except Exception as err:  # noqa: BLE001 - shown as one line; the status must not keep spinning
             status.update(label="Could not trace", state="error", expanded=True)
-            st.error(str(err))
+            show_error(err, "Could not trace")
             return None
         status.update(label=f"Traced in {trace.timings.total:.2f} s", state="complete")
     return trace
@@ -74,7 +83,7 @@ if submitted or auto_run:
         for stale in ("inspect", "maps"):  # per-trace state of the tabs
             st.session_state.pop(stale, None)
         st.session_state["trace"] = result
-        share_in_url(result.prompt, result.answer, result.method)
+        share_in_url(result.prompt, result.answer, result.method, result.settings.normalization)
 
 
 def inspect_tab(trace: Trace) -> None:
@@ -120,6 +129,18 @@ def charts_tab(trace: Trace) -> None:
     st.caption(f"Exact scores of every document that was scored ({pool}). With the index, that is "
                "the candidate pool, not the whole corpus; tick “Score every document exactly” for "
                "the full distribution.")
+    if trace.pool_norms:
+        shown = {h.doc_id for h in hits}
+        norm = trace.settings.normalization.split("^")[0].split("@")[0]
+        label = {"none": "gradient norm |∇l(z)|", "gradient": "gradient norm |∇l(z)|", "metric":
+                 "norm in the inverse's metric", "whitened": "whitened norm"}.get(norm, norm)
+        st.plotly_chart(charts.score_against_norm(trace.pool_norms, trace.pool_scores,
+                                                  [i for i, d in enumerate(trace.pool_ids) if d in shown],
+                                                  f"{len(trace.pool_ids)} documents scored", label),
+                        key="norms")
+        st.caption("Each document's exact influence against its norm. When the shown documents sit at the far "
+                   "right, norms drive the ranking (raw influence grows with the gradient); a normalised "
+                   f"ranking ({trace.settings.ranked_by}) corrects for that.")
     with_layers = [h for h in hits if h.layer_scores]
     if with_layers:
         layers = list(with_layers[0].layer_scores)
@@ -161,8 +182,9 @@ def export_tab(trace: Trace) -> None:
     left.download_button("Download CSV", export.to_csv(trace), f"{stem}.csv", "text/csv", key="csv")
     right.download_button("Download JSON", export.to_json(trace), f"{stem}.json", "application/json",
                           key="json")
-    query = urlencode({"prompt": trace.prompt, "answer": trace.answer, "method": trace.method})
-    st.markdown("**Share**: this page's address now restores the prompt, answer and method. "
+    query = urlencode({"prompt": trace.prompt, "answer": trace.answer, "method": trace.method,
+                       "normalize": trace.settings.normalization})
+    st.markdown("**Share**: this page's address now restores the prompt, answer, method and ranking. "
                 "Relative link:")
     st.code(f"?{query}", language=None)
     st.dataframe(export.hits_frame(trace).drop(columns=["prompt", "answer"]), hide_index=True)
@@ -181,7 +203,9 @@ if trace is not None:
     st.subheader("Answer")
     answer_block(trace.answer)
     damping = trace.settings.damping
-    st.caption(f"method **{trace.method}** · {trace.settings.retrieval} · "
+    st.caption(f"method **{trace.method}** · ranked by **{trace.settings.ranked_by}** (scores in log-likelihood "
+               "units; normalised ones keep their sign) · "
+               f"{trace.settings.retrieval} · "
                f"{trace.timings.total:.2f} s · α = {trace.settings.alpha:.3g}"
                + (f" · λ from {min(damping.values()):.2g} to {max(damping.values()):.2g}" if damping else ""))
     # Only the open tab runs (on_change="rerun"): the documents come first and fast.
