@@ -161,36 +161,37 @@ class DocumentScores:
 
     scores: torch.Tensor  # (Q, N) <u, G>, float64 on the CPU
     sq_norms: torch.Tensor  # (N,) |G|^2
-    metric_sq_norms: torch.Tensor | None = None  # (N,) <G, (H + d I)^-1 G> when a metric was given
+    metric_sq_norms: torch.Tensor | None = None  # (N,) <G, (H + d I)^-1 G> when a metric was given ((M, N): M metrics)
 
 
 def measure_documents(model: nn.Module, task: Task, loader: Iterable[Any], layers: Sequence[TrackedLayer],
                       query: PreconditionedQuery, progress: bool = True,
-                      metric: DocumentMetric | None = None) -> DocumentScores:
-    """Raw scores (Q, N) of every document in ``loader`` and its norms: one gradient pass, shared
-    by all queries. Per layer and batch: G_b = sum_t g_bt a_bt^T, then one matmul against all Q
-    vectors; no loop over (query, document) pairs."""
+                      metric: DocumentMetric | Sequence[DocumentMetric] | None = None) -> DocumentScores:
+    """Raw scores (Q, N) of every document in ``loader`` and its norms (``metric``: one metric, or
+    several measured in the same pass): one gradient pass, shared by all queries. Per layer and
+    batch: G_b = sum_t g_bt a_bt^T, then one matmul against all Q vectors; no loop over (query,
+    document) pairs."""
+    metrics = () if metric is None else (metric,) if isinstance(metric, DocumentMetric) else tuple(metric)
     columns, sq_norms, metric_norms = [], [], []
     for batch in tqdm(loader, desc="scoring", disable=not progress, unit="batch", leave=False):
         acts, grads, _ = capture(model, task, batch, layers)
-        scores, sq_norm, metric_norm = 0.0, 0.0, 0.0
+        scores, sq_norm, metric_norm = 0.0, 0.0, [0.0] * len(metrics)
         for name, a in acts.items():
             g_doc = per_sequence(grads[name], a)
             scores = scores + query.vectors[name].to(g_doc).flatten(1) @ g_doc.flatten(1).T
             sq_norm = sq_norm + g_doc.flatten(1).square().sum(1)
-            if metric is not None:
-                metric_norm = metric_norm + metric.sq_norms(name, g_doc)
+            metric_norm = [total + m.sq_norms(name, g_doc) for total, m in zip(metric_norm, metrics)]
         columns.append(scores.detach().double().cpu())
         sq_norms.append(sq_norm.detach().double().cpu())
-        if metric is not None:
-            metric_norms.append(metric_norm.detach().double().cpu())
+        metric_norms.append(torch.stack([n.detach().double().cpu() for n in metric_norm])
+                            if metrics else torch.zeros(0, len(sq_norm), dtype=torch.float64))
         del acts, grads, g_doc  # one batch's captures in memory at a time
     if not columns:
-        empty = torch.zeros(0, dtype=torch.float64)
-        return DocumentScores(torch.zeros(query.num_queries, 0, dtype=torch.float64), empty,
-                              empty if metric is not None else None)
-    return DocumentScores(torch.cat(columns, 1), torch.cat(sq_norms),
-                          torch.cat(metric_norms) if metric is not None else None)
+        columns, sq_norms = [torch.zeros(query.num_queries, 0, dtype=torch.float64)], [torch.zeros(0)]
+        metric_norms = [torch.zeros(len(metrics), 0, dtype=torch.float64)]
+    stacked = torch.cat(metric_norms, 1)
+    return DocumentScores(torch.cat(columns, 1), torch.cat(sq_norms).double(),
+                          None if metric is None else stacked[0] if isinstance(metric, DocumentMetric) else stacked)
 
 
 def score_documents(model: nn.Module, task: Task, loader: Iterable[Any],

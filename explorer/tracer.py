@@ -332,17 +332,22 @@ class Tracer:
                  whiten: bool = True) -> Retrieval:
         """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly and
         ranked by ``normalization`` (default: ``engine.normalization.DEFAULT``)."""
+        norm = self.normalization_for(query.method, normalization)
+        pt = self.study.pretrained
+        return rescore(self.search_index(query, pool, norm, whiten), pt.model, TASK, pt.layers, query,
+                       self.study.document_batches, ranking=self.ranking(query.method, norm, exhaustive=False))
+
+    def search_index(self, query: PreconditionedQuery, pool: int, normalization: str | Normalization | None = None,
+                     whiten: bool = True) -> Retrieval:
+        """The index's candidates (``pool`` per sign) for a normalised or raw ranking, not yet re-scored."""
         study, method = self.study, query.method
         norm = self.normalization_for(method, normalization)
         if method == "multi-stage" and whiten:  # split (H_pt + lambda)^-1 between sides
-            found = study.index.search("whitened", study.whitening.query_vectors(query.vectors), pool,
-                                       self._search_weights(method, norm, "whitened"))
-        else:  # unit-scale rows: cosine as they are, dot products times the exact norms
-            found = study.index.search("projected", study.projector.project_gradients(query.vectors), pool,
-                                       self._search_weights(method, norm, "projected"))
-        pt = study.pretrained
-        return rescore(found, pt.model, TASK, pt.layers, query, study.document_batches,
-                       ranking=self.ranking(method, norm, exhaustive=False))
+            return study.index.search("whitened", study.whitening.query_vectors(query.vectors), pool,
+                                      self._search_weights(method, norm, "whitened"))
+        # unit-scale rows: cosine as they are, dot products times the exact norms
+        return study.index.search("projected", study.projector.project_gradients(query.vectors), pool,
+                                  self._search_weights(method, norm, "projected"))
 
     def baseline_scores(self, prompt: str, answer: str, method: str) -> np.ndarray:
         """Similarity of every document to the prompt and answer (BM25 or representations)."""

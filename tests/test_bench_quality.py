@@ -56,3 +56,71 @@ def test_counterfactual_smoke(tiny_study, tmp_path):
         assert 1 <= removed <= 20 and 0 <= sources <= 10 and np.isfinite(mean)
     # multi-stage picks the facts' own source documents; random picks (almost) none
     assert float(table[0][3]) > float(table[1][3])
+
+
+@pytest.fixture(scope="module")
+def tiny_haystack(tiny_study, tmp_path_factory):
+    """The tiny demo grown by 400 generated distractors (the plain study is the tiny demo itself)."""
+    import shutil
+
+    from precompute.cli import main as build
+
+    root = tmp_path_factory.mktemp("tiny-haystack") / "study"
+    shutil.copytree(tiny_study, root)
+    assert build(["build-demo", "--out", str(root), "--tiny", "--quiet", "--seed", "3",
+                  "--extra-documents", "400"]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
+    import json
+
+    bench = load_benchmark("normalization")
+    run = tmp_path / "seed-3.json"
+    assert bench.main(["run", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "5",
+                       "--threads", "1", "--reference-answers", "--out", str(run)]) == 0
+    result = json.loads(run.read_text())
+    assert result["documents"] == {"plain": 120, "haystack": 520} and result["facts"] == 5
+    kinds = {(r["setting"], r["ranking"], r["method"], r["normalization"]) for r in result["results"]}
+    assert ("haystack", "served", "multi-stage", "whitened^0.5") in kinds
+    assert ("plain", "exhaustive", "single-stage", "metric") in kinds
+    assert ("plain", "exhaustive", "bm25", "none") in kinds
+    for r in result["results"]:
+        assert all(0 <= v <= 1 for v in r["rr"] + r["recall"])
+    assert all(c["same"] == c["of"] for c in result["checks"])  # the served lists are what Tracer.trace serves
+    out = tmp_path / "normalization.md"
+    assert bench.main(["report", str(run), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Choosing the default" in text and "| multi-stage | none |" in text and "[" in text
+
+
+def test_bootstrap_interval_by_hand():
+    bench = load_benchmark("normalization")
+    mean, low, high = bench.bootstrap([np.array([0.0, 1.0] * 50), np.array([1.0] * 100)])
+    assert mean == pytest.approx(0.75) and low < 0.75 < high and high - low < 0.15
+    assert bench.bootstrap([np.ones(10)])[1:] == (1.0, 1.0)
+
+
+@pytest.mark.slow
+def test_lds_smoke(tiny_study, tmp_path):
+    bench = load_benchmark("lds")
+    out = tmp_path / "lds.md"
+    assert bench.main(["--study", str(tiny_study), "--tiny", "--subsets", "3", "--facts", "3", "--reference-answers",
+                       "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    for method in ("multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot"):
+        value = float(rows[method].split("|")[2].split()[0])
+        assert -1 <= value <= 1
+    saved = sorted((tmp_path / "work").glob("subset-*.json"))
+    assert len(saved) == 3  # each retrain kept: a rerun resumes instead of retraining
+    assert bench.main(["--study", str(tiny_study), "--tiny", "--subsets", "3", "--facts", "3", "--reference-answers",
+                       "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert sorted((tmp_path / "work").glob("subset-*.json")) == saved
+
+
+def test_lds_halves_are_reproducible_halves():
+    bench = load_benchmark("lds")
+    first, again = bench.halves(101, 4, seed=7), bench.halves(101, 4, seed=7)
+    assert all(len(h) == 50 and len(set(h.tolist())) == 50 for h in first)
+    assert all((a == b).all() for a, b in zip(first, again)) and not (first[0] == first[1]).all()

@@ -545,4 +545,6 @@ def test_document_norms_equal_explicit_formulas(pt_model, ft_model, two_stage, m
         m = alpha * torch.linalg.inv(_block_diag_matrix(ft_f, ft_layers) + alpha * eye)
     expected = torch.einsum("ni,ij,nj->n", d, m, d)
     torch.testing.assert_close(measured.metric_sq_norms, expected, rtol=1e-8, atol=0)
+    both = measure_documents(doc_model, TASK, docs, doc_layers, pre, progress=False, metric=[metric, metric])
+    torch.testing.assert_close(both.metric_sq_norms, torch.stack([expected, expected]), rtol=1e-8, atol=0)
     assert (expected > 0).all() and not torch.allclose(expected / expected[0], d.square().sum(1) / d[0].square().sum())

@@ -87,10 +87,13 @@ def test_make_demo_serves_a_page_that_answers_and_traces(tmp_path):
         identity = Study(study).manifest()["stages"][Stage.FACTORS_PRETRAINED]["config"]["identity"]
         assert all(isinstance(d, str) for files in identity.values() for d in files.values()), identity
         question = json.loads(Study(study).path(layout.DEMO_PROMPTS).read_text().splitlines()[0])["prompt"]
+        rows = json.loads(Study(study).path(layout.QA_REPORT).read_text())["pretrain_only"]["rows"]
+        value = next(r["answer"] for r in rows if r["question"] == question)  # the fact, e.g. the town
         seconds = trace_in_browser(browser, url, question)  # waits for the prompt box first
         assert browser.find_elements(By.CSS_SELECTOR, HEATMAP_TOKEN), "no token heatmap"
         assert browser.find_elements(By.XPATH, FIRST_RESULT) and len(browser.find_elements(By.XPATH, RANKED)) >= 2
-        answer = browser.find_elements(By.XPATH, "//*[normalize-space(.)='Answer']/following::*[1]")
-        assert answer and answer[0].text.strip(), "no answer on the page"
+        answer = browser.find_elements(By.XPATH, "//*[normalize-space(.)='Answer']/following::div"
+                                                 "[contains(@class, 'msif-heat')][1]")
+        assert answer and value in answer[0].text, f"the model's answer should name {value!r}"
         assert page_errors(browser) == []
     print(f"\nmake demo: {question!r} traced in {seconds:.2f} s in Chromium")

@@ -56,6 +56,12 @@ def _now() -> str:
 
 
 MODEL_ROLES = ("base", "finetuned", "tokenizer")  # the parts whose files are a study's models' identity
+
+
+def role_files(role: str, plural: bool = True) -> str:
+    """A role's files in words: "the base model's files", "the tokenizer's file"."""
+    files = "files" if plural else "file"
+    return f"the {role}'s {files}" if role == "tokenizer" else f"the {role} model's {files}"
 BOOKKEEPING = (CACHE, LOCK)  # files in a study directory that are not part of the study
 
 
@@ -177,7 +183,7 @@ class Study:
             digests = self.digests(files)
             unreadable = [f for f in files if digests[f] is None]
             if unreadable:
-                raise StudyError(f"the {role} model's file {unreadable[0]} cannot be read")
+                raise StudyError(f"{role_files(role, plural=False)} {unreadable[0]} cannot be read")
             out[role] = {Path(f).name: digests[f] for f in files}
         return out
 
@@ -196,7 +202,7 @@ class Study:
     def outdated(self, data: dict[str, Any]) -> list[str]:
         """What an older msif left out of a finished study, which its build command adds (rerunning
         only the stages concerned): the models' checksums, the index's whitened norms."""
-        reasons = [f"no checksum of the {role} model's files" for role in self.unchecked_models(data)]
+        reasons = [f"no checksum of {role_files(role)}" for role in self.unchecked_models(data)]
         if Stage.INDEX in data["stages"] and INDEX_NORMS.path not in data["files"]:
             reasons.append("no whitened norms in the index")
         return reasons

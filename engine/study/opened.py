@@ -21,7 +21,7 @@ from ..tracking import TrackedLayer
 from . import layout
 from .config import PromptTemplate, StudyConfig
 from .index import StudyIndex
-from .manifest import Study, StudyError
+from .manifest import Study, StudyError, role_files
 from .vectors import DocumentVectors
 
 
@@ -121,14 +121,15 @@ def _check_identity(study: Study, manifest: dict, config: StudyConfig) -> None:
     locations, recorded = config.models.locations(), study.recorded_identity(manifest)
     unchecked = study.unchecked_models(manifest)
     if unchecked:  # an older msif recorded null checksums for a study built under a relative path
-        raise StudyError(f"the study records no checksum of the {unchecked[0]} model's files, so it cannot check "
+        raise StudyError(f"the study records no checksum of {role_files(unchecked[0])}, so it cannot check "
                          f"they are the ones its factors were fit with; run `{study.rebuild_command(manifest)}` "
                          "to record them (it reruns the stages that depend on the models: factors, vectors)")
     found = study.model_identity(locations)
     for role, files in recorded.items():
         changed = sorted(set(files.items()) ^ set(found.get(role, {}).items()))
         if changed:
-            raise StudyError(f"the {role} model's file {changed[0][0]} at {study.resolve(locations[role])} is not "
+            where = study.resolve(locations[role])
+            raise StudyError(f"{role_files(role, plural=False)} {changed[0][0]} at {where} is not "
                              f"the one the study was built with (missing, added or changed); rebuild the study "
                              f"(`{study.rebuild_command(manifest)}`) or point models.{role} at the original")
 

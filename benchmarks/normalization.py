@@ -1,0 +1,386 @@
+"""Normalised influence among many documents, over seeds: fact tracing with 95% bootstrap intervals.
+
+A seed's *haystack* study is its demo grown by generated distractors (``msif build-demo --out DIR --seed S
+--extra-documents 30000``); its *plain* study is the demo itself (the same models and factors: the
+haystack study's first W documents are the plain corpus). Every pretraining-only fact the fine-tuned
+model answers correctly is traced through its own answer; a fact's source documents (facts.jsonl) are
+the relevant set. Reported per setting (plain, haystack), ranking and method:
+
+    MRR@10     mean over facts of 1 / rank of the best-ranked source in the top 10 (0 if none)
+    recall@10  mean over facts of |sources in the top 10| / |sources|
+
+Rankings: *exhaustive* (every document scored exactly: one gradient pass at theta_pt shared by all
+queries and methods, one at theta_ft for single-stage, both also measuring the documents' norms), and
+*served* (what ``msif query`` shows: the study's index proposes ``candidates`` per sign for the same
+ranking, which are re-ranked by their exact, normalised scores; the exact scores are taken from the
+exhaustive pass, and the first queries of every served configuration are checked against
+``Tracer.trace`` itself). Normalisations (``engine.normalization``) are compared on every influence
+method; the report's defaults table applies the issue's targets to choose one.
+
+    python benchmarks/normalization.py run --haystack studies/bench/seed-1-h30k --plain studies/bench/seed-1 \\
+        --out runs/normalization/seed-1.json
+    python benchmarks/normalization.py report runs/normalization/*.json --out docs/normalization.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import PreconditionedQuery, ScoreArguments, document_metric, measure_documents
+from engine.methods import DEFAULT_NORMALIZATION
+from engine.normalization import Normalization
+from explorer.tracer import TASK, Tracer
+
+from fact_tracing import Case, K, load_cases, query_vectors
+
+INFLUENCE = ("multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot")
+AT_PT = ("multi-stage", "pt-inverse-dropped", "gradient-dot")  # documents scored at theta_pt
+SERVED = ("multi-stage", "pt-inverse-dropped", "gradient-dot", "gradient-cosine")  # what the index serves
+VARIANTS = ("none", "gradient", "gradient^0.75", "gradient^0.5", "gradient^0.25", "gradient@median",
+            "gradient^0.5@median", "metric", "metric^0.5", "metric@median", "whitened", "whitened^0.5",
+            "whitened@median")
+SERVED_VARIANTS = ("none", "gradient", "gradient^0.5", "gradient@median", "whitened", "whitened^0.5",
+                   "whitened@median", "metric", "metric^0.5")
+CHECKED = 2  # queries per served configuration re-run through Tracer.trace and compared
+
+
+def applicable(method: str, spec: str) -> bool:
+    norm = Normalization.parse(spec)
+    if method in ("gradient-cosine", "representation", "bm25"):
+        return norm.is_raw
+    return not (norm.norm == "whitened" and method not in AT_PT)
+
+
+# -- measuring one seed ------------------------------------------------------------------------
+def exhaustive_pass(tracer: Tracer, cases: list[Case]) -> dict:
+    """Exact scores (cases, documents) of every influence method, the documents' gradient norms at
+    both models and each method's metric norms, and the baselines' similarities."""
+    study, inf = tracer.study, tracer.study.config.influence
+    base = dict(alpha=inf.alpha, damping=inf.damping, damping_factor=inf.damping_factor)
+    args = {m: ScoreArguments(method=m, **base) for m in INFLUENCE}
+    blocks = {m: query_vectors(tracer, cases, args[m]) for m in INFLUENCE}
+    pt, ft, every = study.pretrained, study.finetuned, np.arange(len(study.documents))
+    metrics = {m: document_metric(args[m], pt.factors, ft.factors) for m in INFLUENCE}
+    stacked = PreconditionedQuery({n: torch.cat([blocks[m][n] for m in AT_PT]) for n in blocks["multi-stage"]},
+                                  "multi-stage")
+    started = time.perf_counter()
+    at_pt = measure_documents(pt.model, TASK, study.document_batches(every), pt.layers, stacked, progress=True,
+                              metric=[metrics["multi-stage"], metrics["pt-inverse-dropped"]])
+    at_ft = measure_documents(ft.model, TASK, study.document_batches(every), ft.layers,
+                              PreconditionedQuery(blocks["single-stage"], "single-stage"), progress=True,
+                              metric=metrics["single-stage"])
+    seconds = time.perf_counter() - started
+    scores = dict(zip(AT_PT, np.split(at_pt.scores.numpy(), len(AT_PT))))
+    scores["single-stage"] = at_ft.scores.numpy()
+    gradient_pt, gradient_ft = np.sqrt(at_pt.sq_norms.numpy()), np.sqrt(at_ft.sq_norms.numpy())
+    scores["gradient-cosine"] = scores["gradient-dot"] / gradient_pt.clip(min=1e-30)
+    for method in ("representation", "bm25"):
+        scores[method] = np.stack([tracer.baseline_scores(tracer.prompt_for(c.question), c.answer, method)
+                                   for c in cases])
+    metric_pt = np.sqrt(at_pt.metric_sq_norms.numpy())
+    norms = {m: {"gradient": gradient_ft if m == "single-stage" else gradient_pt,
+                 "whitened": study.index.whitened_norms.astype(np.float64)} for m in INFLUENCE}
+    norms["multi-stage"]["metric"], norms["pt-inverse-dropped"]["metric"] = metric_pt[0], metric_pt[1]
+    norms["single-stage"]["metric"] = np.sqrt(at_ft.metric_sq_norms.numpy())
+    norms["gradient-dot"]["metric"] = gradient_pt
+    return {"scores": scores, "norms": norms, "seconds": seconds}
+
+
+def ranked(scores: np.ndarray, norms: dict | None, spec: str, docs: np.ndarray) -> np.ndarray:
+    """Each case's top K of documents ``docs`` (ids), by the normalised scores."""
+    values = scores[:, docs]
+    norm = Normalization.parse(spec)
+    if not norm.is_raw:
+        n = norms[norm.norm][docs]
+        values = norm.apply(values, n, n)
+    top = np.argsort(-values, axis=1, kind="stable")[:, :K]
+    return docs[top]
+
+
+def fact_metrics(top: np.ndarray, cases: list[Case]) -> dict[str, list[float]]:
+    """Per case: reciprocal rank of the first source in the top K (0 if none), recall@K."""
+    rr, recall = [], []
+    for row, case in zip(top, cases):
+        hits = [i + 1 for i, d in enumerate(row.tolist()) if d in case.sources]
+        rr.append(1.0 / hits[0] if hits else 0.0)
+        recall.append(sum(1 for d in row.tolist() if d in case.sources) / len(case.sources))
+    return {"rr": rr, "recall": recall}
+
+
+def served_candidates(tracer: Tracer, cases: list[Case], method: str, spec: str, pool: int) -> list[np.ndarray]:
+    """The index's candidate proponents of every case for one ranking (before exact re-scoring)."""
+    inf = tracer.study.config.influence
+    args = ScoreArguments(method=method, alpha=inf.alpha, damping=inf.damping, damping_factor=inf.damping_factor)
+    vectors = query_vectors(tracer, cases, args)
+    query = PreconditionedQuery(vectors, method)
+    if method == "gradient-cosine":
+        norms = torch.sqrt(sum(v.flatten(1).square().sum(1) for v in vectors.values())).clamp_min(1e-30)
+        query = PreconditionedQuery({k: v / norms.view(-1, 1, 1) for k, v in vectors.items()}, method)
+    return list(tracer.search_index(query, pool, spec).proponent_ids)
+
+
+def served_top(candidates: list[np.ndarray], scores: np.ndarray, norms: dict | None, spec: str,
+               reference: np.ndarray | None) -> np.ndarray:
+    """The served top K proponents: the candidates re-ranked by their exact (normalised) scores,
+    positive ones only (as the app shows proponents)."""
+    norm = Normalization.parse(spec)
+    rows = []
+    for i, ids in enumerate(candidates):
+        values = scores[i, ids]
+        if not norm.is_raw:
+            ref = reference if reference is not None else norms[norm.norm]
+            values = norm.apply(values, norms[norm.norm][ids], ref)
+        order = np.argsort(-values, kind="stable")[:K]
+        picked = [int(ids[j]) for j in order if values[j] > 0]
+        rows.append(picked + [-1] * (K - len(picked)))
+    return np.array(rows)
+
+
+def check_against_tracer(tracer: Tracer, cases: list[Case], method: str, spec: str, top: np.ndarray) -> int:
+    """How many of the first queries Tracer.trace serves with the same top K as computed here."""
+    same = 0
+    for case, row in zip(cases[:CHECKED], top[:CHECKED]):
+        trace = tracer.trace(case.question, case.answer, method, top_k=K, heatmaps=False, normalization=spec)
+        same += [h.doc_id for h in trace.proponents] == [d for d in row.tolist() if d >= 0]
+    return same
+
+
+def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool = False) -> dict:
+    torch.set_num_threads(threads)
+    big, small = Tracer.open(haystack), Tracer.open(plain)
+    world = len(small.study.documents)
+    if big.study.documents.select(range(world))["text"] != small.study.documents["text"]:
+        raise SystemExit(f"{plain} is not the plain corpus of {haystack} (their first {world} documents differ)")
+    cases = load_cases(haystack, limit, reference)
+    if not cases:
+        raise SystemExit(f"{haystack}: the model answers no pretraining-only fact correctly (try --reference-answers)")
+    measured = exhaustive_pass(big, cases)
+    scores, norms = measured["scores"], measured["norms"]
+    settings = {"plain": (small, np.arange(world)), "haystack": (big, np.arange(len(big.study.documents)))}
+    out = {"haystack": str(haystack), "plain": str(plain), "seed": big.study.manifest["demo"]["seed"],
+           "facts": len(cases), "documents": {"plain": world, "haystack": len(big.study.documents)},
+           "exhaustive_seconds": measured["seconds"], "results": [], "checks": []}
+    for setting, (tracer, docs) in settings.items():
+        for method in scores:
+            for spec in VARIANTS:
+                if applicable(method, spec):
+                    top = ranked(scores[method], norms.get(method), spec, docs)
+                    out["results"].append({"setting": setting, "ranking": "exhaustive", "method": method,
+                                           "normalization": spec, **fact_metrics(top, cases)})
+        pool = tracer.study.config.influence.candidates
+        for method in SERVED:
+            for spec in SERVED_VARIANTS:
+                if not applicable(method, spec):
+                    continue
+                candidates = served_candidates(tracer, cases, method, spec, max(K, pool))
+                method_norms = norms.get(method, norms["gradient-dot"])
+                reference = None if spec == "none" or "metric" in spec else method_norms[
+                    Normalization.parse(spec).norm][docs]
+                top = served_top(candidates, scores[method], method_norms, spec, reference)
+                truth = ranked(scores[method], method_norms, spec, docs)
+                agreement = [len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(top, truth)]
+                out["results"].append({"setting": setting, "ranking": "served", "method": method,
+                                       "normalization": spec, "agreement": agreement, **fact_metrics(top, cases)})
+                out["checks"].append({"setting": setting, "method": method, "normalization": spec,
+                                      "same": check_against_tracer(tracer, cases, method, spec, top),
+                                      "of": min(CHECKED, len(cases))})
+        out[f"latency_{setting}"] = latency(tracer, cases)
+    out["norm_agreement"] = norm_agreement(norms["multi-stage"])
+    return out
+
+
+def latency(tracer: Tracer, cases: list[Case], queries: int = 5) -> dict:
+    """Seconds per served trace with heatmaps, the default ranking (after one warm-up query)."""
+    tracer.trace(cases[0].question, cases[0].answer)
+    seconds = []
+    for case in cases[1:queries + 1]:
+        started = time.perf_counter()
+        tracer.trace(case.question, case.answer)
+        seconds.append(time.perf_counter() - started)
+    return {"median": float(np.median(seconds)), "max": float(np.max(seconds)), "queries": len(seconds),
+            "normalization": DEFAULT_NORMALIZATION}
+
+
+def norm_agreement(norms: dict) -> dict:
+    """How well the index's whitened norm tracks the exact metric norm (and the gradient norm does)."""
+    from scipy.stats import spearmanr
+
+    return {"whitened_vs_metric": float(spearmanr(norms["whitened"], norms["metric"]).statistic),
+            "gradient_vs_metric": float(spearmanr(norms["gradient"], norms["metric"]).statistic)}
+
+
+# -- the report --------------------------------------------------------------------------------
+def bootstrap(groups: list[np.ndarray], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over all facts, and its 95% interval resampling facts within each seed."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(draws)
+    total = sum(len(g) for g in groups)
+    for i in range(draws):
+        means[i] = sum(rng.choice(g, len(g)).sum() for g in groups) / total
+    return float(np.concatenate(groups).mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def collect(runs: list[dict], setting: str, ranking: str, method: str, spec: str, key: str = "rr") -> list[np.ndarray]:
+    return [np.array(r[key]) for run in runs for r in run["results"]
+            if (r["setting"], r["ranking"], r["method"], r["normalization"]) == (setting, ranking, method, spec)]
+
+
+def cell(groups: list[np.ndarray]) -> str:
+    if not groups:
+        return "–"
+    mean, low, high = bootstrap(groups)
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def per_seed_min(groups: list[np.ndarray]) -> float:
+    return min(float(g.mean()) for g in groups) if groups else float("nan")
+
+
+def choose_default(runs: list[dict]) -> tuple[str, list[str]]:
+    """The variant the targets pick for multi-stage: every seed's served haystack MRR@10 >= 0.85 and
+    recall@10 >= 0.9, no plain seed more than 0.03 below raw, exhaustive plain within 0.03 of raw;
+    among those (or, if none passes, among all) the best pooled served haystack MRR@10."""
+    lines, scored = [], []
+    for spec in SERVED_VARIANTS:
+        served_h = collect(runs, "haystack", "served", "multi-stage", spec)
+        served_hr = collect(runs, "haystack", "served", "multi-stage", spec, "recall")
+        plain = collect(runs, "plain", "served", "multi-stage", spec)
+        raw_plain = collect(runs, "plain", "served", "multi-stage", "none")
+        ex_plain, ex_raw = (collect(runs, "plain", "exhaustive", "multi-stage", s) for s in (spec, "none"))
+        if not served_h:
+            continue
+        losses = [float(r.mean() - p.mean()) for p, r in zip(plain, raw_plain)]
+        passes = {"haystack MRR >= 0.85 every seed": per_seed_min(served_h) >= 0.85,
+                  "haystack recall >= 0.9 every seed": per_seed_min(served_hr) >= 0.9,
+                  "plain loss <= 0.03 every seed": max(losses) <= 0.03,
+                  "exhaustive plain within 0.03 of raw": abs(np.concatenate(ex_plain).mean()
+                                                             - np.concatenate(ex_raw).mean()) <= 0.03}
+        pooled = float(np.concatenate(served_h).mean())
+        scored.append((all(passes.values()), pooled, spec))
+        lines.append(f"| {spec} | {pooled:.3f} | {per_seed_min(served_h):.3f} | {per_seed_min(served_hr):.3f} | "
+                     f"{max(losses):+.3f} | " + " | ".join("yes" if v else "**no**" for v in passes.values()) + " |")
+    best = max(scored, key=lambda t: (t[0], t[1]))[2]
+    return best, lines
+
+
+def report(runs: list[dict]) -> str:
+    runs = sorted(runs, key=lambda r: (r["documents"]["haystack"], r["seed"]))
+    main = [r for r in runs if r["documents"]["haystack"] - r["documents"]["plain"] <= 50_000]
+    big = [r for r in runs if r not in main]
+    default, choice = choose_default(main)
+    seeds = ", ".join(str(r["seed"]) for r in main)
+    extra = main[0]["documents"]["haystack"] - main[0]["documents"]["plain"] if main else 0
+    parts = [
+        "# Normalised influence in a haystack, over seeds",
+        f"`benchmarks/normalization.py` over seeds {seeds}: each seed's plain demo "
+        f"({main[0]['documents']['plain'] if main else '?'} documents) and the same study with {extra:,} "
+        f"generated distractors; {sum(r['facts'] for r in main)} pretraining-only facts in all "
+        "(those each seed's fine-tuned model answers correctly, traced through its own answer). MRR@10 and "
+        "recall@10 pooled over every fact of every seed, with 95% bootstrap intervals (facts resampled "
+        "within each seed, 2,000 draws). *Exhaustive*: every document scored exactly; *served*: the index's "
+        f"candidates (150 per sign) re-ranked by their exact scores, as `msif query` serves them. "
+        f"The code's default ranking is `{DEFAULT_NORMALIZATION}`; the targets below pick `{default}`.",
+        "## Choosing the default (multi-stage, served)",
+        "| ranking | haystack MRR@10 (pooled) | worst seed | worst seed recall@10 | worst plain loss vs raw | "
+        "haystack MRR >= 0.85 | recall >= 0.9 | plain loss <= 0.03 | exhaustive plain within 0.03 |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |", *choice,
+    ]
+    rows = ["| method | ranking | plain, exhaustive | plain, served | haystack, exhaustive | haystack, served | "
+            "haystack served recall@10 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    entries = [("multi-stage", "none"), ("multi-stage", default)] + [
+        (m, s) for m in ("single-stage", "pt-inverse-dropped", "gradient-dot") for s in ("none", default)
+        if applicable(m, s)] + [("gradient-cosine", "none"), ("representation", "none"), ("bm25", "none")]
+    for method, spec in dict.fromkeys(entries):
+        cells = [cell(collect(main, s, r, method, spec)) if not (r == "served" and method not in SERVED)
+                 else cell(collect(main, s, "exhaustive", method, spec)) + " (no index)"
+                 for s in ("plain", "haystack") for r in ("exhaustive", "served")]
+        recall = collect(main, "haystack", "served" if method in SERVED else "exhaustive", method, spec, "recall")
+        rows.append(f"| {method} | {spec} | " + " | ".join(cells) + f" | {cell(recall)} |")
+    parts += ["## Methods (MRR@10 [95% CI])", *rows]
+    family = ["| ranking | " + " | ".join(f"{m}: plain | {m}: haystack" for m in INFLUENCE) + " |",
+              "| --- |" + " ---: | ---: |" * len(INFLUENCE)]
+    for spec in VARIANTS:
+        family.append(f"| {spec} | " + " | ".join(
+            f"{np.concatenate(g).mean():.3f}" if (g := collect(main, s, "exhaustive", m, spec)) else "–"
+            for m in INFLUENCE for s in ("plain", "haystack")) + " |")
+    parts += ["## Every normalisation, exhaustive (pooled MRR@10)", *family]
+    seed_rows = ["| seed | facts | " + " | ".join(f"{s}: raw | {s}: {default}" for s in ("plain", "haystack"))
+                 + " | served agreement with exhaustive (haystack, top-10) | exhaustive pass | latency served "
+                 "(median / max, s) |", "| ---: | ---: |" + " ---: |" * 7]
+    for run in main:
+        def mrr(setting, spec, run=run):
+            return np.mean(collect([run], setting, "served", "multi-stage", spec)[0])
+        agree = collect([run], "haystack", "served", "multi-stage", default, "agreement")
+        lat = run["latency_haystack"]
+        seed_rows.append(f"| {run['seed']} | {run['facts']} | {mrr('plain', 'none'):.3f} | "
+                         f"{mrr('plain', default):.3f} | "
+                         f"{mrr('haystack', 'none'):.3f} | {mrr('haystack', default):.3f} | "
+                         f"{np.mean(agree[0]) if agree else float('nan'):.3f} | {run['exhaustive_seconds']:.0f} s | "
+                         f"{lat['median']:.2f} / {lat['max']:.2f} ({lat['normalization']}) |")
+    parts += ["## Per seed (multi-stage, served MRR@10)", *seed_rows]
+    agree_rows = ["| ranking | plain | haystack |", "| --- | ---: | ---: |"]
+    for spec in SERVED_VARIANTS:
+        agree_rows.append(f"| {spec} | " + " | ".join(
+            f"{np.concatenate(g).mean():.3f}" if (g := collect(main, s, "served", "multi-stage", spec, "agreement"))
+            else "–" for s in ("plain", "haystack")) + " |")
+    parts += ["## Served against exhaustive (multi-stage, recall@10 of the served top 10 in the exhaustive top 10 "
+              "of the same ranking)", *agree_rows]
+    checks = [c for run in runs for c in run["checks"]]
+    parts.append(f"Checked against `Tracer.trace`: {sum(c['same'] for c in checks)} of {sum(c['of'] for c in checks)} "
+                 "served top-10 lists identical.")
+    corr = [run["norm_agreement"] for run in main]
+    if corr:
+        parts.append("Spearman correlation over all documents of the whitened norm (the index's estimate) with the "
+                     f"exact metric norm: {np.mean([c['whitened_vs_metric'] for c in corr]):.3f} (mean over seeds); "
+                     f"gradient norm with the metric norm: {np.mean([c['gradient_vs_metric'] for c in corr]):.3f}.")
+    for run in big:
+        rows = ["| method | ranking | haystack, exhaustive | haystack, served | served agreement |",
+                "| --- | --- | ---: | ---: | ---: |"]
+        for method, spec in (("multi-stage", "none"), ("multi-stage", default), ("gradient-cosine", "none"),
+                             ("bm25", "none")):
+            agree = collect([run], "haystack", "served", method, spec, "agreement")
+            rows.append(f"| {method} | {spec} | {cell(collect([run], 'haystack', 'exhaustive', method, spec))} | "
+                        f"{cell(collect([run], 'haystack', 'served', method, spec))} | "
+                        f"{np.mean(agree[0]) if agree else float('nan'):.3f} |")
+        parts += [f"## {run['documents']['haystack']:,} documents (seed {run['seed']}, {run['facts']} facts)", *rows,
+                  f"Latency served: median {run['latency_haystack']['median']:.2f} s, max "
+                  f"{run['latency_haystack']['max']:.2f} s; exhaustive pass {run['exhaustive_seconds']:.0f} s."]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="measure one seed")
+    run.add_argument("--haystack", type=Path, required=True)
+    run.add_argument("--plain", type=Path, required=True)
+    run.add_argument("--limit", type=int, help="at most this many facts")
+    run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--reference-answers", action="store_true",
+                     help="trace the world's reference responses instead of the model's correct answers")
+    run.add_argument("--out", type=Path, required=True)
+    rep = commands.add_parser("report", help="pool the seeds' measurements into a report")
+    rep.add_argument("runs", type=Path, nargs="+")
+    rep.add_argument("--out", type=Path, default=Path("docs/normalization.md"))
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        result = run_seed(args.haystack, args.plain, args.limit, args.threads, args.reference_answers)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result))
+        print(report([result]))
+        return 0
+    text = report([json.loads(p.read_text()) for p in args.runs])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
