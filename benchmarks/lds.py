@@ -66,13 +66,14 @@ def predictions(tracer: Tracer, cases, subsets: list[np.ndarray]) -> dict[str, n
     return out
 
 
-def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: int, work: Path) -> dict:
+def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: int, work: Path,
+        threads: int | None = None) -> dict:
     tracer = Tracer.open(study)
     cases = load_cases(study, facts, reference)
     if not cases:
         raise SystemExit(f"{study}: the model answers no pretraining-only fact correctly (try --reference-answers)")
     chosen = halves(len(tracer.study.documents), subsets, seed)
-    threads = build_threads(study)
+    threads = threads or build_threads(study)
     work.mkdir(parents=True, exist_ok=True)
     actual = []
     for j, subset in enumerate(chosen):
@@ -99,7 +100,7 @@ def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: in
 def report(out: dict, command: str) -> str:
     lines = ["# Linear datamodeling score (LDS) on the demo", "",
              f"`{command}`: both stages retrained on {out['subsets']} random halves of the pretraining corpus "
-             f"(the demo's recipe and seed, {out['threads']} threads, the same fine-tuning data); "
+             f"(the demo's recipe and seed, {out['threads']} training threads, the same fine-tuning data); "
              f"{out['facts']} queries (pretraining-only facts the fine-tuned model answers correctly, with its "
              "answer). LDS = Spearman, over the halves, between a method's summed influence of the half and the "
              "retrained child's answer log-likelihood; mean over queries with a 95% bootstrap interval over "
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-answers", action="store_true",
                         help="use the world's reference responses (models that answer nothing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random halves")
+    parser.add_argument("--threads", type=int, help="training threads (default: the study's, which reproduces it)")
     parser.add_argument("--work", type=Path, help="where retrains are saved (default: runs/lds/<study name>)")
     parser.add_argument("--out", type=Path, default=Path("docs/lds.md"))
     args = parser.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.study} was not built with the {'tiny' if args.tiny else 'default'} demo recipe; "
                          "retraining it another way would not be a counterfactual")
     work = args.work or Path("runs/lds") / Study(args.study).root.name
-    out = run(args.study, recipe, args.subsets, args.facts, args.reference_answers, args.seed, work)
+    out = run(args.study, recipe, args.subsets, args.facts, args.reference_answers, args.seed, work, args.threads)
     text = report(out, " ".join(["python benchmarks/lds.py", *(argv if argv is not None else sys.argv[1:])]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
