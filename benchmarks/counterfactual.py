@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.study import DEFAULT_STUDY, Stage, Study, layout
-from explorer.tracer import Tracer
+from engine.query import QueryEngine
+from engine.study import DEFAULT_STUDY, Stage, Study, layout, open_study
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fact_tracing import Case, load_cases, value_token_mask  # noqa: E402  (a sibling benchmark script)
@@ -64,31 +64,31 @@ def answer_token_log_probs(model, tokenizer, prompt: str, answer: str, max_lengt
     return logp[keep].gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1).numpy()
 
 
-def measure(model, tracer: Tracer, cases: list[Case], prompts: list[str]) -> dict[str, list]:
+def measure(model, service: QueryEngine, cases: list[Case], prompts: list[str]) -> dict[str, list]:
     """Whole-answer and fact-token log-likelihoods, and whether greedy decoding still says the fact."""
     from precompute import training
 
     whole, fact = [], []
     for prompt, case in zip(prompts, cases):
-        lp = answer_token_log_probs(model, tracer.study.tokenizer, prompt, case.answer,
-                                    tracer.study.config.influence.max_length)
+        lp = answer_token_log_probs(model, service.study.tokenizer, prompt, case.answer,
+                                    service.study.config.influence.max_length)
         whole.append(float(lp.sum()))
-        fact.append(float(lp[value_token_mask(tracer, prompt, case).numpy()].sum()))
-    said = training.generate(model, tracer.study.tokenizer, prompts)
+        fact.append(float(lp[value_token_mask(service, prompt, case).numpy()].sum()))
+    said = training.generate(model, service.study.tokenizer, prompts)
     return {"whole": whole, "fact": fact, "correct": [c.value in r for c, r in zip(cases, said)]}
 
 
-def choose_removals(tracer: Tracer, cases: list[Case], methods: list[str], seed: int) -> dict[str, list[list[int]]]:
+def choose_removals(service: QueryEngine, cases: list[Case], methods: list[str], seed: int
+                    ) -> dict[str, list[list[int]]]:
     """Each method's top-10 proponents per fact (exact scores of every document); random control."""
     rng = random.Random(seed)
     picks = {}
     for method in methods:
         if method == "random":
-            picks[method] = [rng.sample(range(len(tracer.study.documents)), K) for _ in cases]
+            picks[method] = [rng.sample(range(len(service.study.documents)), K) for _ in cases]
             continue
-        picks[method] = [[h.doc_id for h in tracer.trace(c.question, c.answer, method, top_k=K,
-                                                          heatmaps=False, exhaustive=True).proponents]
-                         for c in cases]
+        picks[method] = [service.rank([service.study.prompts.prompt(c.question)], [c.answer], method, K, "none",
+                                      exhaustive=True)[0].proponents.ids.tolist() for c in cases]
     return picks
 
 
@@ -122,20 +122,20 @@ def build_threads(study: Path) -> int:
 
 
 def run(study: Path, recipe, n_facts: int, methods: list[str], reference: bool, seed: int) -> dict:
-    tracer = Tracer.open(study)
+    service = QueryEngine(open_study(study))
     cases = pick_cases(study, n_facts, reference)
     if not cases:
         raise SystemExit(f"{study}: no usable facts")
-    prompts = [tracer.prompt_for(c.question) for c in cases]
-    base = measure(tracer.study.finetuned.model, tracer, cases, prompts)
-    picks = choose_removals(tracer, cases, methods, seed)
+    prompts = [service.study.prompts.prompt(c.question) for c in cases]
+    base = measure(service.study.finetuned.model, service, cases, prompts)
+    picks = choose_removals(service, cases, methods, seed)
     threads = build_threads(study)
     results = {}
     for method in methods:
         removed = {d for per_fact in picks[method] for d in per_fact}
         started = time.perf_counter()
         model = retrain(study, recipe, removed, threads)
-        after = measure(model, tracer, cases, prompts)
+        after = measure(model, service, cases, prompts)
         sources = [len(set(per_fact) & set(c.sources)) for per_fact, c in zip(picks[method], cases)]
         results[method] = {"removed": len(removed), "sources_removed": sources,
                            "delta": [a - b for a, b in zip(after["whole"], base["whole"])],

@@ -42,8 +42,9 @@ from engine import (
     score_documents,
     sequence_gradients,
 )
-from engine.study import DEFAULT_STUDY, Study, layout
-from explorer.tracer import TASK, Tracer
+from engine.methods import DEFAULT_NORMALIZATION
+from engine.query import TASK, QueryEngine
+from engine.study import DEFAULT_STUDY, Study, layout, open_study
 
 K = 10
 
@@ -73,9 +74,9 @@ def load_cases(study: Path, limit: int | None, reference: bool = False) -> list[
     return cases[:limit] if limit else cases
 
 
-def value_token_mask(tracer: Tracer, prompt: str, case: Case) -> torch.Tensor:
+def value_token_mask(service: QueryEngine, prompt: str, case: Case) -> torch.Tensor:
     """Which answer tokens overlap the characters of the fact's value in the response."""
-    pieces = tracer.answer_pieces(prompt, case.answer)
+    pieces = [service.study.tokenizer.decode([i]) for i in service.answer_tokens(prompt, case.answer)]
     start = "".join(pieces).rfind(case.value)  # offsets in the decoded pieces, not the raw text
     mask, offset = [], 0
     for piece in pieces:
@@ -84,11 +85,11 @@ def value_token_mask(tracer: Tracer, prompt: str, case: Case) -> torch.Tensor:
     return torch.tensor(mask)
 
 
-def query_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments, factors: tuple | None = None
+def query_vectors(service: QueryEngine, cases: list[Case], args: ScoreArguments, factors: tuple | None = None
                   ) -> dict[str, torch.Tensor]:
     """Preconditioned query vectors (N, out, in) per layer, one row per case, in one batch."""
-    study = tracer.study
-    prompts = [tracer.prompt_for(c.question) for c in cases]
+    study = service.study
+    prompts = [service.study.prompts.prompt(c.question) for c in cases]
     batch = encode_prompt_answer(study.tokenizer, prompts, [c.answer for c in cases],
                                  study.config.influence.max_length)
     grads = sequence_gradients(study.finetuned.model, TASK, batch, study.finetuned.layers)
@@ -96,21 +97,21 @@ def query_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments, facto
     return precondition(grads, args, pt, ft).vectors
 
 
-def value_span_vectors(tracer: Tracer, cases: list[Case], args: ScoreArguments) -> dict[str, torch.Tensor]:
+def value_span_vectors(service: QueryEngine, cases: list[Case], args: ScoreArguments) -> dict[str, torch.Tensor]:
     """Multi-stage queries whose loss covers only the fact's tokens (sum of per-token queries)."""
     rows = []
     for case in cases:
-        prompt = tracer.prompt_for(case.question)
-        per_token = tracer.preconditioned_query(prompt, case.answer, args.method, per_token=True).vectors
-        mask = value_token_mask(tracer, prompt, case)
+        prompt = service.study.prompts.prompt(case.question)
+        per_token = service.preconditioned([prompt], [case.answer], args.method, per_token=True).vectors
+        mask = value_token_mask(service, prompt, case)
         rows.append({n: v[mask].sum(0, keepdim=True) for n, v in per_token.items()})
     return {n: torch.cat([r[n] for r in rows]) for n in rows[0]}
 
 
-def per_head_factors(tracer: Tracer) -> tuple:
+def per_head_factors(service: QueryEngine) -> tuple:
     """Both stages' factors refitted as the pipeline fits them, with the fused QKV layer's S split
     per attention head (FactorArguments.split_outputs)."""
-    study = tracer.study
+    study = service.study
     inf = study.config.influence
     heads = study.pretrained.model.config.num_attention_heads
     args = inf.factor_arguments(progress=False, split_outputs={r"attention\.query_key_value": heads})
@@ -122,12 +123,13 @@ def per_head_factors(tracer: Tracer) -> tuple:
     return pt, ft
 
 
-def exhaustive(tracer: Tracer, blocks: dict[str, dict[str, torch.Tensor]], finetuned: bool) -> dict[str, np.ndarray]:
+def exhaustive(service: QueryEngine, blocks: dict[str, dict[str, torch.Tensor]], finetuned: bool
+               ) -> dict[str, np.ndarray]:
     """Exact scores (N cases, D documents) for each named block of query vectors, one pass."""
     names = list(blocks)
     sizes = [next(iter(blocks[n].values())).shape[0] for n in names]
     stacked = {layer: torch.cat([blocks[n][layer] for n in names]) for layer in blocks[names[0]]}
-    study = tracer.study
+    study = service.study
     side = study.finetuned if finetuned else study.pretrained
     scores = score_documents(side.model, TASK, study.document_batches(range(len(study.documents))), side.layers,
                              PreconditionedQuery(stacked, "multi-stage"), progress=False).double().numpy()
@@ -155,46 +157,46 @@ def full_rankings(scores: np.ndarray) -> list[list[int]]:
 def run(study: Path, limit: int | None, threads: int, reference: bool = False, per_head: bool = True
         ) -> tuple[list[dict], list[dict], dict]:
     torch.set_num_threads(threads)
-    tracer = Tracer.open(study)
+    service = QueryEngine(open_study(study))
     cases = load_cases(study, limit, reference)
     if not cases:
         raise SystemExit(f"{study}: the model answers no pretraining-only fact correctly")
-    inf = tracer.study.config.influence
+    inf = service.study.config.influence
     base = dict(alpha=inf.alpha, damping=inf.damping, damping_factor=inf.damping_factor)
     started = time.perf_counter()
-    pt_blocks = {m: query_vectors(tracer, cases, ScoreArguments(method=m, **base))
+    pt_blocks = {m: query_vectors(service, cases, ScoreArguments(method=m, **base))
                  for m in ("multi-stage", "pt-inverse-dropped", "gradient-dot")}
     for factor in (0.001, 0.01, 1.0):
         pt_blocks[f"multi-stage, damping x{factor / inf.damping_factor:g}"] = query_vectors(
-            tracer, cases, ScoreArguments(method="multi-stage", **{**base, "damping_factor": factor}))
+            service, cases, ScoreArguments(method="multi-stage", **{**base, "damping_factor": factor}))
     for scale in (0.1, 10.0):
         pt_blocks[f"multi-stage, alpha x{scale:g}"] = query_vectors(
-            tracer, cases, ScoreArguments(method="multi-stage", **{**base, "alpha": inf.alpha * scale}))
+            service, cases, ScoreArguments(method="multi-stage", **{**base, "alpha": inf.alpha * scale}))
     pt_blocks["multi-stage, fact tokens only"] = value_span_vectors(
-        tracer, cases, ScoreArguments(method="multi-stage", **base))
+        service, cases, ScoreArguments(method="multi-stage", **base))
     if per_head:
         pt_blocks["multi-stage, per-head QKV factors"] = query_vectors(
-            tracer, cases, ScoreArguments(method="multi-stage", **base), per_head_factors(tracer))
+            service, cases, ScoreArguments(method="multi-stage", **base), per_head_factors(service))
     # Tracking fewer layers = dropping their blocks: EK-FAC is block-diagonal, so zeroing the
     # other layers' query vectors is exactly the influence with only these layers tracked.
     for group, pattern in (("MLP", ".mlp."), ("attention", ".attention.")):
         pt_blocks[f"multi-stage, {group} layers only"] = {
             n: v if pattern in n else torch.zeros_like(v) for n, v in pt_blocks["multi-stage"].items()}
-    scores = exhaustive(tracer, pt_blocks, finetuned=False)
-    scores.update(exhaustive(tracer, {"single-stage": query_vectors(
-        tracer, cases, ScoreArguments(method="single-stage", **base))}, finetuned=True))
-    norms = np.sqrt(tracer.study.sq_norms()).clip(min=1e-30)
+    scores = exhaustive(service, pt_blocks, finetuned=False)
+    scores.update(exhaustive(service, {"single-stage": query_vectors(
+        service, cases, ScoreArguments(method="single-stage", **base))}, finetuned=True))
+    norms = np.sqrt(service.study.sq_norms()).clip(min=1e-30)
     scores["gradient-cosine"] = scores["gradient-dot"] / norms  # the query's norm does not reorder
     for method in ("representation", "bm25"):
-        scores[method] = np.stack([tracer.baseline_scores(tracer.prompt_for(c.question), c.answer, method)
-                                   for c in cases])
+        scores[method] = np.stack([service.baseline_scores(service.study.prompts.prompt(c.question), c.answer,
+                                                           method) for c in cases])
     exact_seconds = time.perf_counter() - started
 
     served = []  # multi-stage as the app serves it: index candidates, exact re-scoring, top 10
     default = pt_blocks["multi-stage"]
     for i in range(len(cases)):
         query = PreconditionedQuery({n: v[i:i + 1] for n, v in default.items()}, "multi-stage")
-        found = tracer.retrieve(query, max(K, inf.candidates)).head(K)
+        found = service.retrieve(query, max(K, inf.candidates)).head(K)  # the default ranking
         served.append(found.proponent_ids[0].tolist())
 
     main_rows = []
@@ -202,7 +204,8 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False, p
              "representation", "bm25"]
     for method in order:
         main_rows.append({"method": method, **ranking_metrics(full_rankings(scores[method]), cases)})
-    main_rows.append({"method": f"multi-stage as served (index, {inf.candidates} candidates/sign, top 10)",
+    main_rows.append({"method": f"multi-stage as served (index, {inf.candidates} candidates/sign, top 10, "
+                                f"ranked by {DEFAULT_NORMALIZATION})",
                       **ranking_metrics(served, cases)})
     variant_rows = [{"method": name, **ranking_metrics(full_rankings(scores[name]), cases)}
                     for name in pt_blocks if name.startswith("multi-stage")]
@@ -215,7 +218,7 @@ def run(study: Path, limit: int | None, threads: int, reference: bool = False, p
             idx = [i for i, c in enumerate(cases) if c.relation == relation]
             by_relation.setdefault(relation, {"facts": len(idx)})[method] = ranking_metrics(
                 [ranked[i] for i in idx], [cases[i] for i in idx])["MRR"]
-    info = {"facts": len(cases), "documents": len(tracer.study.documents), "alpha": inf.alpha,
+    info = {"facts": len(cases), "documents": len(service.study.documents), "alpha": inf.alpha,
             "damping_factor": inf.damping_factor, "seconds": exact_seconds,
             "sources per fact": statistics.mean(len(c.sources) for c in cases)}
     return main_rows, variant_rows, {"info": info, "by_relation": by_relation, "misses": misses}

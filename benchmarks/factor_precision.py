@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from engine import Factors, encode_document_batches, fit_factors, precondition, score_documents, sequence_gradients
+from engine.query import TASK
 from engine.study import DEFAULT_STUDY, layout
-from explorer.tracer import TASK, Tracer
+from explorer.tracer import Tracer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retrieval import load_questions  # noqa: E402  (a sibling benchmark script)

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from engine import BM25, rescore, score_documents
+from engine.query import TASK
 from engine.study import Stage, Study, layout, open_study
-from explorer.tracer import TASK, Tracer
+from explorer.tracer import Tracer
 
 GIB = 2**30
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     for case in cases:
         prompt = tracer.prompt_for(case["question"])
         t0 = time.perf_counter()
-        query = tracer.preconditioned_query(prompt, case["response"], "multi-stage")
+        query = tracer.engine.preconditioned([prompt], [case["response"]], "multi-stage")
         vector = opened.whitening.query_vectors(query.vectors)
         t1 = time.perf_counter()
         clock: dict = {}

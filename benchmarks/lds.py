@@ -31,8 +31,8 @@ from scipy.stats import spearmanr
 
 from engine.methods import DEFAULT_NORMALIZATION
 from engine.normalization import Normalization
-from engine.study import DEFAULT_STUDY, Study
-from explorer.tracer import Tracer
+from engine.query import QueryEngine
+from engine.study import DEFAULT_STUDY, OpenedStudy, Study, open_study
 
 from counterfactual import answer_token_log_probs, build_threads, retrain
 from fact_tracing import load_cases
@@ -47,15 +47,15 @@ def halves(documents: int, subsets: int, seed: int) -> list[np.ndarray]:
     return [np.sort(rng.permutation(documents)[: documents // 2]) for _ in range(subsets)]
 
 
-def log_likelihoods(model, tracer: Tracer, cases) -> list[float]:
-    max_length = tracer.study.config.influence.max_length
-    return [float(answer_token_log_probs(model, tracer.study.tokenizer, tracer.prompt_for(c.question), c.answer,
+def log_likelihoods(model, study: OpenedStudy, cases) -> list[float]:
+    max_length = study.config.influence.max_length
+    return [float(answer_token_log_probs(model, study.tokenizer, study.prompts.prompt(c.question), c.answer,
                                          max_length).sum()) for c in cases]
 
 
-def predictions(tracer: Tracer, cases, subsets: list[np.ndarray]) -> dict[str, np.ndarray]:
+def predictions(service: QueryEngine, cases, subsets: list[np.ndarray]) -> dict[str, np.ndarray]:
     """(queries, subsets) summed influence of each subset, per method."""
-    measured = exhaustive_pass(tracer, cases)
+    measured = exhaustive_pass(service, cases)
     scores, norms = measured["scores"], measured["norms"]
     out = {m: np.stack([scores[m][:, s].sum(1) for s in subsets], 1) for m in METHODS}
     default = Normalization.parse(DEFAULT_NORMALIZATION)
@@ -68,11 +68,11 @@ def predictions(tracer: Tracer, cases, subsets: list[np.ndarray]) -> dict[str, n
 
 def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: int, work: Path,
         threads: int | None = None) -> dict:
-    tracer = Tracer.open(study)
+    service = QueryEngine(open_study(study))
     cases = load_cases(study, facts, reference)
     if not cases:
         raise SystemExit(f"{study}: the model answers no pretraining-only fact correctly (try --reference-answers)")
-    chosen = halves(len(tracer.study.documents), subsets, seed)
+    chosen = halves(len(service.study.documents), subsets, seed)
     threads = threads or build_threads(study)
     work.mkdir(parents=True, exist_ok=True)
     actual = []
@@ -82,18 +82,18 @@ def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: in
             actual.append(json.loads(saved.read_text())["log_likelihood"])
             continue
         started = time.perf_counter()
-        removed = set(range(len(tracer.study.documents))) - set(subset.tolist())
+        removed = set(range(len(service.study.documents))) - set(subset.tolist())
         model = retrain(study, recipe, removed, threads)
-        actual.append(log_likelihoods(model, tracer, cases))
+        actual.append(log_likelihoods(model, service.study, cases))
         saved.write_text(json.dumps({"documents": subset.tolist(), "log_likelihood": actual[-1],
                                      "seconds": time.perf_counter() - started}))
         print(f"subset {j + 1}/{subsets} retrained in {time.perf_counter() - started:.0f} s", flush=True)
     torch.set_num_threads(threads)
-    predicted = predictions(tracer, cases, chosen)
+    predicted = predictions(service, cases, chosen)
     actual = np.array(actual).T  # (queries, subsets)
     lds = {m: [float(spearmanr(p, a).statistic) for p, a in zip(g, actual)] for m, g in predicted.items()}
     return {"study": str(study), "facts": len(cases), "subsets": subsets, "threads": threads, "lds": lds,
-            "base": log_likelihoods(tracer.study.finetuned.model, tracer, cases),
+            "base": log_likelihoods(service.study.finetuned.model, service.study, cases),
             "spread": float(np.mean(actual.std(1)))}
 
 

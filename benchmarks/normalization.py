@@ -35,7 +35,8 @@ import torch
 from engine import PreconditionedQuery, ScoreArguments, document_metric, measure_documents
 from engine.methods import DEFAULT_NORMALIZATION
 from engine.normalization import Normalization
-from explorer.tracer import TASK, Tracer
+from engine.query import TASK, QueryEngine
+from explorer.tracer import Tracer
 
 from fact_tracing import Case, K, load_cases, query_vectors
 
@@ -58,13 +59,13 @@ def applicable(method: str, spec: str) -> bool:
 
 
 # -- measuring one seed ------------------------------------------------------------------------
-def exhaustive_pass(tracer: Tracer, cases: list[Case]) -> dict:
+def exhaustive_pass(service: QueryEngine, cases: list[Case]) -> dict:
     """Exact scores (cases, documents) of every influence method, the documents' gradient norms at
     both models and each method's metric norms, and the baselines' similarities."""
-    study, inf = tracer.study, tracer.study.config.influence
+    study, inf = service.study, service.study.config.influence
     base = dict(alpha=inf.alpha, damping=inf.damping, damping_factor=inf.damping_factor)
     args = {m: ScoreArguments(method=m, **base) for m in INFLUENCE}
-    blocks = {m: query_vectors(tracer, cases, args[m]) for m in INFLUENCE}
+    blocks = {m: query_vectors(service, cases, args[m]) for m in INFLUENCE}
     pt, ft, every = study.pretrained, study.finetuned, np.arange(len(study.documents))
     metrics = {m: document_metric(args[m], pt.factors, ft.factors) for m in INFLUENCE}
     stacked = PreconditionedQuery({n: torch.cat([blocks[m][n] for m in AT_PT]) for n in blocks["multi-stage"]},
@@ -81,7 +82,7 @@ def exhaustive_pass(tracer: Tracer, cases: list[Case]) -> dict:
     gradient_pt, gradient_ft = np.sqrt(at_pt.sq_norms.numpy()), np.sqrt(at_ft.sq_norms.numpy())
     scores["gradient-cosine"] = scores["gradient-dot"] / gradient_pt.clip(min=1e-30)
     for method in ("representation", "bm25"):
-        scores[method] = np.stack([tracer.baseline_scores(tracer.prompt_for(c.question), c.answer, method)
+        scores[method] = np.stack([service.baseline_scores(study.prompts.prompt(c.question), c.answer, method)
                                    for c in cases])
     metric_pt = np.sqrt(at_pt.metric_sq_norms.numpy())
     norms = {m: {"gradient": gradient_ft if m == "single-stage" else gradient_pt,
@@ -113,16 +114,17 @@ def fact_metrics(top: np.ndarray, cases: list[Case]) -> dict[str, list[float]]:
     return {"rr": rr, "recall": recall}
 
 
-def served_candidates(tracer: Tracer, cases: list[Case], method: str, spec: str, pool: int) -> list[np.ndarray]:
+def served_candidates(service: QueryEngine, cases: list[Case], method: str, spec: str, pool: int
+                      ) -> list[np.ndarray]:
     """The index's candidate proponents of every case for one ranking (before exact re-scoring)."""
-    inf = tracer.study.config.influence
+    inf = service.study.config.influence
     args = ScoreArguments(method=method, alpha=inf.alpha, damping=inf.damping, damping_factor=inf.damping_factor)
-    vectors = query_vectors(tracer, cases, args)
+    vectors = query_vectors(service, cases, args)
     query = PreconditionedQuery(vectors, method)
     if method == "gradient-cosine":
         norms = torch.sqrt(sum(v.flatten(1).square().sum(1) for v in vectors.values())).clamp_min(1e-30)
         query = PreconditionedQuery({k: v / norms.view(-1, 1, 1) for k, v in vectors.items()}, method)
-    return list(tracer.search_index(query, pool, spec).proponent_ids)
+    return list(service.candidates(query, pool, service.normalization(method, spec)).proponent_ids)
 
 
 def served_top(candidates: list[np.ndarray], scores: np.ndarray, norms: dict | None, spec: str,
@@ -160,7 +162,7 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
     cases = load_cases(haystack, limit, reference)
     if not cases:
         raise SystemExit(f"{haystack}: the model answers no pretraining-only fact correctly (try --reference-answers)")
-    measured = exhaustive_pass(big, cases)
+    measured = exhaustive_pass(big.engine, cases)
     scores, norms = measured["scores"], measured["norms"]
     settings = {"plain": (small, np.arange(world)), "haystack": (big, np.arange(len(big.study.documents)))}
     out = {"haystack": str(haystack), "plain": str(plain), "seed": big.study.manifest["demo"]["seed"],
@@ -178,7 +180,7 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
             for spec in SERVED_VARIANTS:
                 if not applicable(method, spec):
                     continue
-                candidates = served_candidates(tracer, cases, method, spec, max(K, pool))
+                candidates = served_candidates(tracer.engine, cases, method, spec, max(K, pool))
                 method_norms = norms.get(method, norms["gradient-dot"])
                 reference = None if spec == "none" or "metric" in spec else method_norms[
                     Normalization.parse(spec).norm][docs]

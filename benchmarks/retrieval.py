@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from engine import score_documents
+from engine.query import TASK
 from engine.study import DEFAULT_STUDY, Study, layout
-from explorer.tracer import TASK, Tracer
+from explorer.tracer import Tracer
 
 
 def exact_scores(tracer: Tracer, query) -> np.ndarray:
@@ -40,7 +41,8 @@ def exact_scores(tracer: Tracer, query) -> np.ndarray:
 
 
 def recall_at(tracer: Tracer, query, exact: np.ndarray, pool: int, whiten: bool, k: int = 10) -> float:
-    found = tracer.retrieve(query, pool, whiten=whiten).head(k)
+    """Of the raw exact top-k, the share the index's candidates bring back after re-scoring."""
+    found = tracer.engine.retrieve(query, pool, "none", "whitened" if whiten else "projected").head(k)
     shown = set(found.proponent_ids[0].tolist())
     truth = set(np.argsort(-exact)[:k].tolist())
     return len(shown & truth) / k
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         tracer.trace(question, answer, method="multi-stage", top_k=10)
         trace_s.append(time.perf_counter() - t0)
-        query = tracer.preconditioned_query(tracer.prompt_for(question), answer, "multi-stage")
+        query = tracer.engine.preconditioned([tracer.prompt_for(question)], [answer], "multi-stage")
         exact = exact_scores(tracer, query)
         for pool, whiten in setups:
             setups[pool, whiten].append(recall_at(tracer, query, exact, pool, whiten))

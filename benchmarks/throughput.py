@@ -52,8 +52,9 @@ from engine import (
     score_documents,
 )
 from engine.gradients import to_device
+from engine.query import TASK
 from engine.study import DEFAULT_STUDY, OpenedStudy, layout, open_study
-from explorer.tracer import TASK, Tracer
+from explorer.tracer import Tracer
 
 CHUNK = 8192  # synthetic rows drawn at a time
 
@@ -192,7 +193,7 @@ def query_side(tracer: Tracer, text: tuple[str, str, str], repeats: int) -> dict
     prompt = tracer.prompt_for(instruction, context)
 
     def prepare():
-        q = tracer.preconditioned_query(prompt, answer, "multi-stage")
+        q = tracer.engine.preconditioned([prompt], [answer], "multi-stage")
         return q, tracer.study.whitening.query_vectors(q.vectors)
 
     prep_s = median_seconds(prepare, repeats)

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .curvature import get_strategy, relative_damping
 from .factors import Factors
 from .gradients import capture, per_sequence
-from .methods import METHODS
+from .methods import FINETUNED, METHODS, MULTI_STAGE, PRETRAINED
+from .methods import method as method_spec
 from .tasks import Task
 from .tracking import TrackedLayer
 
@@ -36,7 +37,7 @@ from .tracking import TrackedLayer
 class ScoreArguments:
     """Every knob of a scoring run; saved beside the scores it produced."""
 
-    method: str = "multi-stage"
+    method: str = MULTI_STAGE
     alpha: float | None = None  # fine-tuning proximity strength: (H_ft + alpha I)
     damping: float | None = None  # absolute lambda; None = damping_factor * mean eigenvalue, per layer
     damping_factor: float = 0.1
@@ -53,7 +54,7 @@ class PreconditionedQuery:
 
     @property
     def normalize_documents(self) -> bool:
-        return self.method == "gradient-cosine"
+        return method_spec(self.method).unit
 
     @property
     def num_queries(self) -> int:
@@ -82,35 +83,31 @@ def damping_values(factors: Factors, args: ScoreArguments) -> dict[str, float]:
 def precondition(query_grads: dict[str, torch.Tensor], args: ScoreArguments,
                  pt_factors: Factors | None = None, ft_factors: Factors | None = None,
                  ) -> PreconditionedQuery:
-    """Turn query gradients (Q, out, in[+1]) per layer into the vectors u of ``args.method``."""
-    method = args.method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    needs_alpha = method in ("multi-stage", "pt-inverse-dropped")
-    if needs_alpha and (args.alpha is None or args.alpha <= 0):
-        raise ValueError(f"{method} needs the fine-tuning proximity alpha > 0, got {args.alpha}")
-    if method in ("multi-stage", "pt-inverse-dropped", "single-stage") and ft_factors is None:
-        raise ValueError(f"{method} needs the fine-tuned model's factors")
-    if method == "multi-stage" and pt_factors is None:
-        raise ValueError("multi-stage needs the pretrained model's factors")
-
+    """Turn query gradients (Q, out, in[+1]) per layer into the vectors u of ``args.method``: its
+    inverses (``engine.methods``) applied in order, alpha (H + alpha I)^-1 or (H + lambda I)^-1."""
+    spec = method_spec(args.method)
+    if not spec.is_influence:
+        raise ValueError(f"{args.method} is a baseline, not an influence method; choose from {list(METHODS)}")
+    if spec.needs_alpha and (args.alpha is None or args.alpha <= 0):
+        raise ValueError(f"{args.method} needs the fine-tuning proximity alpha > 0, got {args.alpha}")
+    factors = {PRETRAINED: pt_factors, FINETUNED: ft_factors}
+    for stage in spec.factors:
+        if factors[stage] is None:
+            raise ValueError(f"{args.method} needs the {stage} model's factors")
     vectors, used = {}, {}
-    for name, v in query_grads.items():
-        if method in ("multi-stage", "pt-inverse-dropped"):
-            u = args.alpha * _inverse(ft_factors, name, v, args.alpha)
-            if method == "multi-stage":
-                used[name] = _damping(pt_factors, name, args)
-                u = _inverse(pt_factors, name, u, used[name])
-        elif method == "single-stage":
-            used[name] = _damping(ft_factors, name, args)
-            u = _inverse(ft_factors, name, v, used[name])
-        else:
-            u = v
+    for name, u in query_grads.items():
+        for inverse in spec.inverses:
+            f = factors[inverse.stage]
+            if inverse.damping == "alpha":
+                u = args.alpha * _inverse(f, name, u, args.alpha)
+            else:
+                used[name] = _damping(f, name, args)
+                u = _inverse(f, name, u, used[name])
         vectors[name] = u
-    if method == "gradient-cosine":
+    if spec.unit:
         norms = torch.sqrt(sum(v.flatten(1).square().sum(1) for v in vectors.values())).clamp_min(1e-30)
         vectors = {k: v / norms.view(-1, 1, 1) for k, v in vectors.items()}
-    return PreconditionedQuery(vectors, method, used, args.alpha if needs_alpha else None)
+    return PreconditionedQuery(vectors, args.method, used, args.alpha if spec.needs_alpha else None)
 
 
 def score_gradients(query: PreconditionedQuery, doc_grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,16 +140,17 @@ class DocumentMetric:
 
 def document_metric(args: ScoreArguments, pt_factors: Factors | None = None,
                     ft_factors: Factors | None = None) -> DocumentMetric | None:
-    """The inverse each method applies on its documents' side, whose metric is the documents'
-    RelatIF norm: (H_pt + lambda I)^-1 for multi-stage, (H_ft + lambda I)^-1 for single-stage,
-    alpha (H_ft + alpha I)^-1 for pt-inverse-dropped; None (the identity) for the gradient methods."""
-    if args.method == "multi-stage":
-        return DocumentMetric(pt_factors, damping_values(pt_factors, args))
-    if args.method == "single-stage":
-        return DocumentMetric(ft_factors, damping_values(ft_factors, args))
-    if args.method == "pt-inverse-dropped":
-        return DocumentMetric(ft_factors, dict.fromkeys(ft_factors.layers, float(args.alpha)), float(args.alpha))
-    return None
+    """The inverse each method applies on its documents' side (``engine.methods``: its last one),
+    whose metric is the documents' RelatIF norm: (H_pt + lambda I)^-1 for multi-stage,
+    (H_ft + lambda I)^-1 for single-stage, alpha (H_ft + alpha I)^-1 for pt-inverse-dropped; None
+    (the identity) for the gradient methods."""
+    inverse = method_spec(args.method).metric
+    if inverse is None:
+        return None
+    factors = pt_factors if inverse.stage == PRETRAINED else ft_factors
+    if inverse.damping == "alpha":
+        return DocumentMetric(factors, dict.fromkeys(factors.layers, float(args.alpha)), float(args.alpha))
+    return DocumentMetric(factors, damping_values(factors, args))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.console import Parser, run_command, terminal_safe
-from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION
+from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION, MULTI_STAGE
 from engine.study.layout import DEFAULT_STUDY
 
 BUILD_COMMANDS = {"build-demo": "build the default demo study offline (CPU, minutes)",
@@ -103,7 +103,7 @@ def _query(args) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     prompts = _read_prompts(args)
     tracer = Tracer.open(args.study, device=args.device, progress=True)  # models load once for all prompts
-    tracer.normalization_for(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
+    tracer.engine.normalization(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
     for row in prompts:  # every prompt is checked before the first one runs
         try:
             tracer.check_request(row["prompt"], row["answer"])
@@ -122,9 +122,9 @@ QUERY_GROUP = 16  # prompts traced together: bounds the memory of one stacked qu
 
 
 def _format_trace(trace) -> str:
-    from engine.methods import BASELINES
+    from engine.methods import method
 
-    baseline = trace.method in BASELINES
+    baseline = method(trace.method).is_baseline
     lines = [f"prompt:  {terminal_safe(trace.prompt)}", f"answer:  {terminal_safe(trace.answer)}",
              f"method:  {trace.method} ({trace.settings.retrieval}; {trace.timings.total:.2f}s)",
              "score = similarity to the prompt and answer (a baseline, not influence: it has no sign)" if baseline
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--prompt", help="one prompt (the instruction)")
     given.add_argument("--prompts-file", type=Path, help='JSONL, one {"prompt": ...} per line')
     query.add_argument("--answer", help="score this answer instead of generating one")
-    query.add_argument("--method", default="multi-stage", choices=ALL_METHODS)
+    query.add_argument("--method", default=MULTI_STAGE, choices=ALL_METHODS)
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     query.add_argument("--normalize", metavar="NORM", default=None,

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from engine.methods import BASELINES
+from engine.methods import method as method_spec
 
 from .heatmap import snippet
 from .results import Trace
@@ -28,7 +28,7 @@ def spreadsheet_safe(value):
 
 def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
     rows = []
-    baseline = trace.method in BASELINES
+    baseline = method_spec(trace.method).is_baseline
     for sign, hits in (("most similar" if baseline else "proponent", trace.proponents),
                        ("least similar" if baseline else "opponent", trace.opponents)):
         for rank, hit in enumerate(hits, start=1):

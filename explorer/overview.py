@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from engine import damping_values
+from engine.methods import MULTI_STAGE
 from engine.study import OpenedStudy, StageModel
 
 
@@ -88,7 +89,7 @@ def summarize(study: OpenedStudy) -> StudySummary:
 def spectra(study: OpenedStudy, points: int = 256) -> dict[str, dict[str, Spectrum]]:
     """Eigenvalues of both approximate Fishers, per stage and layer, largest first, with the
     damping lambda that layer uses."""
-    args = study.config.influence.score_arguments("multi-stage")
+    args = study.config.influence.score_arguments(MULTI_STAGE)
     out = {}
     for stage, factors in (("pretrained", study.pretrained.factors), ("fine-tuned", study.finetuned.factors)):
         damping = damping_values(factors, args)

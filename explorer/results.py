@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.methods import BASELINES
+from engine.methods import method as method_spec
 
 
 @dataclass
@@ -100,7 +100,8 @@ class Trace:
             return data
         return {"prompt": self.prompt, "answer": self.answer, "method": self.method,
                 "scores": ("similarity (a baseline; unsigned: 'opponents' are the least similar)"
-                           if self.method in BASELINES else "influence: positive raises the answer's log-likelihood"),
+                           if method_spec(self.method).is_baseline
+                           else "influence: positive raises the answer's log-likelihood"),
                 "proponents": [hit(h) for h in self.proponents],
                 "opponents": [hit(h) for h in self.opponents],
                 "answer_tokens": self.answer_tokens, "settings": asdict(self.settings),

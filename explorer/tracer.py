@@ -1,9 +1,10 @@
 """Answer a prompt and trace the answer to pretraining documents: the library behind the CLI and app.
 
-A :class:`Tracer` serves queries over one opened study (``engine.study.open_study``). It speaks
-in documents, scores and tokens; the curvature lives in the engine. Scores follow the project's
-sign convention: positive = the document raises the answer's log-likelihood (proponent),
-negative = lowers it (opponent).
+A :class:`Tracer` serves one opened study (``engine.study.open_study``) to the CLI and the app: it
+checks input, lets the fine-tuned model answer, runs the engine's query (``engine.query``: query
+gradient, preconditioning, candidates, exact and normalised scores, token scores) under one lock,
+and returns typed results with their timings. Scores follow the project's sign convention:
+positive = the document raises the answer's log-likelihood (proponent), negative = lowers it.
 """
 
 from __future__ import annotations
@@ -13,32 +14,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
-from engine import (
-    BM25,
-    LanguageModelingTask,
-    PreconditionedQuery,
-    Retrieval,
-    attribute_tokens,
-    cosine_similarity,
-    document_metric,
-    encode_prompt_answer,
-    measure_documents,
-    pooled_representations,
-    precondition,
-    rescore,
-    sequence_gradients,
-)
-from engine.methods import BASELINES, check_method
-from engine.normalization import DEFAULT, Normalization, NormalizedRanking
-from engine.study import OpenedStudy, StageModel, open_study
+from engine.methods import MULTI_STAGE
+from engine.methods import method as method_spec
+from engine.normalization import Normalization
+from engine.query import QueryEngine, Ranking, Side
+from engine.study import OpenedStudy, open_study
 
-from .results import AnswerTokenMap, DocumentHit, Hit, RecordHit, Timings, Trace, TraceSettings
+from .results import AnswerTokenMap, DocumentHit, RecordHit, Timings, Trace, TraceSettings
 
-TASK = LanguageModelingTask()
-INDEXED = ("multi-stage", "pt-inverse-dropped", "gradient-dot", "gradient-cosine")  # served by an index
 MAX_PROMPT_CHARS = 8000
 
 
@@ -56,10 +41,8 @@ class Tracer:
 
     def __init__(self, study: OpenedStudy, progress: bool = False):
         self.study = study
-        self.progress = progress
+        self.engine = QueryEngine(study, progress)
         self._lock = threading.Lock()
-        self._bm25: BM25 | None = None
-        self._representations: np.ndarray | None = None
 
     @classmethod
     def open(cls, root: str | os.PathLike, device: str = "auto", progress: bool = False) -> Tracer:
@@ -110,78 +93,21 @@ class Tracer:
                              f"shorten it by at least {prompt_tokens + answer_tokens - limit} tokens")
 
     # -- tracing --------------------------------------------------------------------------------
-    def preconditioned_query(self, prompt: str, answer: str, method: str,
-                             per_token: bool = False) -> PreconditionedQuery:
-        """Preconditioned query u for the answer (or one per answer token with ``per_token``)."""
-        batch = self._answer_batch(prompt, answer)
-        if per_token:
-            batch, _ = TASK.split_targets(batch)
-        ft = self.study.finetuned
-        grads = sequence_gradients(ft.model, TASK, batch, ft.layers)
-        return precondition(grads, self.study.config.influence.score_arguments(method),
-                            self.study.pretrained.factors, ft.factors)
-
-    def normalization_for(self, method: str, spec: str | Normalization | None = None) -> Normalization:
-        """The normalisation a trace ranks by: ``spec``, or the default for influence methods; raw for
-        the baselines (similarities) and gradient-cosine (already normalised)."""
-        if method in BASELINES or method == "gradient-cosine":
-            if spec is not None and not Normalization.parse(spec).is_raw:
-                raise ValueError(f"{method} ranks by {'similarity' if method in BASELINES else 'cosine'} already; "
-                                 "it takes no normalisation (use none)")
-            return Normalization()
-        norm = Normalization.parse(DEFAULT if spec is None else spec)
-        if norm.norm == "whitened" and self._document_side(method) is not self.study.pretrained:
-            raise ValueError(f"whitened norms are stored for documents at theta_pt; {method} scores them at "
-                             "theta_ft: use gradient or metric")
-        return norm
-
-    def ranking(self, method: str, norm: Normalization, exhaustive: bool) -> NormalizedRanking | None:
-        """Where a normalised ranking's norms come from: the scoring pass (gradient, metric) or the
-        index (whitened); the floor and the zero guard from every document's stored norm, where stored."""
-        if norm.is_raw:
-            return None
-        index, pretrained = self.study.index, self._document_side(method) is self.study.pretrained
-        metric = document_metric(self.study.config.influence.score_arguments(method),
-                                 self.study.pretrained.factors, self.study.finetuned.factors)
-        if norm.norm == "whitened":
-            return NormalizedRanking(norm, lambda ids, _: index.whitened_norms[ids], index.whitened_norms)
-        if norm.norm == "metric" and metric is not None:
-            if norm.floor is not None and not exhaustive:
-                raise ValueError("a floor under the metric norm needs every document's metric norm: score "
-                                 "exhaustively, or use whitened@median (the index's estimate of that norm)")
-            return NormalizedRanking(norm, lambda ids, m: m.metric_sq_norms.numpy() ** 0.5, None, metric)
-        return NormalizedRanking(norm, lambda ids, m: m.sq_norms.numpy() ** 0.5,  # gradient (metric = identity)
-                                 index.norms.astype(np.float64) if pretrained else None)
-
-    def _search_weights(self, method: str, norm: Normalization, vectors: str) -> np.ndarray | None:
-        """Per-document weights of the index's scores: projected rows are unit-scale (times the
-        exact norm for raw gradients); a normalised ranking divides by the index's estimate of d(z)."""
-        index = self.study.index
-        raw = index.norms if vectors == "projected" and method != "gradient-cosine" else None
-        if norm.is_raw:
-            return raw
-        whitened = norm.norm == "whitened" or (norm.norm == "metric" and method == "multi-stage")
-        estimate = (index.whitened_norms if whitened else index.norms).astype(np.float64)
-        weights = 1.0 / norm.divisors(estimate, estimate)
-        return (weights if raw is None else raw * weights).astype(np.float32)
-
-    def trace(self, instruction: str, answer: str | None = None, method: str = "multi-stage",
+    def trace(self, instruction: str, answer: str | None = None, method: str = MULTI_STAGE,
               top_k: int = 10, context: str = "", heatmaps: bool = True,
               exhaustive: bool = False, on_stage: Callable[[str], None] | None = None,
               max_new_tokens: int = 48, temperature: float = 0.0,
               normalization: str | Normalization | None = None) -> Trace:
         """Answer (unless ``answer`` is given) and rank documents by ``method``.
 
-        Indexed methods retrieve candidates from projected gradients and re-score them exactly;
-        the candidate set can miss true top documents (see benchmarks/retrieval.py).
-        ``exhaustive=True`` scores every document exactly instead (slower, the reference).
-        ``normalization`` (``engine.normalization``; default ``engine.normalization.DEFAULT``) ranks
-        by score / d(z); every hit keeps its exact score beside the normalised one.
-        ``on_stage`` is told, in words, what starts next (for a progress display).
+        Indexed methods retrieve candidates from the study's index and re-score them exactly (the
+        candidates can miss true top documents: benchmarks/retrieval.py); ``exhaustive=True`` scores
+        every document exactly instead. ``normalization`` (``engine.normalization``; default
+        ``engine.methods.DEFAULT_NORMALIZATION``) ranks by score / d(z); every hit keeps its exact
+        score beside the normalised one. ``on_stage`` is told, in words, what starts next.
         """
         stage = on_stage or (lambda _: None)
-        check_method(method)
-        norm = self.normalization_for(method, normalization)
+        norm = self.engine.normalization(method, normalization)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         timings = Timings()
@@ -194,91 +120,27 @@ class Tracer:
             raise ValueError("the model's answer is empty; type an answer to trace")
         prompt = self.prompt_for(instruction, context)
         self._check_answer_fits(prompt, answer)
-        top_k = min(top_k, len(self.study.documents))
         with self._lock:
             t0 = time.perf_counter()
             stage(f"Ranking documents by {method}")
-            pro, opp, query, pool = self._rank(prompt, answer, method, top_k, exhaustive, norm)
+            ranking = self.engine.rank([prompt], [answer], method, top_k, norm, exhaustive)[0]
             timings.rank = time.perf_counter() - t0
             t0 = time.perf_counter()
-            if heatmaps and query is not None:
+            if heatmaps and ranking.query is not None:
                 stage("Token heatmaps of the top documents")
-                side = self._document_side(method)
-                self._attach_heatmaps(pro + opp, [h.doc_id for h in pro + opp], query, side,
-                                      self.study.document_batches)
+            trace = self._trace(instruction, prompt, context, answer, ranking, timings,
+                                self._retrieval(method, exhaustive), heatmaps, top_k)
             timings.heatmaps = time.perf_counter() - t0
         timings.total = time.perf_counter() - started
-        indexed = method in INDEXED and not exhaustive
-        retrieval = self._index_retrieval() if indexed else "exact, all documents"
-        settings = TraceSettings(self.study.config.influence.alpha, top_k,
-                                 query.damping if query is not None else {}, retrieval, prompt, context,
-                                 str(norm), norm.describe())
-        return Trace(instruction.strip(), answer, method, pro, opp, self.answer_pieces(prompt, answer),
-                     settings, timings, *pool)
+        return trace
 
-    def _rank(self, prompt: str, answer: str, method: str, k: int, exhaustive: bool, norm: Normalization):
-        """(proponents, opponents, query or None, (pool ids, exact scores, norms) of every document scored)."""
-        if method in BASELINES:
-            scores = self.baseline_scores(prompt, answer, method)
-            every = np.arange(len(scores))
-            return (*self._ranked(scores, scores, None, k, self._document_hits), None,
-                    (every.tolist(), scores.tolist(), []))
-        query = self.preconditioned_query(prompt, answer, method)
-        ranking = self.ranking(method, norm, exhaustive)
-        if method in INDEXED and not exhaustive:
-            pool = self.retrieve(query, max(k, self.study.config.influence.candidates), norm)
-            pro, opp, scored = self._pool_hits(pool, k)
-            return pro, opp, query, scored
-        pro, opp, pool = self._score_all(query, self._document_side(method), self.study.document_batches,
-                                         len(self.study.documents), ranking, k, self._document_hits)
-        return pro, opp, query, pool
-
-    def _score_all(self, query: PreconditionedQuery, side: StageModel, batches_for, count: int,
-                   ranking: NormalizedRanking | None, k: int, hits: Callable[..., list]):
-        """Every item (documents or records) scored exactly in one pass and ranked, raw or normalised:
-        (proponents, opponents, (ids, exact scores, norms))."""
-        every = np.arange(count)
-        measured = measure_documents(side.model, TASK, batches_for(every), side.layers, query,
-                                     progress=self.progress, metric=ranking.metric if ranking else None)
-        exact = measured.scores[0].numpy()
-        if query.normalize_documents:
-            exact = exact / np.sqrt(measured.sq_norms.numpy()).clip(min=1e-30)
-        ranked, norms = ranking.scored(every, measured, exact) if ranking else (exact, None)
-        shown = np.sqrt(measured.sq_norms.numpy()) if norms is None else norms
-        pro, opp = _signed(*self._ranked(ranked, exact, norms, k, hits))
-        return pro, opp, (every.tolist(), exact.tolist(), shown.tolist())
-
-    def _index_retrieval(self, shared_by: int = 1) -> str:
-        """How an indexed trace's documents were found, in words (its settings' ``retrieval``)."""
-        text = f"index candidates ({self.study.config.influence.candidates} per sign) re-scored exactly"
-        return text + (f", in one pass shared by {shared_by} prompts" if shared_by > 1 else "")
-
-    def _pool_hits(self, pool: Retrieval, k: int):
-        """(proponents, opponents, (ids, exact scores, norms) of the pool) of a one-query re-scored pool."""
-        found = pool.head(k)
-
-        def side(prefix: str) -> list[DocumentHit]:
-            part = {f: getattr(found, f"{prefix}_{f}") for f in ("ids", "exact", "projected", "normalized", "norms")}
-            return self._document_hits(part["ids"][0], part["exact"][0], part["projected"][0],
-                                       *(None if part[f] is None else part[f][0] for f in ("normalized", "norms")))
-
-        pro, opp = side("proponent"), side("opponent")
-        ids = np.concatenate([pool.proponent_ids[0], pool.opponent_ids[0]])
-        exact = np.concatenate([pool.proponent_exact[0], pool.opponent_exact[0]])
-        norms = (np.concatenate([pool.proponent_norms[0], pool.opponent_norms[0]]) if pool.proponent_norms is not None
-                 else self.study.index.norms[ids])
-        ids, first = np.unique(ids, return_index=True)
-        return (*_signed(pro, opp), (ids.tolist(), exact[first].tolist(), np.asarray(norms)[first].tolist()))
-
-    def trace_many(self, requests: Sequence[tuple[str, str | None]], method: str = "multi-stage", top_k: int = 10,
-                   heatmaps: bool = True, exhaustive: bool = False,
+    def trace_many(self, requests: Sequence[tuple[str, str | None]], method: str = MULTI_STAGE,
+                   top_k: int = 10, heatmaps: bool = True, exhaustive: bool = False,
                    normalization: str | Normalization | None = None) -> list[Trace]:
-        """Trace several (instruction, answer or None) at once. For indexed methods the prompts
-        share one backward pass for their query gradients, one index search and one exact
-        re-scoring pass over all their candidates; other methods trace one by one."""
-        check_method(method)
-        norm = self.normalization_for(method, normalization)
-        if method not in INDEXED or exhaustive or len(requests) < 2:
+        """Trace several (instruction, answer or None) at once: for indexed methods the prompts share
+        one query pass, one index search and one exact re-scoring pass; others trace one by one."""
+        norm = self.engine.normalization(method, normalization)
+        if not method_spec(method).indexed or exhaustive or len(requests) < 2:
             return [self.trace(i, a, method, top_k, heatmaps=heatmaps, exhaustive=exhaustive, normalization=norm)
                     for i, a in requests]
         started = time.perf_counter()
@@ -289,171 +151,95 @@ class Tracer:
         for prompt, answer in zip(prompts, answers):
             self._check_answer_fits(prompt, answer)
         generated = time.perf_counter() - started
-        k = min(top_k, len(self.study.documents))
         with self._lock:
             t0 = time.perf_counter()
-            batch = encode_prompt_answer(self.study.tokenizer, prompts, answers, self.study.config.influence.max_length)
-            ft = self.study.finetuned
-            query = precondition(sequence_gradients(ft.model, TASK, batch, ft.layers),
-                                 self.study.config.influence.score_arguments(method), self.study.pretrained.factors,
-                                 ft.factors)
-            pool = self.retrieve(query, max(k, self.study.config.influence.candidates), norm)
+            rankings = self.engine.rank(prompts, answers, method, top_k, norm)
             shared = time.perf_counter() - t0
             traces = []
-            for i, ((instruction, _), prompt, answer) in enumerate(zip(requests, prompts, answers)):
+            for (instruction, _), prompt, answer, ranking in zip(requests, prompts, answers, rankings):
+                timings = Timings(generate=generated / len(requests), rank=shared / len(requests))
                 t0 = time.perf_counter()
-                pro, opp, scored = self._pool_hits(pool.row(i), k)
-                one = query.select(slice(i, i + 1))
-                if heatmaps:
-                    self._attach_heatmaps(pro + opp, [h.doc_id for h in pro + opp], one, self.study.pretrained,
-                                          self.study.document_batches)
-                timings = Timings(generate=generated / len(requests), rank=shared / len(requests),
-                                  heatmaps=time.perf_counter() - t0)
+                traces.append(self._trace(instruction, prompt, "", answer, ranking, timings,
+                                          self._retrieval(method, shared_by=len(requests)), heatmaps, top_k))
+                timings.heatmaps = time.perf_counter() - t0
                 timings.total = timings.generate + timings.rank + timings.heatmaps
-                settings = TraceSettings(self.study.config.influence.alpha, k, one.damping,
-                                         self._index_retrieval(shared_by=len(requests)), prompt, "",
-                                         str(norm), norm.describe())
-                traces.append(Trace(instruction.strip(), answer, method, pro, opp, self.answer_pieces(prompt, answer),
-                                    settings, timings, *scored))
         return traces
-
-    @staticmethod
-    def _ranked(ranked: np.ndarray, exact: np.ndarray, norms: np.ndarray | None, k: int, hits: Callable[..., list]):
-        """The k highest and the k lowest by ``ranked``, as ``hits(ids, exact, None, ranked, norms)``
-        (``ranked`` is ``exact`` itself for a raw ranking: then no normalised scores are given)."""
-        top, bottom = np.argsort(-ranked, kind="stable")[:k], np.argsort(ranked, kind="stable")[:k]
-        normalized = norms is not None
-
-        def pick(ids):
-            return hits(ids, exact[ids], None, ranked[ids] if normalized else None, norms[ids] if normalized else None)
-        return pick(top), pick(bottom)
-
-    def retrieve(self, query: PreconditionedQuery, pool: int, normalization: str | Normalization | None = None,
-                 whiten: bool = True) -> Retrieval:
-        """Index candidates (``pool`` per sign) for a preconditioned query, re-scored exactly and
-        ranked by ``normalization`` (default: ``engine.normalization.DEFAULT``)."""
-        norm = self.normalization_for(query.method, normalization)
-        pt = self.study.pretrained
-        return rescore(self.search_index(query, pool, norm, whiten), pt.model, TASK, pt.layers, query,
-                       self.study.document_batches, ranking=self.ranking(query.method, norm, exhaustive=False))
-
-    def search_index(self, query: PreconditionedQuery, pool: int, normalization: str | Normalization | None = None,
-                     whiten: bool = True) -> Retrieval:
-        """The index's candidates (``pool`` per sign) for a normalised or raw ranking, not yet re-scored."""
-        study, method = self.study, query.method
-        norm = self.normalization_for(method, normalization)
-        if method == "multi-stage" and whiten:  # split (H_pt + lambda)^-1 between sides
-            return study.index.search("whitened", study.whitening.query_vectors(query.vectors), pool,
-                                      self._search_weights(method, norm, "whitened"))
-        # unit-scale rows: cosine as they are, dot products times the exact norms
-        return study.index.search("projected", study.projector.project_gradients(query.vectors), pool,
-                                  self._search_weights(method, norm, "projected"))
-
-    def baseline_scores(self, prompt: str, answer: str, method: str) -> np.ndarray:
-        """Similarity of every document to the prompt and answer (BM25 or representations)."""
-        if method == "bm25":
-            if self._bm25 is None:
-                self._bm25 = BM25(self.study.documents["text"])
-            return self._bm25.score_prompt_answer([prompt], [answer])[0]
-        model = self.study.finetuned.model
-        if self._representations is None:
-            self._representations = pooled_representations(
-                model, self.study.document_batches(range(len(self.study.documents))), progress=self.progress)
-        q = pooled_representations(model, [self._answer_batch(prompt, answer)], progress=False)
-        return cosine_similarity(q, self._representations)[0]
-
-    def _document_hits(self, ids, exact, projected=None, normalized=None, norms=None) -> list[DocumentHit]:
-        hits = []
-        for j, doc_id in enumerate(int(i) for i in ids):
-            row = self.study.documents[doc_id]
-            hits.append(DocumentHit(doc_id, float(exact[j]), row["title"], row["text"],
-                                    projected_score=None if projected is None else float(projected[j]),
-                                    normalized_score=None if normalized is None else float(normalized[j]),
-                                    norm=None if norms is None else float(norms[j])))
-        return hits
-
-    def _attach_heatmaps(self, hits: Sequence[Hit], ids: Sequence[int], query: PreconditionedQuery,
-                         side: StageModel, batches_for: Callable[[Sequence[int]], list[dict]]) -> None:
-        if not hits:
-            return
-        start = 0
-        for batch in batches_for(ids):
-            batch_hits, start = hits[start:start + len(batch["input_ids"])], start + len(batch["input_ids"])
-            att = attribute_tokens(side.model, TASK, batch, side.layers, query)
-            for b, hit in enumerate(batch_hits):
-                n = int(batch["attention_mask"][b].sum())
-                hit.tokens = self._pieces(batch["input_ids"][b, :n])
-                hit.token_scores = att.token_scores[0, b, :n].double().tolist()
-                hit.layer_scores = dict(zip(att.layer_names, att.layer_scores[0, b].double().tolist()))
 
     def finetune_examples(self, instruction: str, answer: str, top_k: int = 10, context: str = "",
                           heatmaps: bool = True, normalization: str | Normalization | None = None) -> Trace:
-        """The fine-tuning records most influential on ``answer`` (single-stage influence).
-
-        Records are the fine-tuned model's own training data, so their gradients are taken at
-        theta_ft on the response tokens, exactly as they were trained, and preconditioned with
-        (H_ft + lambda I)^-1. Every record is scored exactly (there is no index of records), and
-        ranked by ``normalization`` as documents are (its norms measured in the same pass).
-        """
+        """The fine-tuning records most influential on ``answer`` (single-stage influence, every
+        record scored exactly at theta_ft on its response tokens, as it was trained), ranked like
+        documents (``normalization``)."""
         if not answer.strip():
             raise ValueError("there is no answer to trace; trace a prompt first or type an answer")
-        norm = self.normalization_for("single-stage", normalization)
         prompt = self.prompt_for(instruction, context)
         started = time.perf_counter()
-        ft, records = self.study.finetuned, self.study.records
-        k = min(top_k, len(records))
         with self._lock:
-            query = self.preconditioned_query(prompt, answer, "single-stage")
-            pro, opp, pool = self._score_all(query, ft, self.study.record_batches, len(records),
-                                             self.ranking("single-stage", norm, exhaustive=True), k, self._record_hits)
-            if heatmaps:
-                self._attach_heatmaps(pro + opp, [h.record_id for h in pro + opp], query, ft,
-                                      self.study.record_batches)
-        timings = Timings(total=time.perf_counter() - started)
-        settings = TraceSettings(self.study.config.influence.alpha, k, query.damping,
-                                 f"exact, all {len(records)} fine-tuning records", prompt, context,
-                                 str(norm), norm.describe())
-        return Trace(instruction.strip(), answer, "single-stage", pro, opp,
-                     self.answer_pieces(prompt, answer), settings, timings, *pool)
+            ranking = self.engine.records(prompt, answer, top_k, normalization)
+            trace = self._trace(instruction, prompt, context, answer, ranking, Timings(),
+                                f"exact, all {len(self.study.records)} fine-tuning records", heatmaps, top_k,
+                                records=True)
+        trace.timings.total = time.perf_counter() - started
+        return trace
 
-    def _record_hits(self, ids, exact, projected=None, normalized=None, norms=None) -> list[RecordHit]:
+    def _trace(self, instruction: str, prompt: str, context: str, answer: str, ranking: Ranking, timings: Timings,
+               retrieval: str, heatmaps: bool, top_k: int, records: bool = False) -> Trace:
+        """The typed result of a ranking: hits with titles and texts (and heatmaps), settings."""
+        hits = self._record_hits if records else self._document_hits
+        pro, opp = hits(ranking.proponents), hits(ranking.opponents)
+        query, norm = ranking.query, ranking.normalization
+        if heatmaps and query is not None:
+            shown = pro + opp
+            for hit, (ids, scores, layers) in zip(shown, self.engine.token_scores(
+                    query, [h.record_id if records else h.doc_id for h in shown], records)):
+                hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(ids), scores, layers
+        top_k = min(top_k, len(self.study.records if records else self.study.documents))
+        settings = TraceSettings(self.study.config.influence.alpha, top_k, query.damping if query is not None else {},
+                                 retrieval, prompt, context, str(norm), norm.describe())
+        pool = ranking.pool
+        return Trace(instruction.strip(), answer, ranking.method, pro, opp, self.answer_pieces(prompt, answer),
+                     settings, timings, pool.ids.tolist(), pool.exact.tolist(),
+                     [] if pool.norms is None else pool.norms.tolist())
+
+    def _retrieval(self, method: str, exhaustive: bool = False, shared_by: int = 1) -> str:
+        """How a trace's documents were found, in words (its settings' ``retrieval``)."""
+        if not method_spec(method).indexed or exhaustive:
+            return "exact, all documents"
+        text = f"index candidates ({self.study.config.influence.candidates} per sign) re-scored exactly"
+        return text + (f", in one pass shared by {shared_by} prompts" if shared_by > 1 else "")
+
+    def _document_hits(self, side: Side) -> list[DocumentHit]:
         hits = []
-        for j, record_id in enumerate(int(i) for i in ids):
+        for j, doc_id in enumerate(int(i) for i in side.ids):
+            row = self.study.documents[doc_id]
+            hits.append(DocumentHit(doc_id, float(side.exact[j]), row["title"], row["text"],
+                                    projected_score=_at(side.projected, j), normalized_score=_at(side.normalized, j),
+                                    norm=_at(side.norms, j)))
+        return hits
+
+    def _record_hits(self, side: Side) -> list[RecordHit]:
+        hits = []
+        for j, record_id in enumerate(int(i) for i in side.ids):
             row = self.study.records[record_id]
             text = self.study.prompts.prompt(row["instruction"], row["context"]) + row["response"]
-            hits.append(RecordHit(record_id, float(exact[j]), row["instruction"], row["category"], text,
-                                  normalized_score=None if normalized is None else float(normalized[j]),
-                                  norm=None if norms is None else float(norms[j])))
+            hits.append(RecordHit(record_id, float(side.exact[j]), row["instruction"], row["category"], text,
+                                  normalized_score=_at(side.normalized, j), norm=_at(side.norms, j)))
         return hits
 
     def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int) -> AnswerTokenMap:
         """Answer-token x document-token influence for one document."""
         with self._lock:
-            query = self.preconditioned_query(prompt, answer, method, per_token=True)
-            side = self._document_side(method)
-            batch = self.study.document_batches([doc_id])[0]
-            att = attribute_tokens(side.model, TASK, batch, side.layers, query)
-        return AnswerTokenMap(self.answer_pieces(prompt, answer), self._pieces(batch["input_ids"][0]),
+            doc_ids, att = self.engine.answer_token_map(prompt, answer, method, doc_id)
+        return AnswerTokenMap(self.answer_pieces(prompt, answer), self._pieces(doc_ids),
                               att.token_scores[:, 0, :].double().numpy())
 
     def answer_pieces(self, prompt: str, answer: str) -> list[str]:
         """The answer's tokens as scored (after the prompt), as text pieces."""
-        batch = self._answer_batch(prompt, answer)
-        return self._pieces(batch["input_ids"][0][batch["labels"][0] != -100])
-
-    def _answer_batch(self, prompt: str, answer: str) -> dict:
-        return encode_prompt_answer(self.study.tokenizer, [prompt], [answer],
-                                    self.study.config.influence.max_length)
-
-    def _document_side(self, method: str) -> StageModel:
-        """Where documents' gradients live: theta_ft for single-stage (documents treated as
-        training data of the fine-tuned model), theta_pt otherwise."""
-        return self.study.finetuned if method == "single-stage" else self.study.pretrained
+        return self._pieces(self.engine.answer_tokens(prompt, answer))
 
     def _pieces(self, ids) -> list[str]:
         return [self.study.tokenizer.decode([int(i)]) for i in ids]
 
 
-def _signed(pro: list[Hit], opp: list[Hit]) -> tuple[list[Hit], list[Hit]]:
-    """Influence has a sign: a proponent raises the answer's log-likelihood, an opponent lowers it."""
-    return [h for h in pro if h.score > 0], [h for h in opp if h.score < 0]
+def _at(values, j: int) -> float | None:
+    return None if values is None else float(values[j])

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import streamlit as st
 
-from engine.methods import BASELINES
+from engine.methods import method as method_spec
 
 from .heatmap import format_score, heatmap_html, legend_html, snippet, symmetric_scale, text_html
 from .results import DocumentHit, Hit
@@ -57,7 +57,7 @@ def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) ->
                 meta.append(f"{len(hit.tokens)} tokens")
             st.caption(" · ".join(meta) + "  \n" + plain(snippet(hit.text, hit.tokens, hit.token_scores), 400))
             if not hit.tokens:
-                if method in BASELINES:
+                if method_spec(method).is_baseline:
                     st.caption(f"{method} is a similarity baseline: it has no token heatmap.")
                 continue
             # Only open expanders build their heatmap (on_change="rerun"): 20 heatmaps of 256 tokens
@@ -71,7 +71,7 @@ def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) ->
 
 
 def ranked_columns(proponents: Sequence[Hit], opponents: Sequence[Hit], method: str, shared_scale: bool) -> None:
-    pro_title, opp_title = (("Most similar", "Least similar") if method in BASELINES else
+    pro_title, opp_title = (("Most similar", "Least similar") if method_spec(method).is_baseline else
                             ("Proponents: raise the answer's log-likelihood",
                              "Opponents: lower it"))
     left, right = st.columns(2)

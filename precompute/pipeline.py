@@ -34,6 +34,7 @@ from engine import (
     Factors,
     KroneckerProjector,
     LanguageModelingTask,
+    PreconditionedQuery,
     encode_document_batches,
     encode_documents,
     fit_factors,
@@ -42,7 +43,9 @@ from engine import (
     sequence_gradients,
 )
 from engine import distributed as dist
+from engine.methods import PROBES
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
+from engine.query import index_vectors
 from engine.resources import Meter
 from engine.storage import atomic_path, write_json, write_text
 from engine.study import Stage, Study, StudyConfig, build_index, layout
@@ -250,9 +253,8 @@ def _index(study: Study, config: StudyConfig, device: torch.device, out: dict, p
 
 
 def _probe_queries(study: Study, config: StudyConfig, device: torch.device, count: int = 16) -> dict:
-    """Query vectors of the first ``count`` fine-tuning records as the explorer makes them for a prompt
-    and its answer: multi-stage, whitened (for the whitened vectors); gradient-dot, projected (for the
-    projected ones)."""
+    """Query vectors of the first ``count`` fine-tuning records (prompts in the study's template), as
+    the explorer makes them for each kind of vector the index searches (``engine.methods.PROBES``)."""
     inf = config.influence
     records = _dataset(study, layout.RECORDS)
     records = records.select(range(min(count, len(records))))
@@ -261,16 +263,15 @@ def _probe_queries(study: Study, config: StudyConfig, device: torch.device, coun
     ft_factors = Factors.load(study.path(layout.FT_FACTORS), device=device)
     tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
     layers = inf.tracked_layers(ft_model)
-    queries: dict[str, list] = {"multi-stage": [], "gradient-dot": []}
+    parts: dict[str, list] = {kind: [] for kind in PROBES}
     for batch in config.prompts.record_batches(tokenizer, records, inf.max_length, inf.batch_size):
         grads = sequence_gradients(ft_model, TASK, batch, layers)
-        for method, parts in queries.items():
-            parts.append(precondition(grads, inf.score_arguments(method), pt_factors, ft_factors).vectors)
-    joined = {method: {name: torch.cat([v[name] for v in parts]) for name in parts[0]}
-              for method, parts in queries.items()}
-    projector = KroneckerProjector.load(study.path(layout.PROJECTOR))
-    return {"whitened": inf.whitening(pt_factors).query_vectors(joined["multi-stage"]).cpu().numpy(),
-            "projected": projector.project_gradients(joined["gradient-dot"]).cpu().numpy()}
+        for kind, name in PROBES.items():
+            parts[kind].append(precondition(grads, inf.score_arguments(name), pt_factors, ft_factors).vectors)
+    whitening, projector = inf.whitening(pt_factors), KroneckerProjector.load(study.path(layout.PROJECTOR))
+    return {kind: index_vectors(kind, PreconditionedQuery({n: torch.cat([v[n] for v in rows]) for n in rows[0]},
+                                                          PROBES[kind]), whitening, projector).cpu().numpy()
+            for kind, rows in parts.items()}
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -11,8 +11,9 @@ import pytest
 
 from engine import measure_documents
 from engine.normalization import TINY, Normalization
+from engine.query import TASK
 from explorer import export
-from explorer.tracer import TASK, Tracer
+from explorer.tracer import Tracer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTION, ANSWER = "Where was Yvin Marlford born?", "Yvin Marlford was born in Ostgate."
@@ -62,7 +63,7 @@ def _explicit(tracer: Tracer, method: str, norm: Normalization):
     from engine import document_metric
 
     study = tracer.study
-    query = tracer.preconditioned_query(tracer.prompt_for(QUESTION), ANSWER, method)
+    query = tracer.engine.preconditioned([tracer.prompt_for(QUESTION)], [ANSWER], method)
     side = study.finetuned if method == "single-stage" else study.pretrained
     metric = document_metric(study.config.influence.score_arguments(method), study.pretrained.factors,
                              study.finetuned.factors)

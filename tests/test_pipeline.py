@@ -182,12 +182,13 @@ def test_query_cli_json(built, method, capsys):
 def test_query_index_matches_exact_scoring(built):
     """Retrieved-and-rescored proponents equal the exact top-k over the whole corpus."""
     from engine import score_documents
-    from explorer.tracer import TASK, Tracer
+    from engine.query import TASK
+    from explorer.tracer import Tracer
 
     tracer = Tracer.open(built.root, device="cpu")
-    trace = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False)
+    trace = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False, normalization="none")
     prompt = tracer.prompt_for("What colour is fox 1?")
-    query = tracer.preconditioned_query(prompt, "The fox is blue.", "multi-stage")
+    query = tracer.engine.preconditioned([prompt], ["The fox is blue."], "multi-stage")
     pt = tracer.study.pretrained
     exact = score_documents(pt.model, TASK, tracer.study.document_batches(range(len(DOCS))),
                             pt.layers, query, progress=False)[0]
@@ -195,7 +196,7 @@ def test_query_index_matches_exact_scoring(built):
     assert [h.doc_id for h in trace.proponents] == top
     np.testing.assert_allclose([h.score for h in trace.proponents], exact[top].numpy(), rtol=1e-4)
     full = tracer.trace("What colour is fox 1?", "The fox is blue.", top_k=3, heatmaps=False,
-                        exhaustive=True)
+                        exhaustive=True, normalization="none")
     assert [h.doc_id for h in full.proponents] == top and full.settings.retrieval == "exact, all documents"
 
 

@@ -16,6 +16,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..factors import FactorArguments
 from ..influence import ScoreArguments, damping_values
+from ..methods import MULTI_STAGE
 from ..projection import Whitening
 from ..storage import VECTOR_DTYPES
 from ..text import encode_prompt_answer
@@ -148,7 +149,7 @@ class InfluenceConfig:
 
     def whitening(self, pt_factors) -> Whitening:
         """The pretraining-side half-inverse with the damping multi-stage scoring uses."""
-        damping = damping_values(pt_factors, self.score_arguments("multi-stage"))
+        damping = damping_values(pt_factors, self.score_arguments(MULTI_STAGE))
         return Whitening(pt_factors, damping, keep=self.eigen_dim)
 
 

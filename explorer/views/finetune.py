@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from engine.methods import RECORDS_METHOD
 from explorer import charts
 from explorer.results import Trace
 from explorer.session import get_tracer, show_error
@@ -40,7 +41,7 @@ if found is None or found[0] != key:
 result: Trace = found[1]
 
 st.caption(f"{result.settings.retrieval} · {result.timings.total:.2f} s · " + POSITION_NOTE)
-ranked_columns(result.proponents, result.opponents, "single-stage",
+ranked_columns(result.proponents, result.opponents, RECORDS_METHOD,
                st.session_state.get("shared_scale", False))
 st.plotly_chart(charts.score_distribution(result.pool_scores, [h.score for h in result.proponents + result.opponents],
                                           "all fine-tuning records"), key="ft-distribution")

@@ -7,15 +7,14 @@ from urllib.parse import urlencode
 import numpy as np
 import streamlit as st
 
-from engine.methods import ALL_METHODS, BASELINES, DESCRIPTIONS
+from engine.methods import ALL_METHODS, COMPARED, DESCRIPTIONS
+from engine.methods import method as method_spec
 from explorer import charts, export
 from explorer.heatmap import heatmap_html, legend_html, symmetric_scale
 from explorer.results import Trace
 from explorer.session import RANKINGS, get_tracer, ranking_label, restore_from_url, share_in_url, show_error
 from explorer.tracer import MAX_PROMPT_CHARS
 from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
-
-COMPARED = ("multi-stage", "single-stage", "gradient-dot", "pt-inverse-dropped", "bm25")
 
 tracer = get_tracer()
 auto_run = restore_from_url()
@@ -25,7 +24,7 @@ with st.sidebar:
     method = st.selectbox("Method", ALL_METHODS, key="method",
                           help="\n\n".join(f"**{m}**: {h}" for m, h in DESCRIPTIONS.items()))
     normalize = st.selectbox("Rank by", RANKINGS, key="normalize", format_func=ranking_label,
-                             disabled=method in BASELINES or method == "gradient-cosine",
+                             disabled=not method_spec(method).normalizable,
                              help="Raw influence grows with a document's gradient, so among many documents a few "
                                   "with huge gradients top every ranking. A normalised ranking divides each exact "
                                   "score by a norm of the document (to a power, or with a floor at the corpus "
@@ -67,8 +66,7 @@ def run_trace() -> Trace | None:
             trace = tracer.trace(instruction, typed_answer or None, method, top_k, context,
                                  exhaustive=exhaustive, on_stage=on_stage,
                                  max_new_tokens=max_new_tokens, temperature=temperature,
-                                 normalization=None if method in BASELINES or method == "gradient-cosine"
-                                 else normalize)
+                                 normalization=normalize if method_spec(method).normalizable else None)
         except Exception as err:  # noqa: BLE001 - shown as one line; the status must not keep spinning
             status.update(label="Could not trace", state="error", expanded=True)
             show_error(err, "Could not trace")
@@ -87,7 +85,7 @@ if submitted or auto_run:
 
 
 def inspect_tab(trace: Trace) -> None:
-    if trace.method in BASELINES:
+    if method_spec(trace.method).is_baseline:
         st.info("Token maps need an influence method; baselines only rank documents.")
         return
     hits = trace.proponents + trace.opponents

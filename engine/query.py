@@ -1,0 +1,284 @@
+"""A query, top to bottom: prompt and answer -> query gradient -> preconditioned query -> candidates
+-> exact (and normalised) scores -> token scores.
+
+1. The query gradient: grad L_q(theta_ft) of L_q = -log p(answer | prompt), summed over the answer's
+   tokens (one row per answer token with ``per_token``: their scores add up to the answer's).
+2. Preconditioning: the method's inverses (``engine.methods``) turn it into u; a document's
+   influence is <u, grad l(z)>, the change in the answer's log-likelihood per unit of upweighting z.
+3. Candidates: an indexed method asks the study's index (``engine.study.index``) for the documents
+   whose stored vectors score best for the ranking asked (raw, or divided by the documents' norms:
+   ``engine.normalization``); an exhaustive ranking takes every document.
+4. Exact scores: one gradient pass over the candidates (or all documents) gives <u, grad l(z)>, the
+   documents' norms where the ranking divides by them, and the ranking's order.
+5. Token scores: the document's influence split over its tokens (``engine.attribution``).
+
+Baselines (BM25, representation similarity) replace steps 1-4 by a similarity to every document.
+Everything here follows the sign convention: positive = raises the answer's log-likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .attribution import TokenAttribution, attribute_tokens
+from .baselines import BM25, cosine_similarity, pooled_representations
+from .gradients import sequence_gradients
+from .influence import PreconditionedQuery, document_metric, measure_documents, precondition
+from .methods import FINETUNED, PRETRAINED, RECORDS_METHOD, Method, method
+from .normalization import DEFAULT, Normalization, NormalizedRanking
+from .projection import KroneckerProjector, Whitening
+from .retrieval import Retrieval, rescore
+from .study import OpenedStudy, StageModel
+from .tasks import LanguageModelingTask
+from .text import encode_prompt_answer
+
+TASK = LanguageModelingTask()
+
+
+@dataclass
+class Side:
+    """One sign's ranked documents (or records): ids with their exact scores, and, when the ranking
+    is normalised, the scores it was ordered by and the norms it divided by."""
+
+    ids: np.ndarray
+    exact: np.ndarray  # influence (log-likelihood units), or a baseline's similarity
+    normalized: np.ndarray | None = None  # exact / d(z)
+    norms: np.ndarray | None = None  # n(z)
+    projected: np.ndarray | None = None  # the index's estimate, where it proposed them
+
+
+@dataclass
+class Ranking:
+    """One query's ranking: the best ``k`` of each sign and every item it scored (the pool)."""
+
+    method: str
+    normalization: Normalization
+    proponents: Side  # influence > 0: raise the answer's log-likelihood (baselines: most similar)
+    opponents: Side  # influence < 0 (baselines: least similar, unsigned)
+    pool: Side  # every item scored exactly: the candidates, or the whole corpus; norms = n(z) or |grad|
+    query: PreconditionedQuery | None  # this query's u (None for baselines)
+
+
+class QueryEngine:
+    """Queries over one opened study. Not thread-safe: callers serialise queries (the explorer's
+    Tracer holds a lock). Caches what a study computes once (BM25, document representations)."""
+
+    def __init__(self, study: OpenedStudy, progress: bool = False):
+        self.study = study
+        self.progress = progress
+        self._bm25: BM25 | None = None
+        self._representations: np.ndarray | None = None
+
+    # -- 1-2: the query ---------------------------------------------------------------------------
+    def preconditioned(self, prompts: Sequence[str], answers: Sequence[str], name: str,
+                       per_token: bool = False) -> PreconditionedQuery:
+        """u for each (prompt, answer) (or, with ``per_token``, for each token of a single answer)."""
+        batch = encode_prompt_answer(self.study.tokenizer, list(prompts), list(answers),
+                                     self.study.config.influence.max_length)
+        if per_token:
+            batch, _ = TASK.split_targets(batch)
+        ft = self.study.finetuned
+        return precondition(sequence_gradients(ft.model, TASK, batch, ft.layers),
+                            self.study.config.influence.score_arguments(name), self.study.pretrained.factors,
+                            ft.factors)
+
+    def side(self, spec: Method) -> StageModel:
+        """The model a method scores documents at: theta_pt, or theta_ft for single-stage."""
+        return self.study.finetuned if spec.documents_at == FINETUNED else self.study.pretrained
+
+    # -- 3-4: the ranking -------------------------------------------------------------------------
+    def normalization(self, name: str, spec: str | Normalization | None = None) -> Normalization:
+        """The ranking a method's trace uses: ``spec``, or the default for influence methods; raw for
+        the baselines (similarities) and cosine (normalised already)."""
+        m = method(name)
+        if not m.normalizable:
+            if spec is not None and not Normalization.parse(spec).is_raw:
+                raise ValueError(f"{name} ranks by {'similarity' if m.is_baseline else 'cosine'} already; "
+                                 "it takes no normalisation (use none)")
+            return Normalization()
+        norm = Normalization.parse(DEFAULT if spec is None else spec)
+        if norm.norm == "whitened" and m.documents_at != PRETRAINED:
+            raise ValueError(f"whitened norms are stored for documents at theta_pt; {name} scores them at "
+                             "theta_ft: use gradient or metric")
+        return norm
+
+    def normalized_ranking(self, name: str, norm: Normalization, exhaustive: bool) -> NormalizedRanking | None:
+        """Where a normalised ranking's norms come from: the scoring pass (gradient, metric) or the
+        index (whitened); the floor and the zero guard from every document's stored norm, where stored."""
+        if norm.is_raw:
+            return None
+        index, m = self.study.index, method(name)
+        metric = document_metric(self.study.config.influence.score_arguments(name), self.study.pretrained.factors,
+                                 self.study.finetuned.factors)
+        if norm.norm == "whitened":
+            return NormalizedRanking(norm, lambda ids, _: index.whitened_norms[ids], index.whitened_norms)
+        if norm.norm == "metric" and metric is not None:
+            if norm.floor is not None and not exhaustive:
+                raise ValueError("a floor under the metric norm needs every document's metric norm: score "
+                                 "exhaustively, or use whitened@median (the index's estimate of that norm)")
+            return NormalizedRanking(norm, lambda ids, m: m.metric_sq_norms.numpy() ** 0.5, None, metric)
+        stored = index.norms.astype(np.float64) if m.documents_at == PRETRAINED else None
+        return NormalizedRanking(norm, lambda ids, m: m.sq_norms.numpy() ** 0.5, stored)  # gradient norms
+
+    def search_weights(self, name: str, norm: Normalization, vectors: str) -> np.ndarray | None:
+        """Per-document weights of the index's scores of ``vectors``: projected rows are unit-scale
+        (times the exact norm for raw gradients); a normalised ranking divides by the index's estimate
+        of d(z)."""
+        m, index = method(name), self.study.index
+        raw = index.norms if vectors == "projected" and not m.unit else None
+        if norm.is_raw:
+            return raw
+        whitened = norm.norm == "whitened" or (norm.norm == "metric" and m.vectors == "whitened")
+        estimate = (index.whitened_norms if whitened else index.norms).astype(np.float64)
+        weights = 1.0 / norm.divisors(estimate, estimate)
+        return (weights if raw is None else raw * weights).astype(np.float32)
+
+    def candidates(self, query: PreconditionedQuery, pool: int, norm: Normalization,
+                   vectors: str | None = None) -> Retrieval:
+        """The index's ``pool`` best documents per sign for this ranking (not yet scored exactly), from
+        the method's vectors (or, for an ablation, the other kind)."""
+        study, kind = self.study, vectors or method(query.method).vectors
+        searched = index_vectors(kind, query, study.whitening, study.projector)
+        return study.index.search(kind, searched, pool, self.search_weights(query.method, norm, kind))
+
+    def rank(self, prompts: Sequence[str], answers: Sequence[str], name: str, k: int,
+             normalization: str | Normalization | None = None, exhaustive: bool = False) -> list[Ranking]:
+        """Each (prompt, answer)'s best ``k`` documents per sign. Indexed methods: one query pass,
+        one index search and one exact re-scoring pass shared by all prompts; others: every document
+        scored exactly (one pass per prompt)."""
+        m, norm = method(name), self.normalization(name, normalization)
+        k = min(k, len(self.study.documents))
+        if m.is_baseline:
+            return [self._baseline(p, a, name, k) for p, a in zip(prompts, answers)]
+        query = self.preconditioned(prompts, answers, name)
+        ranking = self.normalized_ranking(name, norm, exhaustive or not m.indexed)
+        if not m.indexed or exhaustive:
+            return [self.score_all(query.select(slice(i, i + 1)), self.side(m), self.study.document_batches,
+                                   len(self.study.documents), ranking, k, norm) for i in range(len(prompts))]
+        found = self.retrieve(query, max(k, self.study.config.influence.candidates), norm)
+        return [self._from_retrieval(found.row(i), query.select(slice(i, i + 1)), norm, k)
+                for i in range(len(prompts))]
+
+    def retrieve(self, query: PreconditionedQuery, pool: int, normalization: str | Normalization | None = None,
+                 vectors: str | None = None) -> Retrieval:
+        """The index's ``pool`` candidates per sign, re-scored exactly in one pass and ordered by the
+        ranking (``Retrieval.*_exact``, and ``*_normalized`` for a normalised one)."""
+        norm = self.normalization(query.method, normalization)
+        pt = self.study.pretrained
+        return rescore(self.candidates(query, pool, norm, vectors), pt.model, TASK, pt.layers, query,
+                       self.study.document_batches, ranking=self.normalized_ranking(query.method, norm, False))
+
+    def score_all(self, query: PreconditionedQuery, side: StageModel, batches_for: Callable, count: int,
+                  ranking: NormalizedRanking | None, k: int, norm: Normalization) -> Ranking:
+        """Every item (documents, or fine-tuning records) scored exactly in one pass, then ranked."""
+        every = np.arange(count)
+        measured = measure_documents(side.model, TASK, batches_for(every), side.layers, query,
+                                     progress=self.progress, metric=ranking.metric if ranking else None)
+        exact = measured.scores[0].numpy()
+        if query.normalize_documents:
+            exact = exact / np.sqrt(measured.sq_norms.numpy()).clip(min=1e-30)
+        ordered, norms = ranking.scored(every, measured, exact) if ranking else (exact, None)
+        pool = Side(every, exact, norms=np.sqrt(measured.sq_norms.numpy()) if norms is None else norms)
+        return Ranking(query.method, norm, *_best(every, exact, ordered, norms, k, signed=True), pool, query)
+
+    def records(self, prompt: str, answer: str, k: int, normalization: str | Normalization | None = None
+                ) -> Ranking:
+        """The fine-tuning records ranked by single-stage influence on the answer: their gradients at
+        theta_ft on the response tokens (as trained), every record scored exactly."""
+        norm = self.normalization(RECORDS_METHOD, normalization)
+        query = self.preconditioned([prompt], [answer], RECORDS_METHOD)
+        return self.score_all(query, self.study.finetuned, self.study.record_batches, len(self.study.records),
+                              self.normalized_ranking(RECORDS_METHOD, norm, exhaustive=True),
+                              min(k, len(self.study.records)), norm)
+
+    def _from_retrieval(self, found: Retrieval, query: PreconditionedQuery, norm: Normalization, k: int) -> Ranking:
+        """One query's re-scored candidates as a ranking (positive proponents, negative opponents)."""
+        def side(prefix: str) -> Side:
+            part = [getattr(found, f"{prefix}_{f}") for f in ("ids", "exact", "normalized", "norms", "projected")]
+            ids, exact, normalized, norms, projected = (None if p is None else p[0] for p in part)
+            keep = (exact > 0 if prefix == "proponent" else exact < 0)
+            keep[k:] = False
+            rest = (None if v is None else v[keep] for v in (normalized, norms, projected))
+            return Side(ids[keep], exact[keep], *rest)
+
+        ids = np.concatenate([found.proponent_ids[0], found.opponent_ids[0]])
+        exact = np.concatenate([found.proponent_exact[0], found.opponent_exact[0]])
+        norms = (self.study.index.norms[ids].astype(np.float64) if found.proponent_norms is None
+                 else np.concatenate([found.proponent_norms[0], found.opponent_norms[0]]))
+        ids, first = np.unique(ids, return_index=True)
+        return Ranking(query.method, norm, side("proponent"), side("opponent"), Side(ids, exact[first],
+                       norms=norms[first]), query)
+
+    def _baseline(self, prompt: str, answer: str, name: str, k: int) -> Ranking:
+        scores = self.baseline_scores(prompt, answer, name)
+        every = np.arange(len(scores))
+        return Ranking(name, Normalization(), *_best(every, scores, scores, None, k, signed=False),
+                       Side(every, scores), None)
+
+    def baseline_scores(self, prompt: str, answer: str, name: str) -> np.ndarray:
+        """Similarity of every document to the prompt and answer (BM25 or representations)."""
+        if method(name).similarity == "lexical":
+            if self._bm25 is None:
+                self._bm25 = BM25(self.study.documents["text"])
+            return self._bm25.score_prompt_answer([prompt], [answer])[0]
+        model = self.study.finetuned.model
+        if self._representations is None:
+            self._representations = pooled_representations(
+                model, self.study.document_batches(range(len(self.study.documents))), progress=self.progress)
+        batch = encode_prompt_answer(self.study.tokenizer, [prompt], [answer], self.study.config.influence.max_length)
+        return cosine_similarity(pooled_representations(model, [batch], progress=False), self._representations)[0]
+
+    # -- 5: token scores --------------------------------------------------------------------------
+    def token_scores(self, query: PreconditionedQuery, ids: Sequence[int], records: bool = False
+                     ) -> list[tuple[list[int], list[float], dict[str, float]]]:
+        """(token ids, per-token influence, per-layer influence) of each document (or record) for one
+        query row; the token scores of a document add up to its exact score."""
+        side = self.side(method(query.method)) if not records else self.study.finetuned
+        batches_for = self.study.record_batches if records else self.study.document_batches
+        out = []
+        for batch in batches_for(list(ids)) if len(ids) else []:
+            att = attribute_tokens(side.model, TASK, batch, side.layers, query)
+            for b in range(len(batch["input_ids"])):
+                n = int(batch["attention_mask"][b].sum())
+                out.append((batch["input_ids"][b, :n].tolist(), att.token_scores[0, b, :n].double().tolist(),
+                            dict(zip(att.layer_names, att.layer_scores[0, b].double().tolist()))))
+        return out
+
+    def answer_token_map(self, prompt: str, answer: str, name: str, doc_id: int) -> tuple[list[int], TokenAttribution]:
+        """The document's influence on each answer token, per document token: (document token ids,
+        attribution with token_scores (answer tokens, 1, document tokens))."""
+        query = self.preconditioned([prompt], [answer], name, per_token=True)
+        side = self.side(method(name))
+        batch = self.study.document_batches([doc_id])[0]
+        return batch["input_ids"][0].tolist(), attribute_tokens(side.model, TASK, batch, side.layers, query)
+
+    def answer_tokens(self, prompt: str, answer: str) -> list[int]:
+        """The answer's token ids as scored (after the prompt)."""
+        batch = encode_prompt_answer(self.study.tokenizer, [prompt], [answer], self.study.config.influence.max_length)
+        return batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+
+
+def index_vectors(kind: str, query: PreconditionedQuery, whitening: Whitening, projector: KroneckerProjector):
+    """The query's side of the index's ``kind`` of vectors: the whitened coordinates (the pretraining
+    inverse split between the query and the documents) or the Kronecker projection."""
+    if kind == "whitened":
+        return whitening.query_vectors(query.vectors)
+    return projector.project_gradients(query.vectors)
+
+
+def _best(ids: np.ndarray, exact: np.ndarray, ordered: np.ndarray, norms: np.ndarray | None, k: int,
+          signed: bool) -> tuple[Side, Side]:
+    """The k highest and k lowest by ``ordered`` (normalised scores, or ``exact`` itself): for influence
+    (``signed``) proponents must raise the log-likelihood and opponents lower it."""
+    normalized = ordered if norms is not None else None
+    sides = []
+    for order, keep in ((np.argsort(-ordered, kind="stable")[:k], exact > 0),
+                        (np.argsort(ordered, kind="stable")[:k], exact < 0)):
+        if signed:
+            order = order[keep[order]]
+        sides.append(Side(ids[order], exact[order], None if normalized is None else normalized[order],
+                          None if norms is None else norms[order]))
+    return sides[0], sides[1]
