@@ -10,7 +10,7 @@ import urllib.request
 import webbrowser
 from pathlib import Path
 
-from engine.processes import sigterm_interrupts, stop
+from engine.processes import dies_with_this_process, sigterm_interrupts, stop
 
 STUDY_ENV, DEVICE_ENV = "MSIF_STUDY", "MSIF_DEVICE"  # how the server tells the pages what to open
 APP = Path(__file__).resolve().parent / "app.py"
@@ -62,7 +62,7 @@ def serve(study: Path, host: str, port: int, device: str = "auto", open_browser:
                "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
                "--theme.base", "light", "--client.toolbarMode", "viewer",
                "--client.showErrorDetails", "none"]  # an unforeseen error: a generic message, no traceback or path
-    server = subprocess.Popen(command, env=env)
+    server = subprocess.Popen(command, env=env, preexec_fn=dies_with_this_process())  # kill -9 of msif too
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
         with sigterm_interrupts():  # a terminated `msif app` must not leave its server running

@@ -182,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from engine.models import quiet_libraries
+    from engine.processes import die_with_parent
 
     quiet_libraries()
+    if distributed.launched():
+        die_with_parent()  # a torchrun worker ends with torchrun, even when torchrun is killed -9
 
     def run() -> int:
         if getattr(args, "nproc", 1) < 1:

@@ -314,3 +314,47 @@ def test_kill_minus_9_in_a_distributed_build_then_rerun_gives_the_same_bytes(tmp
     assert all("index" not in s for s in struck), struck
     assert _checksums(killed) == _checksums(whole)
     assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
+
+
+def _descendants_of_build(out: Path) -> list[str]:
+    """Command lines of live processes building ``out`` (msif, python -m precompute, torchrun, workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and str(out).encode() in args and (entry / "stat").read_text().split()[2] != "Z":
+            found.append(" ".join(a.decode(errors="replace") for a in args))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_minus_9_of_msif_alone_leaves_no_build_behind(tmp_path, nproc):
+    """kill -9 of the `msif build-demo` process only (not its group): its build child, torchrun and
+    torchrun's workers end with it; the rerun resumes and gives the bytes of an uninterrupted build."""
+    import signal
+    import time
+
+    argv = [*TINY, *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    msif = [sys.executable, "-m", "explorer", "build-demo"]
+    assert subprocess.run([*msif, "--out", str(whole), *argv], env=env, stdout=subprocess.DEVNULL).returncode == 0
+    run = subprocess.Popen([*msif, "--out", str(killed), *argv], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "pretrain" not in _recorded(killed) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(_descendants_of_build(killed)) >= (4 if nproc > 1 else 2)  # msif, build (, torchrun, workers)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 10  # the kernel signals at once; torchrun takes a moment to stop its workers
+    while _descendants_of_build(killed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _descendants_of_build(killed) == []
+    assert "index" not in _recorded(killed)  # struck mid-build
+    assert subprocess.run([*msif, "--out", str(killed), *argv], env=env, stdout=subprocess.DEVNULL).returncode == 0
+    assert _checksums(killed) == _checksums(whole)
+    assert sorted(_snapshot(killed)) == sorted(_snapshot(whole))
