@@ -25,7 +25,7 @@ def _precompute(args) -> int:
     config = StudyConfig.from_toml(args.config)
     if distributed.is_main() and not args.quiet:
         _print_plan(config, args.nproc)
-    study = run_pipeline(config, args.out, progress=not args.quiet)
+    study = run_pipeline(config, args.out, progress=not args.quiet, command=_recorded_command(args))
     if distributed.is_main():
         print(f"study ready: {study.root}")
         print(_index_line(study))
@@ -51,7 +51,8 @@ def _build_demo(args) -> int:
 
     started = time.perf_counter()
     study = build_demo(args.out, seed=args.seed, recipe=tiny_recipe() if args.tiny else None,
-                       progress=not args.quiet, extra_documents=args.extra_documents)
+                       progress=not args.quiet, extra_documents=args.extra_documents,
+                       command=_recorded_command(args))
     if not distributed.is_main():
         return 0
     qa = qa_summary(study)["pretrain_only"]
@@ -118,34 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msif {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    build = Parser(add_help=False)  # the flags every build command takes
+    build.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
+    build.add_argument("--force", action="store_true", help=FORCE_HELP)
+    build.add_argument("--private", action="store_true", help=PRIVATE_HELP)
 
-    pre = commands.add_parser("precompute", help="build a study for real models from a TOML config",
+    pre = commands.add_parser("precompute", parents=[build], help="build a study for real models from a TOML config",
                               description="Fit EK-FAC factors for both stages, project pretraining "
                                           "gradients and index them. Resumable: run it again after "
                                           "an interruption.")
     pre.add_argument("--config", required=True, type=Path, help="study.toml (see assets/configs/)")
-    pre.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
-    pre.add_argument("--quiet", action="store_true", help="no progress bars")
-    pre.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
-    pre.add_argument("--force", action="store_true", help=FORCE_HELP)
-    pre.add_argument("--private", action="store_true", help=PRIVATE_HELP)
     pre.set_defaults(run=_precompute)
 
-    demo = commands.add_parser("build-demo", help="build the default demo study offline (CPU, minutes)",
+    demo = commands.add_parser("build-demo", parents=[build],
+                               help="build the default demo study offline (CPU, minutes)",
                                description="Generate a world with known facts, pretrain a small "
                                            "GPT-NeoX on it, fine-tune a dolly-style child, and run "
                                            "the influence pipeline. Idempotent and resumable.")
-    demo.add_argument("--out", required=True, type=Path, help="study directory to create or resume")
     demo.add_argument("--seed", type=int, default=0, help="same seed, same study")
     demo.add_argument("--tiny", action="store_true", help="a seconds-sized world (tests, CI)")
     demo.add_argument("--extra-documents", type=int, metavar="N",
                       help="add a haystack of N generated distractor documents to the corpus after training "
                            "(none of them states a world fact); a study grows or shrinks to N, recomputing only "
                            "new shards; default: keep the study's")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
-    demo.add_argument("--force", action="store_true", help=FORCE_HELP)
-    demo.add_argument("--private", action="store_true", help=PRIVATE_HELP)
     demo.set_defaults(run=_build_demo)
 
     plan = commands.add_parser("plan", help="memory, disk and time each stage of a study will need",
@@ -176,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
@@ -217,19 +216,27 @@ def _locked_build(args, argv: list[str]) -> int:
     if args.private:
         os.umask(0o077)  # inherited by torchrun's workers
     study, key, expected = _identity(args)  # a bad config is reported before anything is created
-    command = ["msif", *(a for a in argv if a != "--force")]
-    for option, value in (("--out", study.root), ("--config", getattr(args, "config", None))):
-        if value is not None:  # the recorded command works from any working directory
-            command = with_option(command, option, str(Path(value).resolve()))
     study.check_overwrite(key, expected, args.force)
-    with BuildLock(study.root, command) as lock:
+    with BuildLock(study.root, _recorded_command(args)) as lock:
         if lock.took_over:
             print(f"(took over the build lock of pid {lock.took_over.get('pid')}, which is no longer running)",
                   file=sys.stderr)
         study.check_overwrite(key, expected, args.force)  # again, now that no other build can be writing
         study.remove_temporaries()  # a killed build's half-written files
-        study.update_manifest(command=command, **{key: expected})  # claimed: a resumed build is the same study
+        # the build records which study it is (and this command) before anything else: a resumed build is the same
         return _launch(argv, args.nproc) if args.nproc > 1 else args.run(args)
+
+
+def _recorded_command(args) -> list[str]:
+    """The command that rebuilds this study, as recorded in its manifest: without --force or --nproc,
+    with absolute paths, so that it works from any working directory."""
+    argv = [a for i, a in enumerate(args.argv) if a != "--force" and a != "--nproc" and not a.startswith("--nproc=")
+            and (i == 0 or args.argv[i - 1] != "--nproc")]
+    command = ["msif", *argv]
+    for option, value in (("--out", args.out), ("--config", getattr(args, "config", None))):
+        if value is not None:
+            command = with_option(command, option, str(Path(value).resolve()))
+    return command
 
 
 def _identity(args):

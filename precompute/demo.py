@@ -65,18 +65,20 @@ def tiny_recipe() -> DemoRecipe:
 
 
 def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
-               progress: bool = True, extra_documents: int | None = None) -> Study:
+               progress: bool = True, extra_documents: int | None = None, command: list[str] | None = None) -> Study:
     """Build (or resume) the demo study in ``out``; every stage is skipped when already done.
 
     ``extra_documents``: a haystack of that many generated documents added to the corpus after
     training (``precompute.haystack``); None keeps what the study has (none for a new study).
+    ``command``: the command line that rebuilds it, recorded for repair messages.
     """
     recipe = recipe or DemoRecipe()
     study = Study(out)
     dist.init(resolve_device("auto"))  # under torchrun, rank 0 alone trains; all ranks run the pipeline
     progress = progress and dist.is_main()
-    if dist.is_main():
-        study.update_manifest(demo={"seed": seed, "recipe": recipe_json(recipe)})
+    if dist.is_main():  # which study this is, recorded first: a resumed build is the same study
+        study.update_manifest(demo={"seed": seed, "recipe": recipe_json(recipe)}, **({"command": command} if command
+                                                                                      else {}))
     world_config = {"seed": seed, "world": recipe.world}
     run_stage(study, Stage.WORLD, lambda: _write_world(study, seed, recipe), world_config)
     world = world_lib.World.from_jsonl(study.path(layout.WORLD_DIR))

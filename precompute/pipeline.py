@@ -105,16 +105,18 @@ def run_stage(study: Study, stage: str, produce: Callable[[], Iterable[str]], co
     return True
 
 
-def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True) -> Study:
-    """Run (or resume) every stage of a study; returns the finished study."""
+def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True, command: list[str] | None = None
+                 ) -> Study:
+    """Run (or resume) every stage of a study; returns the finished study. ``command``: the command
+    line that rebuilds it, recorded for repair messages."""
     config.validate()
     device = resolve_device(config.models.device)
     dist.init(device)
     device = dist.local_device(device)
     progress = progress and dist.is_main()
     study = Study(out)
-    if dist.is_main():
-        study.update_manifest(config=config.to_dict())
+    if dist.is_main():  # which study this is, recorded first: a resumed build is the same study
+        study.update_manifest(config=config.to_dict(), **({"command": command} if command else {}))
     _data_stages(study, config)
     tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
     factor_config = _factor_stages(study, config, tokenizer, device, progress)
