@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -25,15 +27,17 @@ from engine.study import (
     ModelsConfig,
     PromptTemplate,
     Stage,
+    StageRun,
     Study,
     StudyConfig,
     jsonable,
     layout,
+    run_stages,
 )
 
 from . import training
 from . import world as world_lib
-from .pipeline import run_pipeline, run_stage
+from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ def tiny_recipe() -> DemoRecipe:
 
 def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
                progress: bool = True, extra_documents: int | None = None, command: list[str] | None = None) -> Study:
-    """Build (or resume) the demo study in ``out``; every stage is skipped when already done.
+    """Build (or resume) the demo study in ``out``: the demo's stages, then the pipeline's, each
+    skipped when already done (``engine.study.run_stages``).
 
     ``extra_documents``: a haystack of that many generated documents added to the corpus after
     training (``precompute.haystack``); None keeps what the study has (none for a new study).
@@ -75,36 +80,104 @@ def build_demo(out: str | Path, seed: int = 0, recipe: DemoRecipe | None = None,
     recipe = recipe or DemoRecipe()
     study = Study(out)
     dist.init(resolve_device("auto"))  # under torchrun, rank 0 alone trains; all ranks run the pipeline
-    progress = progress and dist.is_main()
     if dist.is_main():  # which study this is, recorded first: a resumed build is the same study
         study.update_manifest(demo={"seed": seed, "recipe": recipe_json(recipe)}, **({"command": command} if command
                                                                                       else {}))
-    world_config = {"seed": seed, "world": recipe.world}
-    run_stage(study, Stage.WORLD, lambda: _write_world(study, seed, recipe), world_config)
-    world = world_lib.World.from_jsonl(study.path(layout.WORLD_DIR))
-
-    tok_config = {**world_config, "vocab_size": recipe.vocab_size}
-    run_stage(study, Stage.TOKENIZER, lambda: _train_tokenizer(study, world, recipe), tok_config)
-    tokenizer = training_tokenizer(study)
-
-    pt_config = {**tok_config, "model": recipe.model, "pretrain": asdict(recipe.pretrain)}
-    reports: dict = {}
-    run_stage(study, Stage.PRETRAIN, lambda: _pretrain(study, world, tokenizer, recipe, reports, progress),
-              pt_config, info=lambda: {"report": reports.pop("pretrain")})
-    ft_config = {**pt_config, "finetune": asdict(recipe.finetune)}
-    run_stage(study, Stage.FINETUNE, lambda: _finetune(study, world, tokenizer, recipe, reports, progress),
-              ft_config, info=lambda: {"report": reports.pop("finetune")})
-    run_stage(study, Stage.QA_EVAL, lambda: _evaluate(study, world, tokenizer, recipe),
-              {**ft_config, "outputs": [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]})
-
-    extra = _haystack_size(study, extra_documents)
-    run_stage(study, Stage.HAYSTACK, lambda: _write_haystack(study, world, seed, extra, progress),
-              {**world_config, "documents": extra})
-
-    alpha = study.manifest()["stages"][Stage.FINETUNE]["report"]["alpha_engine"]
-    run_pipeline(study_config(recipe, alpha, tokenizer.eos_token, len(world.documents), extra), out,
-                 progress=progress)
+    demo = DemoBuild(study, seed, recipe, progress and dist.is_main(), _haystack_size(study, extra_documents))
+    run_stages(study, demo.stages() + Pipeline(study, demo.pipeline_config, progress).stages())
     return study
+
+
+class DemoBuild:
+    """The demo's own stages, as a table: the world, its tokenizer, the two training stages, how
+    well the child answers, the haystack; their settings chain (the tokenizer depends on the world's
+    settings, pretraining on both, and so on)."""
+
+    def __init__(self, study: Study, seed: int, recipe: DemoRecipe, progress: bool, extra: int):
+        self.study, self.seed, self.recipe, self.progress, self.extra = study, seed, recipe, progress, extra
+        self.reports: dict = {}
+        world = {"seed": seed, "world": recipe.world}
+        self.settings = {Stage.WORLD: world, Stage.TOKENIZER: {**world, "vocab_size": recipe.vocab_size}}
+        self.settings[Stage.PRETRAIN] = {**self.settings[Stage.TOKENIZER], "model": recipe.model,
+                                         "pretrain": asdict(recipe.pretrain)}
+        self.settings[Stage.FINETUNE] = {**self.settings[Stage.PRETRAIN], "finetune": asdict(recipe.finetune)}
+        self.settings[Stage.QA_EVAL] = {**self.settings[Stage.FINETUNE],
+                                        "outputs": [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]}
+        self.settings[Stage.HAYSTACK] = {**world, "documents": extra}
+
+    def stages(self) -> list[StageRun]:
+        def report(stage: str) -> Callable[[], dict]:
+            return lambda: {"report": self.reports.pop(stage)}
+
+        produce = {Stage.WORLD: self._write_world, Stage.TOKENIZER: self._train_tokenizer,
+                   Stage.PRETRAIN: self._pretrain, Stage.FINETUNE: self._finetune, Stage.QA_EVAL: self._evaluate,
+                   Stage.HAYSTACK: self._write_haystack}
+        return [StageRun(name, lambda name=name: self.settings[name], produce[name],
+                         info=report(name) if name in (Stage.PRETRAIN, Stage.FINETUNE) else None)
+                for name in layout.DEMO_STAGES]
+
+    @cached_property
+    def world(self) -> world_lib.World:
+        return world_lib.World.from_jsonl(self.study.path(layout.WORLD_DIR))
+
+    @cached_property
+    def tokenizer(self):
+        return training_tokenizer(self.study)
+
+    def pipeline_config(self) -> StudyConfig:
+        """The demo as an ordinary study config, once its fine-tuning stage has measured alpha."""
+        alpha = self.study.manifest()["stages"][Stage.FINETUNE]["report"]["alpha_engine"]
+        return study_config(self.recipe, alpha, self.tokenizer.eos_token, len(self.world.documents), self.extra)
+
+    def _write_world(self) -> list[str]:
+        generated = world_lib.build_world(self.seed, **self.recipe.world)
+        with atomic_dir(self.study.path(layout.WORLD_DIR)) as tmp:
+            generated.to_jsonl(tmp)
+        return self.study.files_under(layout.WORLD_DIR)
+
+    def _train_tokenizer(self) -> list[str]:
+        tokenizer = world_lib.train_tokenizer(world_lib.tokenizer_texts(self.world), self.recipe.vocab_size)
+        with atomic_dir(self.study.path(layout.TOKENIZER_DIR)) as tmp:
+            tokenizer.save_pretrained(tmp)
+        return self.study.files_under(layout.TOKENIZER_DIR)
+
+    def _pretrain(self) -> list[str]:
+        config = training.demo_model_config(len(self.tokenizer), **self.recipe.model)
+        model, report = training.pretrain(config, self.tokenizer, self.world.documents, self.recipe.pretrain,
+                                          self.progress)
+        _save_model(self.study, layout.PRETRAINED_DIR, model, self.tokenizer)
+        self.reports[Stage.PRETRAIN] = _summary(report)
+        return self.study.files_under(layout.PRETRAINED_DIR)
+
+    def _finetune(self) -> list[str]:
+        model, report = training.finetune(_load(self.study, layout.PRETRAINED_DIR), self.tokenizer,
+                                          self.world.finetune_records, self.recipe.finetune, self.progress)
+        _save_model(self.study, layout.FINETUNED_DIR, model, self.tokenizer)
+        self.reports[Stage.FINETUNE] = _summary(report)
+        return self.study.files_under(layout.FINETUNED_DIR)
+
+    def _evaluate(self) -> list[str]:
+        """Can the fine-tuned model answer what it only read in pretraining? (the demo's premise)"""
+        model = _load(self.study, layout.FINETUNED_DIR)
+        result = {split: training.exact_match_accuracy(model, self.tokenizer, self.world.facts, split=split,
+                                                       intro=self.recipe.finetune.intro, all_facts=self.world.facts)
+                  for split in ("pretrain_only", "finetune")}
+        write_json(self.study.path(layout.QA_REPORT), result)
+        for split, r in result.items():
+            log.info("%s questions: %.1f%% contain the answer, %.1f%% strict exact match (n=%d)",
+                     split, 100 * r["contains_answer"], 100 * r["strict_em"], r["n"])
+        rows = result["pretrain_only"]["rows"]
+        chosen = [r for r in rows if r["contains_answer"]][:5] or rows[:5]
+        write_text(self.study.path(layout.DEMO_PROMPTS), "".join(json.dumps({"prompt": r["question"]}) + "\n"
+                                                                 for r in chosen))
+        return [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]
+
+    def _write_haystack(self) -> list[str]:
+        from . import haystack
+
+        with atomic_path(self.study.path(layout.HAYSTACK)) as tmp:
+            haystack.write(tmp, self.seed, self.extra, haystack.Names.outside(self.world), self.progress)
+        return [layout.HAYSTACK.path]
 
 
 def _haystack_size(study: Study, requested: int | None) -> int:
@@ -114,14 +187,6 @@ def _haystack_size(study: Study, requested: int | None) -> int:
         return requested
     record = study.manifest()["stages"].get(Stage.HAYSTACK)
     return int(record["config"]["documents"]) if record else 0
-
-
-def _write_haystack(study: Study, world, seed: int, count: int, progress: bool) -> list[str]:
-    from . import haystack
-
-    with atomic_path(study.path(layout.HAYSTACK)) as tmp:
-        haystack.write(tmp, seed, count, haystack.Names.outside(world), progress)
-    return [layout.HAYSTACK.path]
 
 
 def study_config(recipe: DemoRecipe, alpha: float, eos: str, world_documents: int, extra: int = 0) -> StudyConfig:
@@ -145,56 +210,6 @@ def training_tokenizer(study: Study):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(study.path(layout.TOKENIZER_DIR)))
-
-
-def _write_world(study: Study, seed: int, recipe: DemoRecipe) -> list[str]:
-    generated = world_lib.build_world(seed, **recipe.world)
-    with atomic_dir(study.path(layout.WORLD_DIR)) as tmp:
-        generated.to_jsonl(tmp)
-    return study.files_under(layout.WORLD_DIR)
-
-
-def _train_tokenizer(study: Study, world, recipe: DemoRecipe) -> list[str]:
-    tokenizer = world_lib.train_tokenizer(world_lib.tokenizer_texts(world), recipe.vocab_size)
-    with atomic_dir(study.path(layout.TOKENIZER_DIR)) as tmp:
-        tokenizer.save_pretrained(tmp)
-    return study.files_under(layout.TOKENIZER_DIR)
-
-
-def _pretrain(study: Study, world, tokenizer, recipe: DemoRecipe, reports: dict,
-              progress: bool) -> list[str]:
-    config = training.demo_model_config(len(tokenizer), **recipe.model)
-    model, report = training.pretrain(config, tokenizer, world.documents, recipe.pretrain, progress)
-    _save_model(study, layout.PRETRAINED_DIR, model, tokenizer)
-    reports["pretrain"] = _summary(report)
-    return study.files_under(layout.PRETRAINED_DIR)
-
-
-def _finetune(study: Study, world, tokenizer, recipe: DemoRecipe, reports: dict,
-              progress: bool) -> list[str]:
-    pt_model = _load(study, layout.PRETRAINED_DIR)
-    model, report = training.finetune(pt_model, tokenizer, world.finetune_records, recipe.finetune,
-                                      progress)
-    _save_model(study, layout.FINETUNED_DIR, model, tokenizer)
-    reports["finetune"] = _summary(report)
-    return study.files_under(layout.FINETUNED_DIR)
-
-
-def _evaluate(study: Study, world, tokenizer, recipe: DemoRecipe) -> list[str]:
-    """Can the fine-tuned model answer what it only read in pretraining? (the demo's premise)"""
-    model = _load(study, layout.FINETUNED_DIR)
-    result = {split: training.exact_match_accuracy(model, tokenizer, world.facts, split=split,
-                                                   intro=recipe.finetune.intro, all_facts=world.facts)
-              for split in ("pretrain_only", "finetune")}
-    write_json(study.path(layout.QA_REPORT), result)
-    for split, r in result.items():
-        log.info("%s questions: %.1f%% contain the answer, %.1f%% strict exact match (n=%d)",
-                 split, 100 * r["contains_answer"], 100 * r["strict_em"], r["n"])
-    rows = result["pretrain_only"]["rows"]
-    chosen = [r for r in rows if r["contains_answer"]][:5] or rows[:5]
-    write_text(study.path(layout.DEMO_PROMPTS), "".join(json.dumps({"prompt": r["question"]}) + "\n"
-                                                        for r in chosen))
-    return [layout.QA_REPORT.path, layout.DEMO_PROMPTS.path]
 
 
 def qa_summary(study: Study) -> dict:

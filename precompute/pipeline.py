@@ -21,8 +21,9 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import cached_property
 from pathlib import Path
 
 import datasets
@@ -46,9 +47,8 @@ from engine import distributed as dist
 from engine.methods import PROBES
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
 from engine.query import index_vectors
-from engine.resources import Meter
 from engine.storage import atomic_path, write_json, write_text
-from engine.study import Stage, Study, StudyConfig, build_index, layout
+from engine.study import Stage, StageRun, Study, StudyConfig, build_index, layout, run_stages
 from engine.study.vectors import shard_done, write_shard
 
 log = logging.getLogger(__name__)
@@ -87,100 +87,139 @@ def record_batches(tokenizer, config: StudyConfig, records, batch_size: int) -> 
     return Batches(make, math.ceil(len(records) / batch_size))
 
 
-def run_stage(study: Study, stage: str, produce: Callable[[], Iterable[str]], config, *, every_rank: bool = False,
-              info: Callable[[], dict] | None = None) -> bool:
-    """Run ``produce`` unless ``stage`` is done (``Study.is_done``), then record it (``Study.record_stage``),
-    for one or many processes: every rank agrees whether the stage is done;
-    ``produce`` runs on rank 0 (or on every rank, each doing its share, with ``every_rank``) and
-    rank 0 records the files it names, with its own time and peak memory. True when it ran."""
-    dist.barrier()
-    if study.is_done(stage, config):
-        return False
-    with Meter() as meter:
-        written = produce() if every_rank or dist.is_main() else []
-    dist.barrier()
-    if dist.is_main():
-        study.record_stage(stage, written, config, {**(info() if info else {}), "usage": meter.usage.to_json()})
-    dist.barrier()
-    return True
+class Pipeline:
+    """The pipeline's stages for one study, as a table: corpus, fine-tuning data, both factor sets,
+    projection, index. Each stage's settings are what its files depend on, so that a changed setting
+    reruns it and the stages after it that depend on its files. ``config`` may be a function (the
+    demo's depends on its fine-tuning stage); once known it is recorded in the manifest, where
+    readers open the study with it."""
+
+    def __init__(self, study: Study, config: StudyConfig | Callable[[], StudyConfig], progress: bool = True,
+                 command: list[str] | None = None):
+        self.study, self._config, self._progress, self.command = study, config, progress, command
+        self._search: dict = {}
+
+    @cached_property
+    def config(self) -> StudyConfig:
+        config = self._config() if callable(self._config) else self._config
+        config.validate()
+        if dist.is_main():  # which study this is, recorded first: a resumed build is the same study
+            self.study.update_manifest(config=config.to_dict(), **({"command": self.command} if self.command else {}))
+        return config
+
+    @cached_property
+    def device(self) -> torch.device:
+        device = resolve_device(self.config.models.device)
+        dist.init(device)
+        return dist.local_device(device)
+
+    @property
+    def progress(self) -> bool:
+        return self._progress and dist.is_main()
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.study.resolve(self.config.models.tokenizer or self.config.models.finetuned))
+
+    def stages(self) -> list[StageRun]:
+        return [
+            StageRun(Stage.CORPUS, self._corpus_settings, lambda: self._write(layout.DOCUMENTS, self._documents())),
+            StageRun(Stage.FINETUNE_DATA, self._records_settings, lambda: self._write(layout.RECORDS, self._records())),
+            StageRun(Stage.FACTORS_PRETRAINED, lambda: self.factor_settings, lambda: self._fit(layout.PT_FACTORS),
+                     every_rank=True),
+            StageRun(Stage.FACTORS_FINETUNED, lambda: self.factor_settings, lambda: self._fit(layout.FT_FACTORS),
+                     every_rank=True),
+            StageRun(Stage.PROJECTION, self._projection_settings,
+                     lambda: _project(self.study, self.config, self.tokenizer, self.device, self.progress),
+                     every_rank=True, info=lambda: _vector_record(self.study, self.config.influence.vector_dtype)),
+            StageRun(Stage.INDEX, self._index_settings,
+                     lambda: _index(self.study, self.config, self.device, self._search, self.progress),
+                     info=lambda: {"search": self._search.pop("search")}),
+        ]
+
+    # -- the data stages: pretraining documents and fine-tuning records, read through datasets ---------
+    def _sources(self) -> tuple:
+        pt_data = replace(self.config.pretraining, path=self.study.resolve(self.config.pretraining.path),
+                          more=[self.study.resolve(p) for p in self.config.pretraining.more])
+        return pt_data, replace(self.config.finetuning, path=self.study.resolve(self.config.finetuning.path))
+
+    def _corpus_settings(self) -> dict:
+        pt_data = self._sources()[0]
+        return {**asdict(self.config.pretraining),
+                "inputs": [_source_stamp(p) for p in [pt_data.path, *pt_data.more]] if pt_data.more
+                else _source_stamp(pt_data.path)}
+
+    def _records_settings(self) -> dict:
+        return {**asdict(self.config.finetuning), "inputs": _source_stamp(self._sources()[1].path)}
+
+    def _documents(self) -> datasets.Dataset:
+        from .data import load_documents
+
+        return load_documents(self._sources()[0])
+
+    def _records(self) -> datasets.Dataset:
+        from .data import load_finetune_records
+
+        return load_finetune_records(self._sources()[1])
+
+    def _write(self, artifact: layout.Artifact, ds: datasets.Dataset) -> list[str]:
+        with atomic_path(self.study.path(artifact)) as tmp:
+            ds.to_parquet(str(tmp))
+        return [artifact.path]
+
+    # -- both stages' curvature factors -------------------------------------------------------------
+    @cached_property
+    def factor_texts(self) -> list[str]:
+        """The pretraining documents H_pt is fit on: not documents added after them (a haystack)."""
+        documents = _dataset(self.study, layout.DOCUMENTS)
+        return documents.select(range(min(len(documents), self.config.influence.factor_documents
+                                          or len(documents))))["text"]
+
+    @cached_property
+    def factor_settings(self) -> dict:
+        """What both factor sets depend on (and, through them, every later stage)."""
+        config, inf = self.config, self.config.influence
+        return {"models": asdict(config.models), "identity": self.study.model_identity(config.models.locations()),
+                "influence": {**{k: getattr(inf, k) for k in FIT_KEYS}, "factor_documents": len(self.factor_texts)},
+                "template": config.template, "response_suffix": config.response_suffix,
+                "inputs": {"documents": texts_digest(self.factor_texts), **self.study.checksums(layout.RECORDS)}}
+
+    def _fit(self, factors: layout.Artifact) -> list[str]:
+        config, inf, study = self.config, self.config.influence, self.study
+        if factors == layout.PT_FACTORS:
+            location = config.models.base
+            loader = document_batches(self.tokenizer, self.factor_texts, inf.max_length, inf.batch_size)
+        else:
+            location = config.models.finetuned
+            loader = record_batches(self.tokenizer, config, _dataset(study, layout.RECORDS), inf.batch_size)
+        model = load_causal_lm(study.resolve(location), config.models.dtype, self.device)
+        model.config._name_or_path = location  # the factors name the model as configured, not by this machine's path
+        started = time.perf_counter()
+        fitted = fit_factors(model, TASK, loader, inf.tracked_layers(model), inf.factor_arguments(self.progress),
+                             out=study.path(factors))
+        log.info("fitted %s (%d layers) in %.1fs", factors, len(fitted.layers), time.perf_counter() - started)
+        return study.files_under(factors) if dist.is_main() else []
+
+    # -- the documents' vectors and their index -----------------------------------------------------
+    def _projection_settings(self) -> dict:
+        inf = self.config.influence
+        return {**self.factor_settings, "shard_size": SHARD_SIZE,
+                "retrieval": {k: getattr(inf, k) for k in (
+                    "projection_dim", "eigen_dim", "alpha", "damping", "damping_factor", "vector_dtype")},
+                "inputs": self.study.checksums(layout.DOCUMENTS, layout.RECORDS, layout.PT_FACTORS)}
+
+    def _index_settings(self) -> dict:
+        return {"index": asdict(self.config.influence.index_settings()), "inputs": self.study.checksums(layout.SHARDS),
+                "outputs": [layout.INDEX_NORMS.path]}
 
 
 def run_pipeline(config: StudyConfig, out: str | Path, progress: bool = True, command: list[str] | None = None
                  ) -> Study:
     """Run (or resume) every stage of a study; returns the finished study. ``command``: the command
     line that rebuilds it, recorded for repair messages."""
-    config.validate()
-    device = resolve_device(config.models.device)
-    dist.init(device)
-    device = dist.local_device(device)
-    progress = progress and dist.is_main()
     study = Study(out)
-    if dist.is_main():  # which study this is, recorded first: a resumed build is the same study
-        study.update_manifest(config=config.to_dict(), **({"command": command} if command else {}))
-    _data_stages(study, config)
-    tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
-    factor_config = _factor_stages(study, config, tokenizer, device, progress)
-    inf = config.influence
-    projection_config = {**factor_config, "shard_size": SHARD_SIZE,
-                         "retrieval": {k: getattr(inf, k) for k in (
-                             "projection_dim", "eigen_dim", "alpha", "damping", "damping_factor", "vector_dtype")},
-                         "inputs": study.checksums(layout.DOCUMENTS, layout.RECORDS, layout.PT_FACTORS)}
-    run_stage(study, Stage.PROJECTION, lambda: _project(study, config, tokenizer, device, progress),
-              projection_config, every_rank=True, info=lambda: _vector_record(study, inf.vector_dtype))
-    index: dict = {}
-    run_stage(study, Stage.INDEX, lambda: _index(study, config, device, index, progress),
-              {"index": asdict(inf.index_settings()), "inputs": study.checksums(layout.SHARDS),
-               "outputs": [layout.INDEX_NORMS.path]},
-              info=lambda: {"search": index.pop("search")})
+    run_stages(study, Pipeline(study, config, progress, command).stages())
     return study
-
-
-def _data_stages(study: Study, config: StudyConfig) -> None:
-    """Pretraining documents and fine-tuning records, read through datasets into the study."""
-    from .data import load_documents, load_finetune_records
-
-    pt_data = replace(config.pretraining, path=study.resolve(config.pretraining.path))
-    ft_data = replace(config.finetuning, path=study.resolve(config.finetuning.path))
-    pt_data = replace(pt_data, more=[study.resolve(p) for p in pt_data.more])
-    run_stage(study, Stage.CORPUS, lambda: _write_dataset(study, layout.DOCUMENTS, load_documents(pt_data)),
-              {**asdict(config.pretraining),
-               "inputs": [_source_stamp(p) for p in [pt_data.path, *pt_data.more]] if pt_data.more
-               else _source_stamp(pt_data.path)})
-    run_stage(study, Stage.FINETUNE_DATA,
-              lambda: _write_dataset(study, layout.RECORDS, load_finetune_records(ft_data)),
-              {**asdict(config.finetuning), "inputs": _source_stamp(ft_data.path)})
-
-
-def _factor_stages(study: Study, config: StudyConfig, tokenizer, device: torch.device,
-                   progress: bool) -> dict:
-    """Both stages' curvature factors; returns the settings they depend on (for later stages)."""
-    inf = config.influence
-    documents = _dataset(study, layout.DOCUMENTS)
-    used = min(len(documents), inf.factor_documents or len(documents))
-    texts = documents.select(range(used))["text"]
-    # H_pt depends on the documents it is fit on, not on documents added after them (a haystack)
-    factor_config = {"models": asdict(config.models), "identity": study.model_identity(config.models.locations()),
-                     "influence": {**{k: getattr(inf, k) for k in FIT_KEYS}, "factor_documents": used},
-                     "template": config.template, "response_suffix": config.response_suffix,
-                     "inputs": {"documents": texts_digest(texts), **study.checksums(layout.RECORDS)}}
-    records = _dataset(study, layout.RECORDS)
-
-    def fit(location: str, factors: layout.Artifact, loader: Batches) -> list[str]:
-        model = load_causal_lm(study.resolve(location), config.models.dtype, device)
-        model.config._name_or_path = location  # the factors name the model as configured, not by this machine's path
-        started = time.perf_counter()
-        fitted = fit_factors(model, TASK, loader, inf.tracked_layers(model), inf.factor_arguments(progress),
-                             out=study.path(factors))
-        log.info("fitted %s (%d layers) in %.1fs", factors, len(fitted.layers), time.perf_counter() - started)
-        return study.files_under(factors) if dist.is_main() else []
-
-    run_stage(study, Stage.FACTORS_PRETRAINED, lambda: fit(
-        config.models.base, layout.PT_FACTORS, document_batches(tokenizer, texts, inf.max_length, inf.batch_size)),
-        factor_config, every_rank=True)
-    run_stage(study, Stage.FACTORS_FINETUNED, lambda: fit(
-        config.models.finetuned, layout.FT_FACTORS, record_batches(tokenizer, config, records, inf.batch_size)),
-        factor_config, every_rank=True)
-    return factor_config
 
 
 def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device, progress: bool) -> list[str]:
@@ -311,9 +350,3 @@ def _source_stamp(path: str) -> dict:
         return {}
     stat = p.stat()
     return {"size": stat.st_size, "mtime": int(stat.st_mtime)}
-
-
-def _write_dataset(study: Study, artifact: layout.Artifact, ds: datasets.Dataset) -> list[str]:
-    with atomic_path(study.path(artifact)) as tmp:
-        ds.to_parquet(str(tmp))
-    return [artifact.path]

@@ -3,7 +3,8 @@
 
 - :mod:`~engine.study.layout`: every path in one table, stage names, what a reader needs (no torch);
 - :mod:`~engine.study.config`: the config schema and the prompt template;
-- :mod:`~engine.study.manifest`: the manifest, stages run once and recorded, verification;
+- :mod:`~engine.study.manifest`: the manifest, stages recorded, verification;
+- :mod:`~engine.study.stages`: a build as an ordered table of stages, run by one loop;
 - :mod:`~engine.study.vectors` and :mod:`~engine.study.index`: document vectors in shards, the search index;
 - :mod:`~engine.study.opened`: :func:`open_study`, a finished study as one typed bundle.
 """
@@ -17,6 +18,7 @@ _EXPORTS = {
     "layout": ["DEFAULT_STUDY", "Stage"],
     "manifest": ["Study", "StudyError", "jsonable", "sha256_file"],
     "opened": ["OpenedStudy", "StageModel", "open_study"],
+    "stages": ["StageRun", "run_stages"],
 }
 
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
