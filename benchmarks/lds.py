@@ -67,7 +67,7 @@ def predictions(service: QueryEngine, cases, subsets: list[np.ndarray]) -> dict[
 
 
 def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: int, work: Path,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, part: tuple[int, int] = (0, 1)) -> dict | None:
     service = QueryEngine(open_study(study))
     cases = load_cases(study, facts, reference)
     if not cases:
@@ -81,6 +81,8 @@ def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: in
         if saved.exists() and json.loads(saved.read_text())["documents"] == subset.tolist():
             actual.append(json.loads(saved.read_text())["log_likelihood"])
             continue
+        if j % part[1] != part[0]:  # another process's retrain
+            continue
         started = time.perf_counter()
         removed = set(range(len(service.study.documents))) - set(subset.tolist())
         model = retrain(study, recipe, removed, threads)
@@ -88,6 +90,9 @@ def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: in
         saved.write_text(json.dumps({"documents": subset.tolist(), "log_likelihood": actual[-1],
                                      "seconds": time.perf_counter() - started}))
         print(f"subset {j + 1}/{subsets} retrained in {time.perf_counter() - started:.0f} s", flush=True)
+    if len(actual) < len(chosen):
+        print(f"part {part[0]}/{part[1]} done; {len(chosen) - len(actual)} retrains belong to other parts", flush=True)
+        return None
     torch.set_num_threads(threads)
     predicted = predictions(service, cases, chosen)
     actual = np.array(actual).T  # (queries, subsets)
@@ -124,6 +129,8 @@ def main(argv=None) -> int:
                         help="use the world's reference responses (models that answer nothing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random halves")
     parser.add_argument("--threads", type=int, help="training threads (default: the study's, which reproduces it)")
+    parser.add_argument("--part", default="0/1", help="I/N: retrain only halves j with j %% N == I (N processes "
+                                                     "share the retrains; the last to finish reports)")
     parser.add_argument("--work", type=Path, help="where retrains are saved (default: runs/lds/<study name>)")
     parser.add_argument("--out", type=Path, default=Path("docs/lds.md"))
     args = parser.parse_args(argv)
@@ -134,7 +141,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.study} was not built with the {'tiny' if args.tiny else 'default'} demo recipe; "
                          "retraining it another way would not be a counterfactual")
     work = args.work or Path("runs/lds") / Study(args.study).root.name
-    out = run(args.study, recipe, args.subsets, args.facts, args.reference_answers, args.seed, work, args.threads)
+    index, count = (int(x) for x in args.part.split("/"))
+    out = run(args.study, recipe, args.subsets, args.facts, args.reference_answers, args.seed, work, args.threads,
+              (index, count))
+    if out is None:
+        return 0
     text = report(out, " ".join(["python benchmarks/lds.py", *(argv if argv is not None else sys.argv[1:])]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
