@@ -35,6 +35,19 @@ def find_chromium() -> tuple[str, str] | None:
     return (binary, driver) if binary and driver else None
 
 
+def require_chromium() -> None:
+    """At a browser test module's top: skip it without Chromium, unless MSIF_REQUIRE_BROWSER=1 (CI), where
+    that is a failure."""
+    import pytest
+
+    if find_chromium() is None:
+        if os.environ.get("MSIF_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (apt install chromium chromium-driver)",
+                        pytrace=False)
+        pytest.skip("no chromium/chromedriver on PATH (apt install chromium chromium-driver)",
+                    allow_module_level=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,22 +8,24 @@ them the test is skipped, unless MSIF_REQUIRE_BROWSER=1 (set by .ci/run), where 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from engine.study import Study, layout
 
-from browser_harness import FIRST_RESULT, HEATMAP_TOKEN, RANKED, chromium, find_chromium, running_app, trace_in_browser
+from browser_harness import (
+    FIRST_RESULT,
+    HEATMAP_TOKEN,
+    RANKED,
+    chromium,
+    require_chromium,
+    running_app,
+    trace_in_browser,
+)
 
 pytestmark = pytest.mark.slow
 
-if find_chromium() is None:
-    if os.environ.get("MSIF_REQUIRE_BROWSER"):
-        pytest.fail("chromium and chromedriver are required (apt install chromium chromium-driver)",
-                    pytrace=False)
-    pytest.skip("no chromium/chromedriver on PATH (apt install chromium chromium-driver)",
-                allow_module_level=True)
+require_chromium()
 
 
 def test_prompt_to_ranked_documents_and_heatmap(tiny_study, tmp_path):

@@ -28,9 +28,9 @@ from browser_harness import (
     HEATMAP_TOKEN,
     RANKED,
     chromium,
-    find_chromium,
     free_port,
     page_errors,
+    require_chromium,
     trace_in_browser,
 )
 
@@ -39,12 +39,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SECONDS = 1500  # a first `make demo` builds the demo study before it serves
 
-if find_chromium() is None:
-    if os.environ.get("MSIF_REQUIRE_BROWSER"):
-        pytest.fail("chromium and chromedriver are required (apt install chromium chromium-driver)",
-                    pytrace=False)
-    pytest.skip("no chromium/chromedriver on PATH (apt install chromium chromium-driver)",
-                allow_module_level=True)
+require_chromium()
 
 
 def readme_commands() -> list[str]:
