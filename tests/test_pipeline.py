@@ -171,8 +171,12 @@ def test_query_cli_json(built, method, capsys):
     assert result["answer"] == "The fox is green." and result["method"] == method
     pro, opp = result["proponents"], result["opponents"]
     assert len(pro) == len(opp) == 3
-    assert [h["score"] for h in pro] == sorted((h["score"] for h in pro), reverse=True)
-    assert [h["score"] for h in opp] == sorted(h["score"] for h in opp)
+    def ranked_by(hit):  # a normalised ranking orders by the normalised score (same sign as the exact one)
+        return hit["score"] if hit.get("normalized_score") is None else hit["normalized_score"]
+
+    assert [ranked_by(h) for h in pro] == sorted((ranked_by(h) for h in pro), reverse=True)
+    assert [ranked_by(h) for h in opp] == sorted(ranked_by(h) for h in opp)
+    assert all(h["score"] > 0 for h in pro) and all(h["score"] < 0 for h in opp) or method in ("representation", "bm25")
     if method not in ("representation", "bm25"):
         for hit in pro + opp:  # token heatmaps sum to the exact score
             assert len(hit["tokens"]) == len(hit["token_scores"]) > 0
