@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     big = index.search("whitened", vectors, 100)
     recall = {k: statistics.mean(overlap(a, b, k) for a, b in zip(big.proponent_ids, truth.proponent_ids))
               for k in (10, 100)}
-    sweep = rerank_sweep(index, vectors, truth) if index.kind == "pca" else []
+    sweep = rerank_sweep(index, vectors, truth) if index.kind == "ivf" else []
     served_top10 = [p.head(10).proponent_ids[0] for p in pools]
     sources = [set(c["doc_ids"]) for c in cases]
     mrr_served = statistics.mean(reciprocal_rank(big.proponent_ids[i], sources[i]) for i in range(len(cases)))
@@ -218,7 +218,7 @@ def render(args, manifest, study, n_docs, index, open_s, rss_open, rss_serving, 
              f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads). Index: **{record['kind']}**"
              + (f" ({record['dims']} principal coordinates fit on {record['whitened']['sampled_documents']:,} "
                 f"documents, keeping {record['whitened']['variance_kept']:.0%} of the whitened vectors' variance; "
-                f"re-rank {record['rerank']:,} per sign with full vectors)" if record["kind"] == "pca" else "")
+                f"re-rank {record['rerank']:,} per sign with full vectors)" if record["kind"] == "ivf" else "")
              + f"; {pool} candidates per sign re-scored exactly.", "",
              "## Build", "", "| stage | seconds | peak host RAM (GiB) |", "| --- | ---: | ---: |"]
     for name in (Stage.HAYSTACK, Stage.CORPUS, Stage.PROJECTION, Stage.INDEX):

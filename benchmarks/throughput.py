@@ -11,17 +11,19 @@ study's max_length and batch_size, as its factor and projection stages batch the
 
 each as documents/s, tokens/s and throughput relative to (a).
 
-Part 2, one query's latency as the corpus grows: flat inner-product indexes (engine.GradientIndex)
-over synthetic vectors of the study's whitened-index dimension (a flat search costs the same
-whatever the values), per size the build time, memory and median top-k search (both signs,
-k = the study's `candidates`), added to what does not depend on the corpus size, measured on the
-study: the query's gradient and preconditioning, and exact re-scoring of a real candidate pool.
+Part 2, one query's latency as the corpus grows: the searches a study serves (engine.search: the
+flat scan of every row, and the staged search through faiss inverted lists on disk, then a re-rank
+of full rows) over synthetic vectors of the study's whitened-index dimension, per size the build
+time, memory and median top-k search (both signs, k = the study's `candidates`), added to what does
+not depend on the corpus size, measured on the study: the query's gradient and preconditioning, and
+exact re-scoring of a real candidate pool. benchmarks/ivf_scale.py takes the staged search to
+10^6-10^7 documents.
 
     python benchmarks/throughput.py        # studies/demo -> docs/throughput.md, minutes on 2 cores
 
-Flags: --study, --documents N (a subset), --sizes 1000 10000 100000, --threads 2, --ivf (also IVF
-indexes; k-means at this dimension is slow), --quick (seconds, for CI), --out PATH. CPU only.
-A 100k-document index at the demo's 16,384 dimensions needs about 13 GB while it is built.
+Flags: --study, --documents N (a subset), --sizes 1000 10000 100000, --threads 2, --ivf (also the
+staged search), --quick (seconds, for CI), --out PATH. CPU only. 100k synthetic documents at the
+demo's 16,384 dimensions hold about 6.5 GB.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,17 +46,16 @@ import numpy as np
 import torch
 
 from engine import (
-    GradientIndex,
     encode_document_batches,
     fit_factors,
     iter_projected_documents,
     rescore,
-    retrieve,
     score_documents,
 )
 from engine.gradients import to_device
 from engine.query import TASK
-from engine.study import DEFAULT_STUDY, OpenedStudy, layout, open_study
+from engine.search import IVFLists, PCABasis, scan, staged_search
+from engine.study import DEFAULT_STUDY, IndexSettings, OpenedStudy, layout, open_study
 from explorer.tracer import Tracer
 
 CHUNK = 8192  # synthetic rows drawn at a time
@@ -221,44 +223,40 @@ def synthetic_vectors(n: int, dim: int, rng: np.random.Generator,
     return vectors
 
 
-def build_index(vectors: np.ndarray, kind: str) -> tuple[GradientIndex, float]:
-    """GradientIndex.build in one call, as the pipeline's index stage does (ivf: default nlist,
-    trained on every vector), and its seconds."""
+def build_index(vectors: np.ndarray, kind: str, workdir: Path) -> tuple[Callable, float, int]:
+    """The served search over ``vectors`` as the index stage builds it: ``flat`` scans every row;
+    ``ivf`` fits a 256-dim principal basis and inverted lists on a sample, on disk. Returns
+    (search(queries, k) -> Retrieval, build seconds, bytes the index adds)."""
     started = time.perf_counter()
-    index = GradientIndex.build(vectors, kind=kind)
-    return index, time.perf_counter() - started
+    if kind == "flat":
+        return (lambda q, k: scan([(0, vectors)], q, k)), time.perf_counter() - started, 0
+    sample = vectors[:: max(1, len(vectors) // 16_384)]
+    basis = PCABasis.fit(sample, 256)
+    settings = IndexSettings("ivf")
+    lists = IVFLists.build(workdir / f"ivf-{len(vectors)}", basis.transform(sample),
+                           ((i, basis.transform(vectors[i:i + CHUNK])) for i in range(0, len(vectors), CHUNK)),
+                           settings.lists(len(vectors), len(sample)), settings.nprobe)
+    size = sum(f.stat().st_size for f in (workdir / f"ivf-{len(vectors)}").iterdir())
+
+    def search(q, k):
+        return staged_search(lists, basis, lambda ids: vectors[ids], q, k, settings.rerank)
+    return search, time.perf_counter() - started, size
 
 
-def index_bytes(index: GradientIndex) -> int:
-    """Memory the index holds: the stored vectors (ivf: plus ids and centroids)."""
-    raw = index.index
-    if index.kind == "flat":
-        return raw.ntotal * raw.code_size
-    ivf = faiss.extract_index_ivf(raw)
-    return raw.ntotal * (ivf.code_size + 8) + ivf.nlist * index.dim * 4
-
-
-def search(index: GradientIndex, query: np.ndarray, k: int, repeats: int):
-    """Median seconds of one query's top-k for both signs (engine.retrieve), and its result."""
-    return median_seconds(lambda: retrieve(query, index, k), repeats), retrieve(query, index, k)
-
-
-def index_latency(n: int, dim: int, k: int, kind: str, repeats: int, seed: int) -> dict:
-    """Build, memory and search over ``n`` synthetic vectors; a query's best and worst matches are
-    planted (+-3q: <q, 3q> ~ 3 dim, far above the random maximum ~ 4.5 sqrt(dim)) so the search
-    can be checked."""
+def index_latency(n: int, dim: int, k: int, kind: str, repeats: int, seed: int, workdir: Path) -> dict:
+    """Build and search over ``n`` synthetic vectors; a query's best and worst matches are planted
+    (+-3q: <q, 3q> ~ 3 dim, far above the random maximum ~ 4.5 sqrt(dim)) so the search can be checked."""
     rng = np.random.default_rng(seed)
     query = rng.standard_normal(dim, dtype=np.float32)
     pro, opp = (int(i) for i in rng.choice(n, 2, replace=False))
     vectors = synthetic_vectors(n, dim, rng, {pro: 3 * query, opp: -3 * query})
-    index, build_s = build_index(vectors, kind)
-    del vectors  # the index holds its own copy
-    search_s, found = search(index, query, k, repeats)
+    search, build_s, size = build_index(vectors, kind, workdir)
+    search_s = median_seconds(lambda: search(query[None], k), repeats)
+    found = search(query[None], k)
     planted = bool(found.proponent_ids[0, 0] == pro and found.opponent_ids[0, 0] == opp)
-    label = kind if kind == "flat" else (f"ivf (nlist {faiss.extract_index_ivf(index.index).nlist}, "
-                                         f"nprobe {index.nprobe})")
-    return {"n": n, "kind": kind, "label": label, "build_s": build_s, "bytes": index_bytes(index),
-            "search_s": search_s, "planted": planted}
+    label = "flat scan" if kind == "flat" else "staged (faiss inverted lists on disk, re-rank)"
+    return {"n": n, "kind": kind, "label": label, "build_s": build_s, "bytes": size, "search_s": search_s,
+            "planted": planted}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,11 +362,12 @@ def render(args, study: OpenedStudy, stages, first, last, side, sizes, docs, tok
         "",
         "## Query latency as the corpus grows",
         "",
-        f"Synthetic standard-normal vectors of dimension {dim:,} (a flat search costs the same "
-        "whatever the values); search = engine.retrieve (top-k of q and of -q), median of "
-        f"{args.repeats}; build = one GradientIndex.build call, as the pipeline's index stage (its "
-        "peak memory is about twice the index: the vectors and the index's copy); end-to-end = "
-        "query preparation + search + exact re-scoring (generation and heatmaps excluded).",
+        f"Synthetic standard-normal vectors of dimension {dim:,}, held in memory (the study reads them "
+        "from its shards); search = the study's own search (a scan of every row, or the staged search: "
+        "faiss inverted lists of 256 principal coordinates on disk, then a re-rank of full rows), top-k "
+        f"of q and of -q, median of {args.repeats}; build = as the index stage builds it, its files' size "
+        "as memory; end-to-end = query preparation + search + exact re-scoring (generation and heatmaps "
+        "excluded).",
         "",
         side_table(side),
         "",
@@ -400,9 +399,9 @@ def main(argv=None) -> int:
     stages, first, last = precompute_stages(study, batches, side["query"])
     dim, k = study.vectors.dim("whitened"), study.config.influence.candidates
     sizes = []
-    for n in args.sizes:
-        for kind in ("flat", "ivf") if args.ivf else ("flat",):
-            sizes.append(index_latency(n, dim, k, kind, args.repeats, args.seed))
+    with tempfile.TemporaryDirectory(prefix="msif-throughput-") as workdir:
+        for n, kind in ((n, kind) for n in args.sizes for kind in (("flat", "ivf") if args.ivf else ("flat",))):
+            sizes.append(index_latency(n, dim, k, kind, args.repeats, args.seed, Path(workdir)))
             print(f"  index {kind} {n:,}: build {sizes[-1]['build_s']:.2f} s, search "
                   f"{sizes[-1]['search_s'] * 1e3:.1f} ms", flush=True)
 

@@ -29,7 +29,7 @@ _EXPORTS = {
     "normalization": ["NORMS", "Normalization"],
     "projection": ["KroneckerProjector", "ProjectedDocuments", "Whitening", "gradient_sq_norms",
                    "iter_projected_documents", "project_documents"],
-    "retrieval": ["GradientIndex", "Retrieval", "rescore", "retrieve"],
+    "retrieval": ["Retrieval", "rescore"],
     "tasks": ["ClassificationTask", "LanguageModelingTask", "Task"],
     "text": ["encode_document_batches", "encode_documents", "encode_prompt_answer"],
     "tracking": ["TrackedLayer", "find_tracked_layers"],

@@ -225,8 +225,8 @@ def projection_stage(job: Job, documents: int) -> StagePlan:
 
 def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool) -> StagePlan:
     """The search index (engine.study.index): a flat index writes nothing and reads a shard at a time;
-    a pca index holds its sample (float32, centred in place) and writes (documents, index_dims) float32
-    per vector kind (two kinds), memory-mapped when served."""
+    an ivf index holds its sample (float32, centred in place) and writes (documents, index_dims) float32
+    coordinates per vector kind (two kinds) into inverted lists on disk, memory-mapped when served."""
     kind = inf.index_settings().resolved(documents)
     if kind == "flat":
         shard = min(documents, SHARD_ROWS) * max(dims) * 4
@@ -235,7 +235,7 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool) -> StageP
     sample = min(documents, inf.index_sample) * max(dims) * 4
     files = 2 * documents * inf.index_dims * 4
     peak = PROCESS_BASE + 2 * sample  # the sample and its principal coordinates' temporaries
-    return StagePlan("index", peak if cpu else 0.0, peak, files, 0.0, {"PCA sample": sample, "prefix files": files})
+    return StagePlan("index", peak if cpu else 0.0, peak, files, 0.0, {"PCA sample": sample, "inverted lists": files})
 
 
 def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float | None = None,

@@ -1,164 +1,25 @@
-"""Top-k proponents and opponents over projected document gradients, then exact re-scoring.
+"""Candidates and their exact re-scoring.
 
-A projected score <P(u), P(G_doc)> is an *estimate* of the influence <u, G_doc>. Retrieval finds
-candidates with it: proponents are the top-k of u, opponents the top-k of -u (the most negative
-scores). :func:`rescore` then computes the candidates' exact scores with
-:func:`engine.score_documents`. Both kinds stay side by side in :class:`Retrieval`, named
-``projected_*`` and ``exact_*``; only ``exact_*`` may be shown as an influence score.
-
-Document ids are row positions in the order vectors were added to the index.
+A projected score <P(u), P(G_doc)> is an *estimate* of the influence <u, G_doc>. The study's index
+(``engine.study.index``, ``engine.search``) finds candidates with it: proponents are the highest
+scores, opponents the lowest. :func:`rescore` then computes the candidates' exact scores in one
+gradient pass. Both kinds stay side by side in :class:`Retrieval`, named ``projected_*`` and
+``exact_*``; only ``exact_*`` (and the normalised scores made from them) may be shown as influence.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-import faiss
 import numpy as np
-import torch
 from torch import nn
 
 from .influence import PreconditionedQuery, measure_documents
 from .normalization import NormalizedRanking
-from .storage import atomic_path
 from .tasks import Task
 from .tracking import TrackedLayer
-
-KINDS = ("flat", "ivf")
-
-
-def _as_float32(x) -> np.ndarray:
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim == 1:
-        x = x[None]
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-class GradientIndex:
-    """faiss index over projected document vectors, scored by inner product.
-
-    ``kind="flat"``: exact inner product over all vectors (IndexFlatIP), the default.
-    ``kind="ivf"``: IndexIVFFlat with METRIC_INNER_PRODUCT for large corpora: vectors are bucketed
-    into ``nlist`` clusters (trained by :meth:`train`, or on the first :meth:`add`), and a search
-    visits the ``nprobe`` best buckets; ``nprobe = nlist`` is exhaustive. Recall against the flat
-    index must be measured for the corpus at hand.
-    """
-
-    def __init__(self, dim: int, kind: str = "flat", nlist: int | None = None, nprobe: int = 16):
-        if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose from {list(KINDS)}")
-        self.dim = int(dim)
-        if kind == "flat":
-            self.index = faiss.IndexFlatIP(self.dim)
-        else:
-            if not nlist or nlist < 1:
-                raise ValueError("an ivf index needs nlist >= 1 (number of clusters)")
-            quantizer = faiss.IndexFlatIP(self.dim)
-            self.index = faiss.IndexIVFFlat(quantizer, self.dim, int(nlist), faiss.METRIC_INNER_PRODUCT)
-            self.index.nprobe = min(int(nprobe), int(nlist))
-
-    @classmethod
-    def build(cls, vectors, kind: str = "flat", nlist: int | None = None,
-              nprobe: int = 16) -> GradientIndex:
-        """An index holding ``vectors`` (N, D); for ivf, nlist defaults to ~4 sqrt(N), <= N / 39."""
-        vectors = _as_float32(vectors)
-        return cls.from_chunks([vectors], vectors.shape[1], len(vectors), kind, nlist, nprobe)
-
-    @classmethod
-    def from_chunks(cls, chunks: Iterable, dim: int, total: int, kind: str = "flat", nlist: int | None = None,
-                    nprobe: int = 16) -> GradientIndex:
-        """An index filled from row chunks (e.g. one memory-mapped shard at a time) of ``total``
-        rows; ivf trains on the first ~50 rows per list, then every chunk is added in order."""
-        if kind == "ivf" and nlist is None:
-            # ~4 sqrt(N) lists, but at least 39 training points per list (faiss's own minimum)
-            nlist = max(1, min(int(round(4 * np.sqrt(total))), total // 39))
-        index = cls(dim, kind, nlist, nprobe)
-        pending, held = [], 0
-        for chunk in chunks:
-            chunk = _as_float32(chunk)
-            if index.is_trained:
-                index.add(chunk)
-                continue
-            pending.append(chunk)
-            held += len(chunk)
-            if held >= min(total, 50 * (nlist or 1)):
-                index.train(np.concatenate(pending))
-                for part in pending:
-                    index.add(part)
-                pending = []
-        if pending:
-            index.add(np.concatenate(pending))
-        return index
-
-    @property
-    def kind(self) -> str:
-        return "ivf" if isinstance(self.index, faiss.IndexIVF) else "flat"
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def nprobe(self) -> int | None:
-        return int(self.index.nprobe) if self.kind == "ivf" else None
-
-    @nprobe.setter
-    def nprobe(self, value: int) -> None:
-        if self.kind != "ivf":
-            raise ValueError("nprobe applies to ivf indexes only")
-        self.index.nprobe = int(value)
-
-    @property
-    def is_trained(self) -> bool:
-        return bool(self.index.is_trained)
-
-    def train(self, vectors) -> None:
-        """Cluster a sample of the vectors (ivf); a flat index needs no training."""
-        vectors = _as_float32(vectors)
-        self._check_dim(vectors)
-        self.index.train(vectors)
-
-    def add(self, vectors) -> None:
-        """Append vectors (N, D); their ids continue from ``ntotal``. Trains an untrained ivf
-        index on this first chunk."""
-        vectors = _as_float32(vectors)
-        self._check_dim(vectors)
-        if not self.is_trained:
-            self.train(vectors)
-        self.index.add(vectors)
-
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (Q, min(k, ntotal)), best first; scores are projected inner products."""
-        queries = _as_float32(queries)
-        self._check_dim(queries)
-        k = min(int(k), self.ntotal)
-        if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores, ids = self.index.search(queries, k)
-        return scores, ids.astype(np.int64)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """faiss.write_index to a temporary file in the same folder, then an atomic rename."""
-        with atomic_path(path) as tmp:
-            faiss.write_index(self.index, str(tmp))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> GradientIndex:
-        index = faiss.read_index(str(path))
-        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise ValueError(f"{path}: not an inner-product index")
-        self = cls.__new__(cls)
-        self.dim, self.index = int(index.d), index
-        return self
-
-    def _check_dim(self, x: np.ndarray) -> None:
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {x.shape}")
 
 
 @dataclass
@@ -202,14 +63,6 @@ class Retrieval:
     def candidate_ids(self) -> np.ndarray:
         """Every document id retrieved for any query, sorted, once."""
         return np.unique(np.concatenate([self.proponent_ids.ravel(), self.opponent_ids.ravel()]))
-
-
-def retrieve(query_vectors, index: GradientIndex, k: int) -> Retrieval:
-    """Top-k proponents (search u) and opponents (search -u) of projected queries (Q, D)."""
-    q = _as_float32(query_vectors)
-    pro_scores, pro_ids = index.search(q, k)
-    neg_scores, opp_ids = index.search(-q, k)
-    return Retrieval(pro_ids, pro_scores, opp_ids, -neg_scores)
 
 
 def rescore(retrieval: Retrieval, model: nn.Module, task: Task, layers: Sequence[TrackedLayer],

@@ -8,20 +8,27 @@ product: proponents are the k highest scores, opponents the k lowest. Results ar
 The staged search is for corpora whose vectors do not fit in memory:
 
 1. coarse: every document's first P principal coordinates (``PCABasis``, fit on a sample of the
-   real vectors; a memory-mapped (N, P) float32 matrix) are scanned exhaustively:
-   <q, w> ~= <q, mean> + <V^T q, V^T (w - mean)>, where the columns of V are ordered by the
-   documents' variance (an energy-ordered prefix);
+   real vectors) approximate its score, <q, w> ~= <q, mean> + <V^T q, V^T (w - mean)>, where the
+   columns of V are ordered by the documents' variance (an energy-ordered prefix). They live in a
+   faiss inverted file (``IVFLists``: IndexIVFFlat, inner product, lists on disk and memory-mapped):
+   a query visits the ``nprobe`` lists whose centroids score best for q (and, for opponents, for -q),
+   so a search reads a fixed share of the corpus, not all of it;
 2. re-rank: the best ``rerank`` per sign are re-scored with their full rows (read from the shards);
 3. the caller re-scores the best of those exactly (``engine.rescore``).
-Recall of stage 1 + 2 against the exhaustive scan must be measured on the corpus at hand.
+Recall of stage 1 + 2 against the exhaustive scan must be measured on the corpus at hand. faiss picks
+the lists and stores them; the visited lists' rows are scored here, because a ranking weighs each
+document (its norm, or a normalisation's divisor) and faiss has no per-document weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,15 +158,129 @@ class PCABasis:
         return cls(stored["mean"], stored["components"])
 
 
-def staged_search(prefix: np.ndarray, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray], queries,
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """faiss's C++ code prints what it does with on-disk lists to the process's stdout, which would
+    mix into `msif query --json`: file descriptor 1 goes to /dev/null inside the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class IVFLists:
+    """Documents' principal coordinates in a faiss inverted file whose lists are on disk and
+    memory-mapped: ``directory`` holds ``index.faiss`` (the trained quantizer and the lists' layout)
+    and ``lists.ivfdata`` (the rows, list by list). A search visits ``nprobe`` lists per sign."""
+
+    INDEX, DATA = "index.faiss", "lists.ivfdata"
+
+    def __init__(self, index, nprobe: int):
+        import faiss
+
+        self.index = index
+        self.ivf = faiss.extract_index_ivf(index)
+        self.nprobe = min(int(nprobe), self.ivf.nlist)
+
+    @property
+    def nlist(self) -> int:
+        return int(self.ivf.nlist)
+
+    @classmethod
+    def build(cls, directory: str | os.PathLike, sample: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]],
+              nlist: int, nprobe: int, seed: int = 0) -> IVFLists:
+        """Train the lists' centroids on ``sample`` (n, P) and fill them from ``blocks`` of (first id,
+        rows): each block goes through a temporary index file, merged into one memory-mappable lists
+        file (faiss.contrib.ondisk), so no more than a block is ever in memory."""
+        import faiss
+        from faiss.contrib.ondisk import merge_ondisk
+
+        from .storage import atomic_dir
+
+        sample = np.ascontiguousarray(sample, np.float32)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], int(nlist),
+                                   faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(sample)
+        with atomic_dir(directory) as tmp, _quiet_stdout():
+            parts = []
+            for i, (start, rows) in enumerate(blocks):
+                part = faiss.clone_index(index)
+                part.add_with_ids(np.ascontiguousarray(rows, np.float32), np.arange(start, start + len(rows)))
+                parts.append(str(Path(tmp) / f"part-{i:05d}.faiss"))
+                faiss.write_index(part, parts[-1])
+            merge_ondisk(index, parts, str(Path(tmp) / cls.DATA))
+            faiss.write_index(index, str(Path(tmp) / cls.INDEX))
+            for part in parts:
+                os.unlink(part)
+        return cls.load(directory, nprobe)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, nprobe: int) -> IVFLists:
+        """The lists memory-mapped from ``directory`` (found there whatever the directory's name now)."""
+        import faiss
+
+        with _quiet_stdout():
+            index = faiss.read_index(str(Path(directory) / cls.INDEX), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        return cls(index, nprobe)
+
+    def _rows(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of the documents in ``lists``, read from the memory-mapped lists file."""
+        import faiss
+
+        invlists, width = self.ivf.invlists, self.ivf.d
+        ids, rows = [], []
+        for j in np.unique(lists[lists >= 0]):
+            size = invlists.list_size(int(j))
+            if size:
+                ids.append(faiss.rev_swig_ptr(invlists.get_ids(int(j)), size).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(int(j)), size * self.ivf.code_size)
+                rows.append(np.frombuffer(codes, np.float32).reshape(size, width))
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, width), np.float32)
+        return np.concatenate(ids), np.concatenate(rows)
+
+    def search(self, coarse: np.ndarray, offset: np.ndarray, k: int, weights: np.ndarray | None = None) -> Retrieval:
+        """Top-k of both signs of ``(rows @ q + offset) * weight`` over the visited lists: the
+        ``nprobe`` best lists for q (proponents) and for -q (opponents), per query; more when they
+        hold fewer than k documents."""
+        sides = []
+        for q, shift in zip(np.ascontiguousarray(coarse, np.float32), offset):
+            ids, scores = self._visit(q, k)
+            scores = scores + shift
+            if weights is not None:
+                scores = scores * weights[ids]
+            high_ids, high = _sorted(*_keep(ids[None], scores[None].astype(np.float32), k))
+            low_ids, neg = _sorted(*_keep(ids[None], -scores[None].astype(np.float32), k))
+            sides.append((high_ids[0], high[0], low_ids[0], -neg[0]))
+        return Retrieval(*(np.stack([side[i] for side in sides]) for i in range(4)))
+
+    def _visit(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, <q, row>) of the documents in the lists visited for q and for -q."""
+        probes = self.nprobe
+        while True:
+            _, high = self.ivf.quantizer.search(q[None], probes)
+            _, low = self.ivf.quantizer.search(-q[None], probes)
+            ids, rows = self._rows(np.concatenate([high[0], low[0]]))
+            if len(ids) >= k or probes >= self.nlist:
+                return ids, rows @ q
+            probes = min(self.nlist, 2 * probes)
+
+
+def staged_search(lists: IVFLists, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray], queries,
                   k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None) -> Retrieval:
-    """Coarse scan of the (N, P) ``prefix`` for ``rerank`` candidates per sign, then their full rows
-    (``full_rows(sorted ids) -> (n, D) float32``) re-scored and the best ``k`` per sign kept.
-    ``clock`` receives the seconds of each step (``coarse_s``, ``rerank_s``)."""
+    """Coarse stage over the inverted ``lists`` of principal coordinates for ``rerank`` candidates
+    per sign, then their full rows (``full_rows(sorted ids) -> (n, D) float32``) re-scored and the
+    best ``k`` per sign kept. ``clock`` receives the seconds of each step (``coarse_s``, ``rerank_s``)."""
     started = time.perf_counter()
     q = _queries(queries)
     coarse_q, offset = basis.queries(q)
-    coarse = scan(matrix_chunks(prefix), coarse_q, max(k, rerank), weights, offset)
+    coarse = lists.search(coarse_q, offset, max(k, rerank), weights)
     ids = coarse.candidate_ids()
     middle = time.perf_counter()
     exact = np.empty((len(ids), len(q)), np.float32)  # (n, Q), in blocks: many queries' rows stay bounded

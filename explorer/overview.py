@@ -52,7 +52,9 @@ class StudySummary:
             text = (f"Exhaustive scan of all {self.indexed_documents:,} documents' stored vectors (exact "
                     "for those vectors)")
         else:
-            text = (f"Staged search: {s['dims']} principal coordinates of every document scanned in full, "
+            lists = s.get("whitened", {})
+            text = (f"Staged search: {s['dims']} principal coordinates of every document in a faiss inverted file "
+                    f"of {lists.get('nlist', '?')} lists on disk, {lists.get('nprobe', '?')} of them visited per sign, "
                     f"the best {s['rerank']:,} per sign re-scored with their full vectors")
         text += f", then {self.candidates_per_sign} per sign re-scored exactly."
         for name, r in s.get("recall", {}).items():

@@ -1,6 +1,6 @@
 """A million-document study in miniature: the haystack, the staged index, growing a study.
 
-The staged index (PCA prefix scanned in full, candidates re-ranked with their full rows) must
+The staged index (principal coordinates in faiss inverted lists on disk, candidates re-ranked with their full rows) must
 return what an exhaustive scan of the stored vectors returns, and its build must read the
 vectors a shard at a time.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import engine.study.vectors as vectors_module
-from engine.search import PCABasis, TopK, scan, staged_search
+from engine.search import IVFLists, PCABasis, TopK, scan, staged_search
 from engine.study import Stage, Study, StudyIndex, layout
 from precompute import haystack
 from precompute.demo import build_demo, tiny_recipe
@@ -60,30 +60,61 @@ def test_pca_basis_is_the_principal_subspace():
     assert np.allclose(basis.transform(x) @ coarse.T + offset, x @ q.T, rtol=1e-3, atol=1e-2)
 
 
-def test_staged_search_equals_the_scan_when_nothing_is_cut():
+def _lists(tmp_path, rows: np.ndarray, basis: PCABasis, nlist: int, nprobe: int) -> IVFLists:
+    coordinates = basis.transform(rows)
+    blocks = ((start, coordinates[start:start + 300]) for start in range(0, len(rows), 300))
+    return IVFLists.build(tmp_path / "ivf", coordinates, blocks, nlist, nprobe)
+
+
+def test_staged_search_equals_the_scan_when_every_list_is_visited(tmp_path):
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((400, 16)).astype(np.float32)
     q = rng.standard_normal((2, 16)).astype(np.float32)
     basis = PCABasis.fit(rows, 16)
-    prefix = basis.transform(rows)
+    lists = _lists(tmp_path, rows, basis, nlist=8, nprobe=8)
     for weights in (None, rng.random(400).astype(np.float32) + 0.5):
-        staged = staged_search(prefix, basis, lambda ids: rows[ids], q, 10, rerank=400, weights=weights)
+        staged = staged_search(lists, basis, lambda ids: rows[ids], q, 10, rerank=400, weights=weights)
         exact = scan([(0, rows)], q, 10, weights=weights)
         assert (staged.proponent_ids == exact.proponent_ids).all()
         assert (staged.opponent_ids == exact.opponent_ids).all()
         assert np.allclose(staged.proponent_projected, exact.proponent_projected, rtol=1e-5)
 
 
-def test_staged_search_re_ranks_with_full_rows():
-    """A short prefix only picks candidates; the scores served are those of the full rows."""
+def test_staged_search_re_ranks_with_full_rows(tmp_path):
+    """The coarse coordinates only pick candidates; the scores served are those of the full rows."""
     rng = np.random.default_rng(3)
     rows = rng.standard_normal((2000, 64)).astype(np.float32)
     q = rng.standard_normal((1, 64)).astype(np.float32)
     basis = PCABasis.fit(rows, 8)
-    staged = staged_search(basis.transform(rows), basis, lambda ids: rows[ids], q, 5, rerank=50)
+    staged = staged_search(_lists(tmp_path, rows, basis, 16, 4), basis, lambda ids: rows[ids], q, 5, rerank=50)
     full = (rows @ q.T)[:, 0]
     assert np.allclose(staged.proponent_projected[0], full[staged.proponent_ids[0]], rtol=1e-5)
     assert (np.diff(staged.proponent_projected[0]) <= 0).all()
+
+
+def test_inverted_lists_visit_a_share_of_the_corpus_on_disk(tmp_path):
+    """A query reads nprobe lists per sign, memory-mapped from the lists file (which may move); a
+    clustered corpus keeps the weighted top-10 of the scan; fewer documents than k widen the visit."""
+    import faiss
+
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((40, 24)).astype(np.float32)
+    rows = (centres[rng.integers(0, 40, 6000)] + 0.3 * rng.standard_normal((6000, 24))).astype(np.float32)
+    weights = np.exp(0.5 * rng.standard_normal(6000)).astype(np.float32)
+    basis = PCABasis.fit(rows, 24)
+    lists = _lists(tmp_path, rows, basis, nlist=64, nprobe=8)
+    (tmp_path / "ivf").rename(tmp_path / "moved")
+    lists = IVFLists.load(tmp_path / "moved", nprobe=8)
+    assert type(faiss.downcast_InvertedLists(lists.ivf.invlists)).__name__ == "OnDiskInvertedLists"
+    q = rows[rng.choice(6000, 8)] + 0.5 * rows[rng.choice(6000, 8)]  # shaped like documents, as queries are
+    coarse, offset = basis.queries(q)
+    visited = lists._visit(coarse[0], 10)[0]
+    assert 10 <= len(visited) < len(rows) / 2
+    found, truth = lists.search(coarse, offset, 10, weights), scan([(0, basis.transform(rows))], coarse, 10,
+                                                                     weights, offset)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.proponent_ids, truth.proponent_ids)])
+    assert recall >= 0.9, recall
+    assert len(lists.search(coarse[:1], offset[:1], 3000).proponent_ids[0]) == 3000  # widened past nprobe
 
 
 # -- the haystack --------------------------------------------------------------------------------
@@ -112,13 +143,13 @@ def test_haystack_is_prefix_stable(small_world):
 # -- a staged study, built from the shards ---------------------------------------------------------
 def _staged_recipe():
     recipe = tiny_recipe()
-    return replace(recipe, influence=replace(recipe.influence, index="pca", index_dims=64, rerank=800,
+    return replace(recipe, influence=replace(recipe.influence, index="ivf", index_dims=64, rerank=800,
                                              index_sample=1024))
 
 
 @pytest.fixture(scope="module")
 def staged(tiny_study, tmp_path_factory):
-    """The tiny demo plus EXTRA haystack documents, indexed by the staged (pca) index; the loader
+    """The tiny demo plus EXTRA haystack documents, indexed by the staged (ivf) index; the loader
     is spied on: how many rows are decoded at once."""
     root = tmp_path_factory.mktemp("haystack") / "study"
     shutil.copytree(tiny_study, root)
@@ -140,10 +171,10 @@ def staged(tiny_study, tmp_path_factory):
 def test_staged_index_serves_the_scan_top10(staged):
     study, _ = staged
     record = study.manifest()["stages"][Stage.INDEX]["search"]
-    assert record["kind"] == "pca" and record["documents"] > EXTRA
+    assert record["kind"] == "ivf" and record["documents"] > EXTRA
     assert record["recall"]["whitened"]["at_10"] >= 0.95 and record["recall"]["projected"]["at_10"] >= 0.95
     index = StudyIndex.of(study)
-    assert isinstance(index.searches["whitened"].prefix, np.memmap)  # memory-mapped, not loaded
+    assert (study.path(layout.index_file("whitened", "ivf")) / "lists.ivfdata").exists()  # on disk, memory-mapped
     rng = np.random.default_rng(0)
     for name in ("whitened", "projected"):
         # queries shaped like documents (a random mix of stored rows): the regime the index serves
@@ -176,7 +207,7 @@ def test_growing_a_study_recomputes_only_new_shards(staged, tmp_path):
         Stage.PROJECTION]["vectors"]["documents"] + 1500
     shrunk = build_demo(root, seed=3, recipe=_staged_recipe(), progress=False, extra_documents=0)
     manifest = shrunk.verify(layout.READER_STAGES)  # no stale shard left in the manifest
-    assert manifest["stages"][Stage.INDEX]["search"]["kind"] == "pca"
+    assert manifest["stages"][Stage.INDEX]["search"]["kind"] == "ivf"
     assert not any(f.startswith(layout.shard(5)) for f in manifest["files"])
 
 

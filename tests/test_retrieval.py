@@ -13,7 +13,6 @@ import torch
 
 from engine import (
     BM25,
-    GradientIndex,
     KroneckerProjector,
     LanguageModelingTask,
     ScoreArguments,
@@ -25,11 +24,11 @@ from engine import (
     project_documents,
     representation_similarity,
     rescore,
-    retrieve,
     score_documents,
     sequence_gradients,
     stack_gradients,
 )
+from engine.search import scan
 
 from conftest import lm_batch
 
@@ -193,10 +192,16 @@ def test_projector_round_trip_and_checksum(tmp_path, layers, queries):
 # Retrieval
 # --------------------------------------------------------------------------------------------
 
-def _index(pt_model, layers, doc_batches, dim_per_layer, seed=0, kind="flat", **kw):
+def _index(pt_model, layers, doc_batches, dim_per_layer, seed=0):
+    """The projector and the documents' projected rows (what a flat study index scans)."""
     proj = KroneckerProjector.for_layers(layers, dim_per_layer, seed=seed)
     docs = project_documents(pt_model, TASK, doc_batches, layers, proj, progress=False)
-    return proj, GradientIndex.build(docs.vectors, kind=kind, **kw)
+    return proj, np.asarray(docs.vectors, np.float32)
+
+
+def retrieve(query_vectors, rows: np.ndarray, k: int):
+    """Top-k of both signs over the projected rows, as the study's flat index serves them."""
+    return scan([(0, rows)], query_vectors, k)
 
 
 def test_recall_against_exact_scores(pt_model, layers, doc_batches, queries, exact_scores):
@@ -229,15 +234,14 @@ def test_recall_against_exact_scores(pt_model, layers, doc_batches, queries, exa
     assert (found.opponent_projected < 0).all() and found.proponent_exact is None
 
 
-def test_opponents_are_the_search_of_minus_u(pt_model, layers, doc_batches, queries):
-    proj, index = _index(pt_model, layers, doc_batches, 16)
-    q = proj.project_gradients(queries.vectors)
-    found = retrieve(q, index, K)
-    neg_scores, neg_ids = index.search(-q.numpy(), K)
-    np.testing.assert_array_equal(found.opponent_ids, neg_ids)
-    np.testing.assert_array_equal(found.opponent_projected, -neg_scores)
-    pos_scores, pos_ids = index.search(q.numpy(), K)
-    np.testing.assert_array_equal(found.proponent_ids, pos_ids)
+def test_opponents_are_the_most_negative_projected_scores(pt_model, layers, doc_batches, queries):
+    proj, rows = _index(pt_model, layers, doc_batches, 16)
+    q = np.asarray(proj.project_gradients(queries.vectors))
+    found = retrieve(q, rows, K)
+    projected = q @ rows.T
+    np.testing.assert_array_equal(found.opponent_ids, np.argsort(projected, 1, kind="stable")[:, :K])
+    np.testing.assert_allclose(found.opponent_projected, np.sort(projected, 1)[:, :K], rtol=1e-5)
+    np.testing.assert_array_equal(found.proponent_ids, np.argsort(-projected, 1, kind="stable")[:, :K])
     assert (np.diff(found.proponent_projected, axis=1) <= 0).all()
     assert (np.diff(found.opponent_projected, axis=1) >= 0).all()
 
@@ -271,36 +275,6 @@ def test_rescore_gives_exact_scores_marked_as_such(pt_model, layers, corpus, doc
     assert wide.proponent_ids.shape == (len(rows), K) and wide.opponent_exact.shape == (len(rows), K)
     np.testing.assert_array_equal(wide.proponent_ids, np.argsort(-exact_scores, 1)[:, :K])
     np.testing.assert_array_equal(wide.opponent_ids, np.argsort(exact_scores, 1)[:, :K])
-
-
-def test_index_round_trip_and_ivf(tmp_path, pt_model, layers, doc_batches, queries):
-    proj, flat = _index(pt_model, layers, doc_batches, 16)
-    q = proj.project_gradients(queries.vectors)
-    flat.save(tmp_path / "flat.faiss")
-    back = GradientIndex.load(tmp_path / "flat.faiss")
-    assert back.kind == "flat" and back.ntotal == N_DOCS
-    for a, b in zip(flat.search(q, K), back.search(q, K)):
-        np.testing.assert_array_equal(a, b)
-
-    _, ivf = _index(pt_model, layers, doc_batches, 16, kind="ivf", nlist=8, nprobe=8)
-    assert ivf.kind == "ivf" and ivf.nprobe == 8 and ivf.is_trained
-    # visiting every list is exhaustive: the same ids and scores as the flat index
-    f_scores, f_ids = flat.search(q, K)
-    i_scores, i_ids = ivf.search(q, K)
-    np.testing.assert_array_equal(i_ids, f_ids)
-    np.testing.assert_allclose(i_scores, f_scores, rtol=1e-5)
-    ivf.nprobe = 2
-    ivf.save(tmp_path / "ivf.faiss")
-    back = GradientIndex.load(tmp_path / "ivf.faiss")
-    assert back.kind == "ivf" and back.nprobe == 2
-    for a, b in zip(ivf.search(q, K), back.search(q, K)):
-        np.testing.assert_array_equal(a, b)
-    assert _recall(back.search(q, K)[1], f_ids) >= 0.3  # a partial search still finds some
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary file
-    # k beyond the corpus is trimmed; wrong dimensions are refused
-    assert flat.search(q[:1], 10 * N_DOCS)[1].shape == (1, N_DOCS)
-    with pytest.raises(ValueError, match="shape"):
-        flat.search(np.zeros((1, 3), np.float32), 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,10 +121,10 @@ class InfluenceConfig:
     exclude: list[str] = field(default_factory=list)
     projection_dim: int = 256  # per tracked layer (k_out * k_in), for the raw-gradient indexes
     eigen_dim: int = 1024  # per tracked layer: top eigen-coordinates kept for multi-stage retrieval
-    index: str = "auto"  # flat (exhaustive scan) | pca (staged: principal prefix, re-rank) | auto: by corpus size
-    index_dims: int = 256  # pca: principal coordinates scanned for every document
-    rerank: int = 2000  # pca: candidates per sign re-scored with their full vectors (measured: benchmarks/haystack.py)
-    index_sample: int = 16384  # pca: documents the principal directions are fit on
+    index: str = "auto"  # flat (exhaustive scan) | ivf (staged: faiss inverted lists, re-rank) | auto: by corpus size
+    index_dims: int = 256  # ivf: principal coordinates of every document in the coarse stage
+    rerank: int = 2000  # ivf: candidates per sign re-scored with their full vectors (measured: benchmarks/haystack.py)
+    index_sample: int = 16384  # ivf: documents the principal directions and the lists' centroids are fit on
     candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
     accumulation: str = "float32"  # precision of the factor fit's running sums: float32 | float64

@@ -6,14 +6,16 @@ pt-inverse-dropped) and ``whitened`` (multi-stage). Each is served in one of two
 corpus size:
 
     flat  an exhaustive scan of the memory-mapped shards (exact; small studies)
-    pca   a staged search (``engine.search.staged_search``): the first ``index_dims`` principal
-          coordinates of every document, fit on a sample of real vectors, scanned in full from a
-          memory-mapped (N, P) float32 file; the best ``rerank`` per sign re-scored with their full
-          rows read from the shards
+    ivf   a staged search (``engine.search.staged_search``): the first ``index_dims`` principal
+          coordinates of every document, fit on a sample of real vectors, in a faiss inverted file
+          on disk and memory-mapped (``engine.search.IVFLists``, trained on the same sample); a query
+          visits ``nprobe`` of its ``nlist`` lists per sign, and the best ``rerank`` per sign are
+          re-scored with their full rows read from the shards
 
-Cosine and dot scores share one set of files: the norms are stored, not a second index. The
-build reads one shard at a time; the kind, its settings and the recall measured against a full
-scan are recorded with the index stage in the manifest.
+Cosine and dot scores share one set of files: the norms are stored, not a second index. The index
+stage also stores every document's whitened norm (normalised rankings). The build reads one shard at
+a time; the kind, its settings and the recall measured against a full scan are recorded with the
+index stage in the manifest.
 """
 
 from __future__ import annotations
@@ -24,36 +26,46 @@ from functools import partial
 import numpy as np
 
 from ..retrieval import Retrieval
-from ..search import PCABasis, scan, staged_search
-from ..storage import atomic_path, save_npy
+from ..search import IVFLists, PCABasis, scan, staged_search
+from ..storage import save_npy
 from . import layout
 from .manifest import Study, StudyError
 from .vectors import DocumentVectors
 
 VECTOR_KINDS = ("projected", "whitened")
-INDEX_KINDS = ("auto", "flat", "pca")
+INDEX_KINDS = ("auto", "flat", "ivf")
 HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
 
 
 @dataclass(frozen=True)
 class IndexSettings:
-    kind: str = "auto"  # auto | flat | pca
-    dims: int = 256  # principal coordinates scanned in the coarse stage (pca)
-    rerank: int = 2000  # candidates per sign re-scored with full vectors (pca)
-    sample: int = 16_384  # documents the principal directions are fit on (pca)
+    kind: str = "auto"  # auto | flat | ivf ("pca", the name of the earlier staged index, is read as ivf)
+    dims: int = 256  # principal coordinates in the coarse stage (ivf)
+    rerank: int = 2000  # candidates per sign re-scored with full vectors (ivf)
+    sample: int = 16_384  # documents the principal directions and the lists' centroids are fit on (ivf)
     seed: int = 0
+    nlist: int = 0  # inverted lists (ivf); 0: about 4 sqrt(documents), at least 39 sampled documents a list
+    nprobe: int = 64  # lists a query visits per sign (ivf; measured: benchmarks/ivf_scale.py)
 
     def __post_init__(self):
+        if self.kind == "pca":
+            object.__setattr__(self, "kind", "ivf")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
-        if min(self.dims, self.rerank, self.sample) < 1:
-            raise ValueError("index_dims, rerank and index_sample must be >= 1")
+        if min(self.dims, self.rerank, self.sample, self.nprobe) < 1 or self.nlist < 0:
+            raise ValueError("index_dims, rerank, index_sample and nprobe must be >= 1 (nlist >= 0)")
 
     def resolved(self, documents: int) -> str:
         if self.kind != "auto":
             return self.kind
-        return "pca" if documents > FLAT_LIMIT else "flat"
+        return "ivf" if documents > FLAT_LIMIT else "flat"
+
+    def lists(self, documents: int, sampled: int) -> int:
+        """The number of inverted lists for a corpus: ``nlist``, or about 4 sqrt(N), each centroid
+        trained on at least 39 sampled documents (faiss's minimum)."""
+        wanted = self.nlist or int(round(4 * np.sqrt(documents)))
+        return max(1, min(wanted, sampled // 39))
 
 
 def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndarray] | None = None,
@@ -68,11 +80,11 @@ def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndar
     record = {**asdict(settings), "configured": settings.kind, "kind": kind, "documents": vectors.documents,
               "whitened_norms": layout.INDEX_NORMS.path}
     files = [_save_whitened_norms(study, vectors)]
-    if kind == "pca":
+    if kind == "ivf":
         for name in VECTOR_KINDS:
-            record[name] = _build_pca(study, vectors, name, settings, progress)
-            files += [layout.index_file(name, "prefix"), layout.index_file(name, "basis")]
-    if probes and kind == "pca":  # a flat index is the scan itself
+            record[name] = _build_ivf(study, vectors, name, settings, progress)
+            files += [layout.index_file(name, "basis"), *study.files_under(layout.index_file(name, "ivf"))]
+    if probes and kind == "ivf":  # a flat index is the scan itself
         index = StudyIndex(study, record)
         record["recall"] = {name: index.measure(name, q) for name, q in probes.items()}
     return files, record
@@ -87,38 +99,38 @@ def _save_whitened_norms(study: Study, vectors: DocumentVectors) -> str:
     return layout.INDEX_NORMS.path
 
 
-def _build_pca(study: Study, vectors: DocumentVectors, name: str, settings: IndexSettings,
+def _build_ivf(study: Study, vectors: DocumentVectors, name: str, settings: IndexSettings,
                progress: bool) -> dict:
-    """Fit the basis on whole, evenly spread shards (sequential reads), then transform every shard."""
+    """Fit the principal basis on whole, evenly spread shards (sequential reads), train the inverted
+    lists' centroids on the same sample's coordinates, then fill the lists a shard at a time."""
     from tqdm.auto import tqdm
 
     wanted = max(1, -(-settings.sample // vectors.shard_size))
     picked = np.unique(np.linspace(0, vectors.shards - 1, min(wanted, vectors.shards)).round().astype(int))
     sample = np.concatenate([rows for _, rows in vectors.numbered_chunks(name, picked.tolist())])
     basis = PCABasis.fit(sample, settings.dims, settings.seed)
-    some = sample[:: max(1, len(sample) // 4096)]
-    variance = float(basis.transform(some).var(0).sum() / some.var(0).sum())
-    del sample, some
+    coordinates = basis.transform(sample)
+    variance = float(coordinates[:: max(1, len(sample) // 4096)].var(0).sum()
+                     / sample[:: max(1, len(sample) // 4096)].var(0).sum())
+    del sample
     basis.save(study.path(layout.index_file(name, "basis")))
-    with atomic_path(study.path(layout.index_file(name, "prefix"))) as tmp:
-        prefix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                           shape=(vectors.documents, basis.dims))
-        for start, rows in tqdm(vectors.numbered_chunks(name), total=vectors.shards, disable=not progress,
-                                desc=f"index ({name})", unit="shard"):
-            prefix[start:start + len(rows)] = basis.transform(rows)
-        prefix.flush()
-        del prefix
-    return {"dims": basis.dims, "sampled_documents": int(len(picked) * vectors.shard_size),
-            "variance_kept": variance}
+    nlist = settings.lists(vectors.documents, len(coordinates))
+    shards = tqdm(vectors.numbered_chunks(name), total=vectors.shards, disable=not progress,
+                  desc=f"index ({name})", unit="shard")
+    lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates,
+                           ((start, basis.transform(rows)) for start, rows in shards), nlist, settings.nprobe,
+                           settings.seed)
+    return {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "variance_kept": variance,
+            "nlist": lists.nlist, "nprobe": lists.nprobe}
 
 
 class VectorSearch:
     """Top-k of one vector kind for query vectors (Q, D), both signs: a scan or the staged search."""
 
     def __init__(self, vectors: DocumentVectors, name: str, kind: str, rerank: int,
-                 prefix: np.ndarray | None = None, basis: PCABasis | None = None):
+                 lists: IVFLists | None = None, basis: PCABasis | None = None):
         self.vectors, self.name, self.kind, self.rerank = vectors, name, kind, rerank
-        self.prefix, self.basis = prefix, basis
+        self.lists, self.basis = lists, basis
         self._held: np.ndarray | None = None
 
     @property
@@ -130,7 +142,7 @@ class VectorSearch:
         k = min(int(k), self.vectors.documents)
         if self.kind == "flat":
             return self.scan(queries, k, weights)
-        return staged_search(self.prefix, self.basis, partial(self.vectors.gather, self.name), queries, k,
+        return staged_search(self.lists, self.basis, partial(self.vectors.gather, self.name), queries, k,
                              self.rerank, weights, clock)
 
     def scan(self, queries, k: int, weights: np.ndarray | None = None) -> Retrieval:
@@ -149,20 +161,21 @@ class StudyIndex:
     """The index stage's search over a study's vectors (memory-mapped; nothing loaded whole)."""
 
     def __init__(self, study: Study, record: dict):
-        if "whitened_norms" not in record:
-            raise StudyError(f"the index of {study.root} predates normalised rankings (it has no whitened norms); "
-                             f"run `{study.rebuild_command()}` to add them (it reruns the index stage only)")
+        if "whitened_norms" not in record or record["kind"] not in INDEX_KINDS:
+            raise StudyError(f"the index of {study.root} was built by an older msif (no whitened norms, or a "
+                             f"{record['kind']} index); run `{study.rebuild_command()}` to rebuild it (it reruns the "
+                             "index stage only)")
         self.record = record
         self.vectors = DocumentVectors.of(study)
         self._norms: np.ndarray | None = None
         self.whitened_norms: np.ndarray = np.load(study.path(record["whitened_norms"]))
         self.searches = {}
         for name in VECTOR_KINDS:
-            prefix = basis = None
-            if record["kind"] == "pca":
-                prefix = np.load(study.path(layout.index_file(name, "prefix")), mmap_mode="r")
+            lists = basis = None
+            if record["kind"] == "ivf":
+                lists = IVFLists.load(study.path(layout.index_file(name, "ivf")), record[name]["nprobe"])
                 basis = PCABasis.load(study.path(layout.index_file(name, "basis")))
-            self.searches[name] = VectorSearch(self.vectors, name, record["kind"], record["rerank"], prefix, basis)
+            self.searches[name] = VectorSearch(self.vectors, name, record["kind"], record["rerank"], lists, basis)
 
     @classmethod
     def of(cls, study: Study) -> StudyIndex:

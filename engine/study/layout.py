@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 FORMAT = "msif-study"
 FORMAT_VERSION = 3  # 2: factors as per-layer directories, document vectors in memory-mappable shards;
-# 3: a staged search index (PCA prefix + full rows from the shards) instead of three faiss files
+# 3: a staged search index (principal coordinates + full rows from the shards) instead of three faiss files
 DEFAULT_STUDY = "studies/demo"  # where `msif app` and the benchmarks look for the demo study
 
 
@@ -93,20 +93,21 @@ SQ_NORMS = Artifact("gradients/shards/*/sq_norms.npy", Stage.PROJECTION,
 SHARD_TEXTS = Artifact("gradients/shards/*/texts.sha256", Stage.PROJECTION,
                        "digest of the shard's document texts: a grown or edited corpus recomputes only "
                        "the shards whose texts changed")
-INDEX_DIR = Artifact("index", Stage.INDEX, "the search index: the whitened norms; for a staged (pca) index also "
-                     "the two files below per vector kind (projected, whitened)")
+INDEX_DIR = Artifact("index", Stage.INDEX, "the search index: the whitened norms; for a staged (ivf) index also "
+                     "the basis and the inverted lists below per vector kind (projected, whitened)")
 INDEX_NORMS = Artifact("index/whitened-norms.npy", Stage.INDEX,
                        "(documents,) float32 norm of each whitened row: the index's estimate of a document's "
                        "norm in the (H_pt + lambda I)^-1 metric, for normalised multi-stage rankings")
-INDEX_PREFIX = Artifact("index/*-prefix.npy", Stage.INDEX,
-                        "(documents, index_dims) float32 principal coordinates, scanned in full")
+INDEX_IVF = Artifact("index/*-ivf", Stage.INDEX,
+                     "a faiss inverted file of every document's principal coordinates (index.faiss: the trained "
+                     "lists; lists.ivfdata: the rows, on disk and memory-mapped)")
 INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
                        "their mean and principal directions, fit on a sample of the vectors")
 
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
           FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_NORMS,
-          INDEX_PREFIX, INDEX_BASIS)
+          INDEX_IVF, INDEX_BASIS)
 SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
 
 
@@ -124,8 +125,8 @@ def shard_digest_file(index: int) -> str:
 
 
 def index_file(kind: str, part: str) -> str:
-    """``index/{kind}-prefix.npy`` or ``index/{kind}-basis.safetensors`` (kind: projected | whitened)."""
-    return f"{INDEX_DIR.path}/{kind}-prefix.npy" if part == "prefix" else f"{INDEX_DIR.path}/{kind}-basis.safetensors"
+    """``index/{kind}-ivf`` (a directory) or ``index/{kind}-basis.safetensors`` (kind: projected | whitened)."""
+    return f"{INDEX_DIR.path}/{kind}-ivf" if part == "ivf" else f"{INDEX_DIR.path}/{kind}-basis.safetensors"
 
 
 def describe() -> str:
