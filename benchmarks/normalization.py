@@ -111,6 +111,26 @@ def _measured(side, study, every: np.ndarray, split: int, query: PreconditionedQ
     return DocumentScores(scores, sq_norms, metric)
 
 
+def _cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path | None) -> dict:
+    """The exhaustive pass, or what an earlier run of the same seed and facts saved in ``cache`` (so
+    that the served rankings can be measured again, e.g. after the index changed, in minutes)."""
+    if cache is not None and cache.exists():
+        saved = np.load(cache, allow_pickle=False)
+        if saved["questions"].tolist() == [c.question for c in cases]:
+            scores = {k[len("score:"):]: saved[k] for k in saved.files if k.startswith("score:")}
+            norms: dict = {}
+            for key in (k for k in saved.files if k.startswith("norm:")):
+                method, name = key[len("norm:"):].split("/")
+                norms.setdefault(method, {})[name] = saved[key]
+            return {"scores": scores, "norms": norms, "seconds": float(saved["seconds"])}
+    measured = exhaustive_pass(service, cases, metric_documents=world)
+    if cache is not None:
+        np.savez(cache, questions=np.array([c.question for c in cases]), seconds=measured["seconds"],
+                 **{f"score:{m}": v for m, v in measured["scores"].items()},
+                 **{f"norm:{m}/{n}": v for m, d in measured["norms"].items() for n, v in d.items()})
+    return measured
+
+
 def ranked(scores: np.ndarray, norms: dict | None, spec: str, docs: np.ndarray) -> np.ndarray:
     """Each case's top K of documents ``docs`` (ids), by the normalised scores."""
     values = scores[:, docs]
@@ -171,7 +191,8 @@ def check_against_tracer(tracer: Tracer, cases: list[Case], method: str, spec: s
     return same
 
 
-def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool = False) -> dict:
+def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool = False,
+             cache: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
     world = len(small.study.documents)
@@ -180,7 +201,7 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
     cases = load_cases(haystack, limit, reference)
     if not cases:
         raise SystemExit(f"{haystack}: the model answers no pretraining-only fact correctly (try --reference-answers)")
-    measured = exhaustive_pass(big.engine, cases, metric_documents=world)
+    measured = _cached_pass(big.engine, cases, world, cache)
     scores, norms = measured["scores"], measured["norms"]
     settings = {"plain": (small, np.arange(world)), "haystack": (big, np.arange(len(big.study.documents)))}
     out = {"haystack": str(haystack), "plain": str(plain), "seed": big.study.manifest["demo"]["seed"],
@@ -389,13 +410,16 @@ def main(argv=None) -> int:
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--reference-answers", action="store_true",
                      help="trace the world's reference responses instead of the model's correct answers")
-    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--out", type=Path, required=True,
+                     help="the measurements (JSON); the exhaustive scores are kept beside it (.npz) and reused by "
+                          "a later run of the same seed and facts")
     rep = commands.add_parser("report", help="pool the seeds' measurements into a report")
     rep.add_argument("runs", type=Path, nargs="+")
     rep.add_argument("--out", type=Path, default=Path("docs/normalization.md"))
     args = parser.parse_args(argv)
     if args.command == "run":
-        result = run_seed(args.haystack, args.plain, args.limit, args.threads, args.reference_answers)
+        result = run_seed(args.haystack, args.plain, args.limit, args.threads, args.reference_answers,
+                          args.out.with_suffix(".npz"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result))
         print(report([result]))

@@ -89,6 +89,13 @@ def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
     for r in result["results"]:
         assert all(0 <= v <= 1 for v in r["rr"] + r["recall"])
     assert all(c["same"] == c["of"] for c in result["checks"])  # the served lists are what Tracer.trace serves
+    again = tmp_path / "again.json"  # the exhaustive pass is reused from the first run's .npz
+    (tmp_path / "seed-3.npz").rename(again.with_suffix(".npz"))
+    assert bench.main(["run", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "5",
+                       "--threads", "1", "--reference-answers", "--out", str(again)]) == 0
+    repeated = json.loads(again.read_text())
+    assert repeated["exhaustive_seconds"] == result["exhaustive_seconds"]
+    assert [r["rr"] for r in repeated["results"]] == [r["rr"] for r in result["results"]]
     out = tmp_path / "normalization.md"
     assert bench.main(["report", str(run), "--out", str(out)]) == 0
     text = out.read_text()
