@@ -131,3 +131,16 @@ def test_lds_halves_are_reproducible_halves():
     first, again = bench.halves(101, 4, seed=7), bench.halves(101, 4, seed=7)
     assert all(len(h) == 50 and len(set(h.tolist())) == 50 for h in first)
     assert all((a == b).all() for a, b in zip(first, again)) and not (first[0] == first[1]).all()
+
+
+@pytest.mark.slow
+def test_ivf_scale_smoke(tiny_haystack, tmp_path):
+    bench = load_benchmark("ivf_scale")
+    out = tmp_path / "ivf.md"
+    assert bench.main(["--study", str(tiny_haystack), "--sizes", "3000", "--queries", "4", "--threads", "1",
+                       "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
+    assert len(rows) >= 1
+    for row in rows:
+        among, top = float(row[8]), float(row[9])
+        assert 0.9 <= among <= 1.0 and 0.0 <= top <= 1.0 and float(row[6]) > 0  # 3,000 documents: nearly all visited
