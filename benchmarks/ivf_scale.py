@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the synthetic lists go (default: a temporary directory)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     study = open_study(args.study, device="cpu")
     basis, coordinates, norms = real_statistics(study, IndexSettings().sample)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
 
 def report(args, study, rows: list[dict], rankings: list[str], rerank: int, real: int) -> str:
     lines = [f"# The staged search at scale (simulated from `{args.study}`, {real:,} real documents)", "",
-             f"`python benchmarks/ivf_scale.py {' '.join(map(str, sys.argv[1:]))}`: synthetic documents = a real "
+             f"`python benchmarks/ivf_scale.py {' '.join(map(str, args.argv))}`: synthetic documents = a real "
              f"document's 256 principal coordinates + noise ({args.noise:g} x each coordinate's spread), its norms "
              f"drawn with it; {args.queries} queries = the study's pretraining-only facts (reference answers, "
              "multi-stage, whitened). Coarse "
