@@ -71,6 +71,7 @@ class QueryEngine:
         self.progress = progress
         self._bm25: BM25 | None = None
         self._representations: np.ndarray | None = None
+        self._weights: dict[tuple, np.ndarray | None] = {}
 
     # -- 1-2: the query ---------------------------------------------------------------------------
     def preconditioned(self, prompts: Sequence[str], answers: Sequence[str], name: str,
@@ -119,14 +120,20 @@ class QueryEngine:
             if norm.floor is not None and not exhaustive:
                 raise ValueError("a floor under the metric norm needs every document's metric norm: score "
                                  "exhaustively, or use whitened@median (the index's estimate of that norm)")
-            return NormalizedRanking(norm, lambda ids, m: m.metric_sq_norms.numpy() ** 0.5, None, metric)
+            return NormalizedRanking(norm, lambda ids, measured: measured.metric_sq_norms.numpy() ** 0.5, None, metric)
         stored = index.norms.astype(np.float64) if m.documents_at == PRETRAINED else None
-        return NormalizedRanking(norm, lambda ids, m: m.sq_norms.numpy() ** 0.5, stored)  # gradient norms
+        return NormalizedRanking(norm, lambda ids, measured: measured.sq_norms.numpy() ** 0.5, stored)  # gradient
 
     def search_weights(self, name: str, norm: Normalization, vectors: str) -> np.ndarray | None:
         """Per-document weights of the index's scores of ``vectors``: projected rows are unit-scale
         (times the exact norm for raw gradients); a normalised ranking divides by the index's estimate
-        of d(z)."""
+        of d(z). Computed once per (method, ranking, vectors): O(documents) each."""
+        key = (name, str(norm), vectors)
+        if key not in self._weights:
+            self._weights[key] = self._search_weights(name, norm, vectors)
+        return self._weights[key]
+
+    def _search_weights(self, name: str, norm: Normalization, vectors: str) -> np.ndarray | None:
         m, index = method(name), self.study.index
         raw = index.norms if vectors == "projected" and not m.unit else None
         if norm.is_raw:
