@@ -8,11 +8,12 @@ product: proponents are the k highest scores, opponents the k lowest. Results ar
 The staged search is for corpora whose vectors do not fit in memory:
 
 1. coarse: every document's first P principal coordinates (``PCABasis``, fit on a sample of the
-   real vectors) approximate its score, <q, w> ~= <q, mean> + <V^T q, V^T (w - mean)>, where the
-   columns of V are ordered by the documents' variance (an energy-ordered prefix). They live in a
-   faiss inverted file (``IVFLists``: IndexIVFFlat, inner product, lists on disk and memory-mapped):
-   a query visits the ``nprobe`` lists whose centroids score best for q (and, for opponents, for -q),
-   so a search reads a fixed share of the corpus, not all of it;
+   real vectors scaled to unit norm) approximate its score, <q, w> ~= <q, mean> + <V^T q, V^T (w - mean)>,
+   where the columns of V are ordered by variance (an energy-ordered prefix). They live in a faiss
+   inverted file (``IVFLists``: IndexIVFFlat, spherical k-means, lists on disk and memory-mapped): a
+   query visits the ``nprobe`` lists whose centroids point most along q (and, for opponents, along -q),
+   so a search reads a fixed share of the corpus, not all of it. The few documents whose weight
+   times norm is largest (a ``Band``) are always scored too: raw rankings are made of them;
 2. re-rank: the best ``rerank`` per sign are re-scored with their full rows (read from the shards);
 3. the caller re-scores the best of those exactly (``engine.rescore``).
 Recall of stage 1 + 2 against the exhaustive scan must be measured on the corpus at hand. faiss picks
@@ -128,8 +129,11 @@ class PCABasis:
 
     @classmethod
     def fit(cls, sample: np.ndarray, dims: int, seed: int = 0) -> PCABasis:
-        """Randomised SVD (``torch.svd_lowrank``, seeded) of the centred sample (n, D)."""
-        x = torch.from_numpy(np.array(sample, dtype=np.float32))
+        """Randomised SVD (``torch.svd_lowrank``, seeded) of the centred sample (n, D) of *unit* rows:
+        fit on raw rows, a few documents with huge norms own the leading directions and the rest of
+        the corpus is coarsely scored by noise (measured on a 32k haystack, scan recall@10 of the
+        raw ranking 0.76, of the cosine ranking 0.67; fit on unit rows: 0.99 and 0.90)."""
+        x = torch.from_numpy(unit_rows(sample))
         mean = x.mean(0)
         x -= mean  # in place: the sample is the largest thing the build holds
         dims = min(int(dims), *x.shape)
@@ -156,6 +160,27 @@ class PCABasis:
 
         stored = load_file(str(path))
         return cls(stored["mean"], stored["components"])
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``rows`` scaled to unit norm (zero rows stay zero)."""
+    x = np.array(rows, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-30))
+    return x
+
+
+@dataclass
+class Band:
+    """The documents whose weight times row norm is largest, with their principal coordinates: the
+    staged search always scores them in the coarse stage. They are few, but a raw (unnormalised)
+    ranking is made of them, and their lists need not be the ones a query visits."""
+
+    ids: np.ndarray  # (H,) sorted
+    coordinates: np.ndarray  # (H, P)
+
+    @classmethod
+    def empty(cls, dims: int) -> Band:
+        return cls(np.zeros(0, np.int64), np.zeros((0, dims), np.float32))
 
 
 @contextlib.contextmanager
@@ -202,10 +227,14 @@ class IVFLists:
 
         from .storage import atomic_dir
 
-        sample = np.ascontiguousarray(sample, np.float32)
+        sample = unit_rows(sample)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], int(nlist),
                                    faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
+        # Spherical k-means on unit coordinates: lists by direction. Inner-product k-means on raw rows
+        # lets heavy documents pull every centroid (measured: the largest list held 42% of a 32k
+        # haystack, a quarter of the lists were empty). Rows are added by inner product with the unit
+        # centroids, i.e. by cosine.
+        index.cp.seed, index.cp.spherical = seed, True
         index.train(sample)
         with atomic_dir(directory) as tmp, _quiet_stdout():
             parts = []
@@ -245,13 +274,18 @@ class IVFLists:
             return np.zeros(0, np.int64), np.zeros((0, width), np.float32)
         return np.concatenate(ids), np.concatenate(rows)
 
-    def search(self, coarse: np.ndarray, offset: np.ndarray, k: int, weights: np.ndarray | None = None) -> Retrieval:
+    def search(self, coarse: np.ndarray, offset: np.ndarray, k: int, weights: np.ndarray | None = None,
+               band: Band | None = None) -> Retrieval:
         """Top-k of both signs of ``(rows @ q + offset) * weight`` over the visited lists: the
-        ``nprobe`` best lists for q (proponents) and for -q (opponents), per query; more when they
-        hold fewer than k documents."""
+        ``nprobe`` best lists for q (proponents) and for -q (opponents), per query, more when they
+        hold fewer than k documents; and the ``band``'s documents, whatever their lists."""
         sides = []
         for q, shift in zip(np.ascontiguousarray(coarse, np.float32), offset):
             ids, scores = self._visit(q, k)
+            if band is not None and len(band.ids):
+                fresh = ~np.isin(band.ids, ids)
+                ids = np.concatenate([ids, band.ids[fresh]])
+                scores = np.concatenate([scores, band.coordinates[fresh] @ q])
             scores = scores + shift
             if weights is not None:
                 scores = scores * weights[ids]
@@ -273,14 +307,16 @@ class IVFLists:
 
 
 def staged_search(lists: IVFLists, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray], queries,
-                  k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None) -> Retrieval:
-    """Coarse stage over the inverted ``lists`` of principal coordinates for ``rerank`` candidates
-    per sign, then their full rows (``full_rows(sorted ids) -> (n, D) float32``) re-scored and the
-    best ``k`` per sign kept. ``clock`` receives the seconds of each step (``coarse_s``, ``rerank_s``)."""
+                  k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None,
+                  band: Band | None = None) -> Retrieval:
+    """Coarse stage over the inverted ``lists`` of principal coordinates (and the ``band``) for
+    ``rerank`` candidates per sign, then their full rows (``full_rows(sorted ids) -> (n, D) float32``)
+    re-scored and the best ``k`` per sign kept. ``clock`` receives the seconds of each step
+    (``coarse_s``, ``rerank_s``)."""
     started = time.perf_counter()
     q = _queries(queries)
     coarse_q, offset = basis.queries(q)
-    coarse = lists.search(coarse_q, offset, max(k, rerank), weights)
+    coarse = lists.search(coarse_q, offset, max(k, rerank), weights, band)
     ids = coarse.candidate_ids()
     middle = time.perf_counter()
     exact = np.empty((len(ids), len(q)), np.float32)  # (n, Q), in blocks: many queries' rows stay bounded

@@ -55,10 +55,12 @@ class StudySummary:
             lists = s.get("whitened", {})
             text = (f"Staged search: {s['dims']} principal coordinates of every document in a faiss inverted file "
                     f"of {lists.get('nlist', '?')} lists on disk, {lists.get('nprobe', '?')} of them visited per sign, "
-                    f"the best {s['rerank']:,} per sign re-scored with their full vectors")
+                    f"plus the {s.get('band', 0):,} documents of largest weight times norm for the ranking, the best "
+                    f"{s['rerank']:,} per sign re-scored with their full vectors")
         text += f", then {self.candidates_per_sign} per sign re-scored exactly."
         for name, r in s.get("recall", {}).items():
-            text += (f" Measured recall@10 against a full scan of the {name} vectors: {r['at_10']:.3f} "
+            cosine = f", cosine ranking {r['cosine_at_10']:.3f}" if "cosine_at_10" in r else ""
+            text += (f" Measured recall@10 against a full scan of the {name} vectors: {r['at_10']:.3f}{cosine} "
                      f"(recall@100 {r['at_100']:.3f}, {r['queries']} fine-tuning records as queries).")
         return text
 

@@ -9,13 +9,15 @@ corpus size:
     ivf   a staged search (``engine.search.staged_search``): the first ``index_dims`` principal
           coordinates of every document, fit on a sample of real vectors, in a faiss inverted file
           on disk and memory-mapped (``engine.search.IVFLists``, trained on the same sample); a query
-          visits ``nprobe`` of its ``nlist`` lists per sign, and the best ``rerank`` per sign are
+          visits ``nprobe`` of its ``nlist`` lists per sign, plus the ``band`` documents with the
+          largest weight times row norm for the ranking at hand, and the best ``rerank`` per sign are
           re-scored with their full rows read from the shards
 
 Cosine and dot scores share one set of files: the norms are stored, not a second index. The index
-stage also stores every document's whitened norm (normalised rankings). The build reads one shard at
-a time; the kind, its settings and the recall measured against a full scan are recorded with the
-index stage in the manifest.
+stage also stores every document's whitened norm (normalised rankings) and, for ivf, the projected
+rows' norms (the band). The build reads one shard at a time; the kind, its settings and the recall
+measured against a full scan (of the dot and the cosine ranking) are recorded with the index stage in
+the manifest.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from functools import partial
 import numpy as np
 
 from ..retrieval import Retrieval
-from ..search import IVFLists, PCABasis, scan, staged_search
+from ..search import Band, IVFLists, PCABasis, scan, staged_search
 from ..storage import save_npy
 from . import layout
 from .manifest import Study, StudyError
@@ -36,6 +38,7 @@ VECTOR_KINDS = ("projected", "whitened")
 INDEX_KINDS = ("auto", "flat", "ivf")
 HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
+FIT = "unit rows, spherical k-means"  # how an ivf index's basis and lists are fit (older ones: rebuild)
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,15 @@ class IndexSettings:
     seed: int = 0
     nlist: int = 0  # inverted lists (ivf); 0: about 4 sqrt(documents), at least 39 sampled documents a list
     nprobe: int = 64  # lists a query visits per sign (ivf; measured: benchmarks/ivf_scale.py)
+    band: int = 2000  # documents of largest weight x row norm always scored in the coarse stage (ivf)
 
     def __post_init__(self):
         if self.kind == "pca":
             object.__setattr__(self, "kind", "ivf")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
-        if min(self.dims, self.rerank, self.sample, self.nprobe) < 1 or self.nlist < 0:
-            raise ValueError("index_dims, rerank, index_sample and nprobe must be >= 1 (nlist >= 0)")
+        if min(self.dims, self.rerank, self.sample, self.nprobe) < 1 or min(self.nlist, self.band) < 0:
+            raise ValueError("index_dims, rerank, index_sample and nprobe must be >= 1 (nlist, band >= 0)")
 
     def resolved(self, documents: int) -> str:
         if self.kind != "auto":
@@ -79,8 +83,9 @@ def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndar
     kind = settings.resolved(vectors.documents)
     record = {**asdict(settings), "configured": settings.kind, "kind": kind, "documents": vectors.documents,
               "whitened_norms": layout.INDEX_NORMS.path}
-    files = [_save_whitened_norms(study, vectors)]
+    files = [_save_row_norms(study, vectors, "whitened")]
     if kind == "ivf":
+        files.append(_save_row_norms(study, vectors, "projected"))
         for name in VECTOR_KINDS:
             record[name] = _build_ivf(study, vectors, name, settings, progress)
             files += [layout.index_file(name, "basis"), *study.files_under(layout.index_file(name, "ivf"))]
@@ -90,13 +95,14 @@ def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndar
     return files, record
 
 
-def _save_whitened_norms(study: Study, vectors: DocumentVectors) -> str:
-    """Every document's whitened-row norm, a shard at a time (4 bytes a document)."""
+def _save_row_norms(study: Study, vectors: DocumentVectors, name: str) -> str:
+    """Every document's row norm of one vector kind, a shard at a time (4 bytes a document)."""
     norms = np.empty(vectors.documents, np.float32)
-    for start, rows in vectors.numbered_chunks("whitened"):
+    for start, rows in vectors.numbered_chunks(name):
         norms[start:start + len(rows)] = np.sqrt(np.square(rows, dtype=np.float64).sum(1))
-    save_npy(study.path(layout.INDEX_NORMS), norms)
-    return layout.INDEX_NORMS.path
+    path = layout.index_norms(name)
+    save_npy(study.path(path), norms)
+    return path
 
 
 def _build_ivf(study: Study, vectors: DocumentVectors, name: str, settings: IndexSettings,
@@ -121,17 +127,21 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, settings: Inde
                            ((start, basis.transform(rows)) for start, rows in shards), nlist, settings.nprobe,
                            settings.seed)
     return {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "variance_kept": variance,
-            "nlist": lists.nlist, "nprobe": lists.nprobe}
+            "nlist": lists.nlist, "nprobe": lists.nprobe, "fit": FIT}
 
 
 class VectorSearch:
     """Top-k of one vector kind for query vectors (Q, D), both signs: a scan or the staged search."""
 
+    BANDS_KEPT = 8  # rankings whose band is kept (coordinates of ``band`` documents each)
+
     def __init__(self, vectors: DocumentVectors, name: str, kind: str, rerank: int,
-                 lists: IVFLists | None = None, basis: PCABasis | None = None):
+                 lists: IVFLists | None = None, basis: PCABasis | None = None,
+                 row_norms: np.ndarray | None = None, band: int = 0):
         self.vectors, self.name, self.kind, self.rerank = vectors, name, kind, rerank
-        self.lists, self.basis = lists, basis
+        self.lists, self.basis, self.row_norms, self.band_size = lists, basis, row_norms, band
         self._held: np.ndarray | None = None
+        self._bands: list[tuple[np.ndarray | None, Band]] = []
 
     @property
     def dim(self) -> int:
@@ -143,7 +153,23 @@ class VectorSearch:
         if self.kind == "flat":
             return self.scan(queries, k, weights)
         return staged_search(self.lists, self.basis, partial(self.vectors.gather, self.name), queries, k,
-                             self.rerank, weights, clock)
+                             self.rerank, weights, clock, self.band(weights))
+
+    def band(self, weights: np.ndarray | None) -> Band:
+        """The ``band`` documents of largest |weight| x row norm, with their principal coordinates (read
+        from the shards once per ranking: the caller keeps one weights array per ranking, and the
+        band is found by that array's identity)."""
+        for kept, band in self._bands:
+            if kept is weights:
+                return band
+        if not self.band_size or self.row_norms is None:
+            return Band.empty(self.basis.dims)
+        size = self.row_norms if weights is None else self.row_norms * np.abs(weights)
+        count = min(self.band_size, len(size))
+        ids = np.sort(np.argpartition(-size, count - 1)[:count])
+        band = Band(ids, self.basis.transform(self.vectors.gather(self.name, ids)).astype(np.float32))
+        self._bands = [(weights, band), *self._bands[:self.BANDS_KEPT - 1]]
+        return band
 
     def scan(self, queries, k: int, weights: np.ndarray | None = None) -> Retrieval:
         """Exhaustive: every full row (the reference the staged search is measured against)."""
@@ -161,21 +187,26 @@ class StudyIndex:
     """The index stage's search over a study's vectors (memory-mapped; nothing loaded whole)."""
 
     def __init__(self, study: Study, record: dict):
-        if "whitened_norms" not in record or record["kind"] not in INDEX_KINDS:
-            raise StudyError(f"the index of {study.root} was built by an older msif (no whitened norms, or a "
-                             f"{record['kind']} index); run `{study.rebuild_command()}` to rebuild it (it reruns the "
-                             "index stage only)")
-        self.record = record
+        old = (record["kind"] not in INDEX_KINDS or "whitened_norms" not in record
+               or (record["kind"] == "ivf" and any(record[n].get("fit") != FIT for n in VECTOR_KINDS)))
+        if old:
+            raise StudyError(f"the index of {study.root} was built by an older msif (no whitened norms, a "
+                             f"{record['kind']} index, or inverted lists fit on raw rows); run "
+                             f"`{study.rebuild_command()}` to rebuild it (it reruns the index stage only)")
+        self.study, self.record = study, record
         self.vectors = DocumentVectors.of(study)
         self._norms: np.ndarray | None = None
         self.whitened_norms: np.ndarray = np.load(study.path(record["whitened_norms"]))
-        self.searches = {}
-        for name in VECTOR_KINDS:
-            lists = basis = None
-            if record["kind"] == "ivf":
-                lists = IVFLists.load(study.path(layout.index_file(name, "ivf")), record[name]["nprobe"])
-                basis = PCABasis.load(study.path(layout.index_file(name, "basis")))
-            self.searches[name] = VectorSearch(self.vectors, name, record["kind"], record["rerank"], lists, basis)
+        self.searches = {name: self._search(study, name) for name in VECTOR_KINDS}
+
+    def _search(self, study: Study, name: str) -> VectorSearch:
+        if self.kind != "ivf":
+            return VectorSearch(self.vectors, name, self.kind, self.record["rerank"])
+        lists = IVFLists.load(study.path(layout.index_file(name, "ivf")), self.record[name]["nprobe"])
+        basis = PCABasis.load(study.path(layout.index_file(name, "basis")))
+        row_norms = np.load(study.path(layout.index_norms(name)), mmap_mode="r")
+        return VectorSearch(self.vectors, name, self.kind, self.record["rerank"], lists, basis, row_norms,
+                            self.record["band"])
 
     @classmethod
     def of(cls, study: Study) -> StudyIndex:
@@ -199,13 +230,15 @@ class StudyIndex:
         return self.searches[name].search(queries, k, weights, clock)
 
     def measure(self, name: str, queries, ks: tuple[int, ...] = (10, 100)) -> dict:
-        """Recall@k of the served proponents against an exhaustive scan, averaged over queries."""
-        served = self.search(name, queries, max(ks))
-        truth = self.searches[name].scan(queries, max(ks))
-        out = {"queries": int(len(served.proponent_ids))}
-        for k in ks:
-            hits = [len(set(a[:k].tolist()) & set(b[:k].tolist())) / min(k, len(b))
-                    for a, b in zip(served.proponent_ids, truth.proponent_ids)]
-            out[f"at_{k}"] = float(np.mean(hits))
+        """Recall@k of the served proponents against an exhaustive scan, averaged over queries, for the
+        dot ranking of the stored rows (``at_k``) and their cosine ranking (``cosine_at_k``)."""
+        out = {"queries": int(len(np.atleast_2d(queries)))}
+        row_norms = np.load(self.study.path(layout.index_norms(name)))
+        for label, weights in (("", None), ("cosine_", (1 / np.maximum(row_norms, 1e-30)).astype(np.float32))):
+            served = self.search(name, queries, max(ks), weights)
+            truth = self.searches[name].scan(queries, max(ks), weights)
+            for k in ks:
+                hits = [len(set(a[:k].tolist()) & set(b[:k].tolist())) / min(k, len(b))
+                        for a, b in zip(served.proponent_ids, truth.proponent_ids)]
+                out[f"{label}at_{k}"] = float(np.mean(hits))
         return out
-

@@ -98,6 +98,9 @@ INDEX_DIR = Artifact("index", Stage.INDEX, "the search index: the whitened norms
 INDEX_NORMS = Artifact("index/whitened-norms.npy", Stage.INDEX,
                        "(documents,) float32 norm of each whitened row: the index's estimate of a document's "
                        "norm in the (H_pt + lambda I)^-1 metric, for normalised multi-stage rankings")
+INDEX_PROJECTED_NORMS = Artifact("index/projected-norms.npy", Stage.INDEX,
+                                 "(documents,) float32 norm of each projected row (about 1; ivf only): with a "
+                                 "ranking's weights, which documents the staged search always scores")
 INDEX_IVF = Artifact("index/*-ivf", Stage.INDEX,
                      "a faiss inverted file of every document's principal coordinates (index.faiss: the trained "
                      "lists; lists.ivfdata: the rows, on disk and memory-mapped)")
@@ -107,7 +110,7 @@ INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
           FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_NORMS,
-          INDEX_IVF, INDEX_BASIS)
+          INDEX_PROJECTED_NORMS, INDEX_IVF, INDEX_BASIS)
 SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
 
 
@@ -122,6 +125,11 @@ def shard_file(index: int, kind: str) -> str:
 
 def shard_digest_file(index: int) -> str:
     return f"{shard(index)}/texts.sha256"
+
+
+def index_norms(kind: str) -> str:
+    """The index's row norms of one vector kind (projected | whitened)."""
+    return {"whitened": INDEX_NORMS, "projected": INDEX_PROJECTED_NORMS}[kind].path
 
 
 def index_file(kind: str, part: str) -> str:
