@@ -24,7 +24,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 quick: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -q

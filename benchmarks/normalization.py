@@ -48,7 +48,6 @@ VARIANTS = ("none", "gradient", "gradient^0.75", "gradient^0.5", "gradient^0.25"
             "whitened@median")
 SERVED_VARIANTS = ("none", "gradient", "gradient^0.5", "gradient@median", "whitened", "whitened^0.5",
                    "whitened@median", "metric", "metric^0.5")
-CHECKED = 2  # queries per served configuration re-run through Tracer.trace and compared
 
 
 def applicable(method: str, spec: str, setting: str = "plain") -> bool:
@@ -182,17 +181,18 @@ def served_top(candidates: list[np.ndarray], scores: np.ndarray, norms: dict | N
     return np.array(rows)
 
 
-def check_against_tracer(tracer: Tracer, cases: list[Case], method: str, spec: str, top: np.ndarray) -> int:
-    """How many of the first queries Tracer.trace serves with the same top K as computed here."""
+def check_against_tracer(tracer: Tracer, cases: list[Case], method: str, spec: str, top: np.ndarray,
+                         checked: int) -> int:
+    """How many of the first ``checked`` queries Tracer.trace serves with the same top K as computed here."""
     same = 0
-    for case, row in zip(cases[:CHECKED], top[:CHECKED]):
+    for case, row in zip(cases[:checked], top[:checked]):
         trace = tracer.trace(case.question, case.answer, method, top_k=K, heatmaps=False, normalization=spec)
         same += [h.doc_id for h in trace.proponents] == [d for d in row.tolist() if d >= 0]
     return same
 
 
 def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool = False,
-             cache: Path | None = None) -> dict:
+             cache: Path | None = None, checked: int = 2, latency_queries: int = 5) -> dict:
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
     world = len(small.study.documents)
@@ -229,9 +229,9 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
                 out["results"].append({"setting": setting, "ranking": "served", "method": method,
                                        "normalization": spec, "agreement": agreement, **fact_metrics(top, cases)})
                 out["checks"].append({"setting": setting, "method": method, "normalization": spec,
-                                      "same": check_against_tracer(tracer, cases, method, spec, top),
-                                      "of": min(CHECKED, len(cases))})
-        out[f"latency_{setting}"] = latency(tracer, cases)
+                                      "same": check_against_tracer(tracer, cases, method, spec, top, checked),
+                                      "of": min(checked, len(cases))})
+        out[f"latency_{setting}"] = latency(tracer, cases, latency_queries)
     out["norm_agreement"] = norm_agreement(norms["multi-stage"])
     return out
 
@@ -410,6 +410,9 @@ def main(argv=None) -> int:
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--reference-answers", action="store_true",
                      help="trace the world's reference responses instead of the model's correct answers")
+    run.add_argument("--checked", type=int, default=2,
+                     help="queries per served configuration re-run through Tracer.trace and compared")
+    run.add_argument("--latency-queries", type=int, default=5, help="timed traces per ranking and setting")
     run.add_argument("--out", type=Path, required=True,
                      help="the measurements (JSON); the exhaustive scores are kept beside it (.npz) and reused by "
                           "a later run of the same seed and facts")
@@ -419,7 +422,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         result = run_seed(args.haystack, args.plain, args.limit, args.threads, args.reference_answers,
-                          args.out.with_suffix(".npz"))
+                          args.out.with_suffix(".npz"), args.checked, args.latency_queries)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result))
         print(report([result]))

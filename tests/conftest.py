@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,29 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from engine.tasks import IGNORE
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest-xdist) on what may be two cores: one thread each, for
+    # torch, faiss and every build it starts, since oversubscribed OpenMP threads spin-wait and made
+    # tests many times slower.
+    import faiss
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
+# The longest modules first (whole modules go to one worker: `--dist loadfile`), so that the workers
+# finish together; the rest in their usual order.
+LONGEST = ("test_integrity.py", "test_readme_commands.py", "test_bench_quality.py", "test_plan.py",
+           "test_ground_truth.py", "test_distributed.py", "test_haystack.py", "test_browser.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
 
 VOCAB = 24
 
@@ -68,6 +92,30 @@ def one_thread():
     finally:
         torch.set_num_threads(before[0])
         faiss.omp_set_num_threads(before[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(tmp_path_factory):
+    """``tiny_builds(nproc)``: the tiny demo built as a user builds it (``python -m precompute
+    build-demo`` in a subprocess, one OpenMP thread, ``nproc`` processes), once per session on first
+    use and shared read-only: the references that killed, resumed and distributed builds must equal
+    byte for byte."""
+    import subprocess
+
+    root, built = tmp_path_factory.mktemp("tiny-builds"), {}
+
+    def build(nproc: int = 1) -> Path:
+        if nproc not in built:
+            out = root / f"nproc-{nproc}"
+            done = subprocess.run([sys.executable, "-m", "precompute", "build-demo", "--out", str(out), "--tiny",
+                                   "--quiet", "--seed", "3", "--nproc", str(nproc)],
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                  timeout=900)
+            assert done.returncode == 0, done.stdout + done.stderr
+            built[nproc] = out
+        return built[nproc]
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,8 @@ def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
     bench = load_benchmark("normalization")
     run = tmp_path / "seed-3.json"
     assert bench.main(["run", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "5",
-                       "--threads", "1", "--reference-answers", "--out", str(run)]) == 0
+                       "--threads", "1", "--reference-answers", "--checked", "1", "--latency-queries", "1",
+                       "--out", str(run)]) == 0
     result = json.loads(run.read_text())
     assert result["documents"] == {"plain": 120, "haystack": 520} and result["facts"] == 5
     kinds = {(r["setting"], r["ranking"], r["method"], r["normalization"]) for r in result["results"]}
@@ -92,7 +93,8 @@ def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
     again = tmp_path / "again.json"  # the exhaustive pass is reused from the first run's .npz
     (tmp_path / "seed-3.npz").rename(again.with_suffix(".npz"))
     assert bench.main(["run", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "5",
-                       "--threads", "1", "--reference-answers", "--out", str(again)]) == 0
+                       "--threads", "1", "--reference-answers", "--checked", "1", "--latency-queries", "1",
+                       "--out", str(again)]) == 0
     repeated = json.loads(again.read_text())
     assert repeated["exhaustive_seconds"] == result["exhaustive_seconds"]
     assert [r["rr"] for r in repeated["results"]] == [r["rr"] for r in result["results"]]

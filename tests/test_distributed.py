@@ -7,9 +7,6 @@ runs them (float reductions depend on the thread count, not on the number of ran
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,19 +18,9 @@ from engine.study import Study, layout
 pytestmark = pytest.mark.slow
 
 
-def _build(out, nproc: int) -> Study:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "precompute", "build-demo", "--out", str(out), "--tiny",
-                           "--quiet", "--seed", "3", "--nproc", str(nproc)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return Study(out)
-
-
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    return _build(root / "one", 1), _build(root / "two", 2)
+def builds(tiny_builds):
+    return Study(tiny_builds(1)), Study(tiny_builds(2))
 
 
 def test_two_processes_fit_the_factors_one_process_fits(builds):

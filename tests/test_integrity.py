@@ -253,9 +253,8 @@ def _killed_then_finished(out: Path, argv: list[str], kill_when: list[str],
 
 
 @pytest.mark.slow
-def test_kill_minus_9_anywhere_in_build_demo_then_rerun_gives_the_same_bytes(tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _killed_then_finished(whole, TINY, [])  # the reference, with the same threads (float sums depend on them)
+def test_kill_minus_9_anywhere_in_build_demo_then_rerun_gives_the_same_bytes(tiny_builds, tmp_path):
+    whole, killed = tiny_builds(1), tmp_path / "killed"  # the reference: the same threads (float sums depend on them)
     # after factors-finetuned the projection runs; the flat index after it takes milliseconds, so no mark there
     marks = ["world", "pretrain", "finetune", "corpus", "factors-pretrained", "factors-finetuned"]
     struck = _killed_then_finished(killed, TINY, marks)
@@ -269,9 +268,9 @@ def test_kill_minus_9_in_the_haystack_projection_then_rerun_gives_the_same_bytes
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for out in (whole, killed):
         shutil.copytree(tiny_study, out)
-    grow = [*TINY, "--extra-documents", "3000"]
+    grow = [*TINY, "--extra-documents", "2000"]
     _killed_then_finished(whole, grow, [])
-    # killed as shards 1 and 2 of the 4 appear: inside the projection, twice
+    # killed as shards 1 and 2 of the 3 appear: inside the projection, twice
     _killed_then_finished(killed, grow, [f"file:{layout.shard_file(1, 'sq_norms')}",
                                          f"file:{layout.shard_file(2, 'sq_norms')}"])
     assert _checksums(killed) == _checksums(whole)
@@ -306,10 +305,9 @@ def test_kill_minus_9_anywhere_in_precompute_then_rerun_gives_the_same_bytes(tin
 
 
 @pytest.mark.slow
-def test_kill_minus_9_in_a_distributed_build_then_rerun_gives_the_same_bytes(tmp_path):
+def test_kill_minus_9_in_a_distributed_build_then_rerun_gives_the_same_bytes(tiny_builds, tmp_path):
     argv = [*TINY, "--nproc", "2"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _killed_then_finished(whole, argv, [])
+    whole, killed = tiny_builds(2), tmp_path / "killed"
     struck = _killed_then_finished(killed, argv, ["pretrain", "factors-pretrained", "factors-finetuned"])
     assert all("index" not in s for s in struck), struck
     assert _checksums(killed) == _checksums(whole)
@@ -331,7 +329,7 @@ def _descendants_of_build(out: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_kill_minus_9_of_msif_alone_leaves_no_build_behind(tmp_path, nproc):
+def test_kill_minus_9_of_msif_alone_leaves_no_build_behind(tiny_builds, tmp_path, nproc):
     """kill -9 of the `msif build-demo` process only (not its group): its build child, torchrun and
     torchrun's workers end with it; the rerun resumes and gives the bytes of an uninterrupted build."""
     import signal
@@ -339,9 +337,8 @@ def test_kill_minus_9_of_msif_alone_leaves_no_build_behind(tmp_path, nproc):
 
     argv = [*TINY, *(["--nproc", str(nproc)] if nproc > 1 else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole, killed = tiny_builds(nproc), tmp_path / "killed"
     msif = [sys.executable, "-m", "explorer", "build-demo"]
-    assert subprocess.run([*msif, "--out", str(whole), *argv], env=env, stdout=subprocess.DEVNULL).returncode == 0
     run = subprocess.Popen([*msif, "--out", str(killed), *argv], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -94,7 +94,8 @@ SHARD_TEXTS = Artifact("gradients/shards/*/texts.sha256", Stage.PROJECTION,
                        "digest of the shard's document texts: a grown or edited corpus recomputes only "
                        "the shards whose texts changed")
 INDEX_DIR = Artifact("index", Stage.INDEX, "the search index: the whitened norms; for a staged (ivf) index also "
-                     "the basis and the inverted lists below per vector kind (projected, whitened)")
+                     "the projected norms, and the basis and the inverted lists below per vector kind "
+                     "(projected, whitened)")
 INDEX_NORMS = Artifact("index/whitened-norms.npy", Stage.INDEX,
                        "(documents,) float32 norm of each whitened row: the index's estimate of a document's "
                        "norm in the (H_pt + lambda I)^-1 metric, for normalised multi-stage rankings")
@@ -105,7 +106,7 @@ INDEX_IVF = Artifact("index/*-ivf", Stage.INDEX,
                      "a faiss inverted file of every document's principal coordinates (index.faiss: the trained "
                      "lists; lists.ivfdata: the rows, on disk and memory-mapped)")
 INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
-                       "their mean and principal directions, fit on a sample of the vectors")
+                       "their mean and principal directions, fit on a sample of the vectors scaled to unit norm")
 
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
