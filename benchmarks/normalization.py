@@ -289,9 +289,13 @@ def per_seed_min(groups: list[np.ndarray]) -> float:
 def choose_default(runs: list[dict]) -> tuple[str, list[str]]:
     """The variant the targets pick for multi-stage: every seed's served haystack MRR@10 >= 0.85 and
     recall@10 >= 0.9, no plain seed more than 0.03 below raw, exhaustive plain within 0.03 of raw;
-    among those (or, if none passes, among all) the best pooled served haystack MRR@10."""
+    among those (or, if none passes, among all) the best pooled served haystack MRR@10. Only rankings
+    every influence method can use are candidates (a default must serve single-stage, whose documents
+    are scored at theta_ft, and fine-tuning records: whitened norms are stored for theta_pt only)."""
     lines, scored = [], []
     for spec in SERVED_VARIANTS:
+        if not all(applicable(m, spec, "haystack") for m in INFLUENCE):
+            continue
         served_h = collect(runs, "haystack", "served", "multi-stage", spec)
         served_hr = collect(runs, "haystack", "served", "multi-stage", spec, "recall")
         plain = collect(runs, "plain", "served", "multi-stage", spec)
