@@ -90,7 +90,7 @@ DESCRIPTIONS = {m.name: m.description for m in TABLE}
 
 # What influence rankings divide by unless told otherwise (``engine.normalization``): chosen by the
 # multi-seed haystack benchmark (benchmarks/normalization.py, docs/normalization.md).
-DEFAULT_NORMALIZATION = "gradient@median"
+DEFAULT_NORMALIZATION = "gradient"
 
 
 def method(name: str) -> Method:
