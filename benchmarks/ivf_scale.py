@@ -120,9 +120,7 @@ def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse:
     for spec in rankings:
         weights = weights_for(spec, gradient, whitened)
         size = whitened if weights is None else whitened * weights
-        count = min(settings.band, n)
-        ids = np.sort(np.argpartition(-size, count - 1)[:count])
-        band = Band(ids, np.asarray(stored[ids]))  # found once per ranking, as the study does
+        band = Band.heaviest(size, settings.band, lambda ids: stored[ids])  # once per ranking, as the study does
         seconds, found = [], []
         for i in range(len(coarse)):
             t0 = time.perf_counter()

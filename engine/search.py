@@ -179,8 +179,12 @@ class Band:
     coordinates: np.ndarray  # (H, P)
 
     @classmethod
-    def empty(cls, dims: int) -> Band:
-        return cls(np.zeros(0, np.int64), np.zeros((0, dims), np.float32))
+    def heaviest(cls, sizes: np.ndarray, count: int, coordinates: Callable[[np.ndarray], np.ndarray]) -> Band:
+        """The ``count`` (>= 1) documents of largest ``sizes`` (weight x row norm), with
+        ``coordinates(sorted ids) -> (H, P)``."""
+        count = min(int(count), len(sizes))
+        ids = np.sort(np.argpartition(-sizes, count - 1)[:count])
+        return cls(ids, np.asarray(coordinates(ids), np.float32))
 
 
 @contextlib.contextmanager

@@ -155,19 +155,18 @@ class VectorSearch:
         return staged_search(self.lists, self.basis, partial(self.vectors.gather, self.name), queries, k,
                              self.rerank, weights, clock, self.band(weights))
 
-    def band(self, weights: np.ndarray | None) -> Band:
+    def band(self, weights: np.ndarray | None) -> Band | None:
         """The ``band`` documents of largest |weight| x row norm, with their principal coordinates (read
         from the shards once per ranking: the caller keeps one weights array per ranking, and the
         band is found by that array's identity)."""
+        if not self.band_size:
+            return None
         for kept, band in self._bands:
             if kept is weights:
                 return band
-        if not self.band_size or self.row_norms is None:
-            return Band.empty(self.basis.dims)
         size = self.row_norms if weights is None else self.row_norms * np.abs(weights)
-        count = min(self.band_size, len(size))
-        ids = np.sort(np.argpartition(-size, count - 1)[:count])
-        band = Band(ids, self.basis.transform(self.vectors.gather(self.name, ids)).astype(np.float32))
+        band = Band.heaviest(size, self.band_size,
+                             lambda ids: self.basis.transform(self.vectors.gather(self.name, ids)))
         self._bands = [(weights, band), *self._bands[:self.BANDS_KEPT - 1]]
         return band
 
@@ -197,14 +196,15 @@ class StudyIndex:
         self.vectors = DocumentVectors.of(study)
         self._norms: np.ndarray | None = None
         self.whitened_norms: np.ndarray = np.load(study.path(record["whitened_norms"]))
-        self.searches = {name: self._search(study, name) for name in VECTOR_KINDS}
+        self.searches = {name: self._search(name) for name in VECTOR_KINDS}
 
-    def _search(self, study: Study, name: str) -> VectorSearch:
+    def _search(self, name: str) -> VectorSearch:
         if self.kind != "ivf":
             return VectorSearch(self.vectors, name, self.kind, self.record["rerank"])
-        lists = IVFLists.load(study.path(layout.index_file(name, "ivf")), self.record[name]["nprobe"])
-        basis = PCABasis.load(study.path(layout.index_file(name, "basis")))
-        row_norms = np.load(study.path(layout.index_norms(name)), mmap_mode="r")
+        lists = IVFLists.load(self.study.path(layout.index_file(name, "ivf")), self.record[name]["nprobe"])
+        basis = PCABasis.load(self.study.path(layout.index_file(name, "basis")))
+        row_norms = (self.whitened_norms if name == "whitened"  # loaded already
+                     else np.load(self.study.path(layout.index_norms(name)), mmap_mode="r"))
         return VectorSearch(self.vectors, name, self.kind, self.record["rerank"], lists, basis, row_norms,
                             self.record["band"])
 
@@ -233,8 +233,8 @@ class StudyIndex:
         """Recall@k of the served proponents against an exhaustive scan, averaged over queries, for the
         dot ranking of the stored rows (``at_k``) and their cosine ranking (``cosine_at_k``)."""
         out = {"queries": int(len(np.atleast_2d(queries)))}
-        row_norms = np.load(self.study.path(layout.index_norms(name)))
-        for label, weights in (("", None), ("cosine_", (1 / np.maximum(row_norms, 1e-30)).astype(np.float32))):
+        unit = (1 / np.maximum(self.searches[name].row_norms, 1e-30)).astype(np.float32)
+        for label, weights in (("", None), ("cosine_", unit)):
             served = self.search(name, queries, max(ks), weights)
             truth = self.searches[name].scan(queries, max(ks), weights)
             for k in ks:
