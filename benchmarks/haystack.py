@@ -216,8 +216,8 @@ def render(args, manifest, study, n_docs, index, open_s, rss_open, rss_serving, 
     lines = [f"# Haystack: {n_docs:,} documents", "",
              f"`python benchmarks/haystack.py {' '.join(sys.argv[1:])}` ({date.today().isoformat()}, "
              f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads). Index: **{record['kind']}**"
-             + (f" ({record['dims']} principal coordinates fit on {record['whitened']['sampled_documents']:,} "
-                f"documents, keeping {record['whitened']['variance_kept']:.0%} of the whitened vectors' variance; "
+             + (f" ({record['dims']} coordinates fit on {record['whitened']['queries']:,} fine-tuning records' "
+                f"queries, keeping {record['whitened']['query_energy_kept']:.0%} of their energy; "
                 f"re-rank {record['rerank']:,} per sign with full vectors)" if record["kind"] == "ivf" else "")
              + f"; {pool} candidates per sign re-scored exactly.", "",
              "## Build", "", "| stage | seconds | peak host RAM (GiB) |", "| --- | ---: | ---: |"]

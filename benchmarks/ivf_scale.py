@@ -42,19 +42,24 @@ from engine.normalization import Normalization
 from engine.query import QueryEngine
 from engine.search import Band, IVFLists, PCABasis, scan
 from engine.study import IndexSettings, open_study
+from engine.study.index import document_sample
 from engine.study.vectors import DocumentVectors
 
 BLOCK = 65_536  # synthetic documents drawn and added at a time
 
 
-def real_statistics(study, sample: int) -> tuple[PCABasis, np.ndarray, dict[str, np.ndarray]]:
-    """The whitened vectors' principal basis (fit as the index stage fits it), every document's
+def real_statistics(study, records: int) -> tuple[PCABasis, np.ndarray, dict[str, np.ndarray]]:
+    """The coarse basis fit as the index stage fits it (``PCABasis.fit_queries`` on ``records``
+    fine-tuning records' multi-stage query vectors, prompts in the study's template), every document's
     coordinates (N, P) and its norms."""
     vectors = DocumentVectors.of(study.directory)
-    wanted = max(1, -(-sample // vectors.shard_size))
-    picked = np.unique(np.linspace(0, vectors.shards - 1, min(wanted, vectors.shards)).round().astype(int))
-    basis = PCABasis.fit(np.concatenate([r for _, r in vectors.numbered_chunks("whitened", picked.tolist())]),
-                         IndexSettings().dims)
+    rows = study.records.select(np.linspace(0, len(study.records) - 1, min(records, len(study.records)))
+                                .round().astype(int).tolist())
+    q = QueryEngine(study).preconditioned([study.prompts.prompt(i) for i in rows["instruction"]],
+                                          list(rows["response"]), MULTI_STAGE)
+    settings = IndexSettings()
+    basis = PCABasis.fit_queries(study.whitening.query_vectors(q.vectors).cpu().numpy(),
+                                 document_sample(vectors, "whitened", settings.sample), settings.dims)
     coordinates = np.concatenate([basis.transform(rows) for _, rows in vectors.numbered_chunks("whitened")])
     return basis, coordinates, {"gradient": study.index.norms.astype(np.float64),
                                 "whitened": study.index.whitened_norms.astype(np.float64)}
@@ -159,7 +164,7 @@ def main(argv=None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     study = open_study(args.study, device="cpu")
-    basis, coordinates, norms = real_statistics(study, IndexSettings().sample)
+    basis, coordinates, norms = real_statistics(study, IndexSettings().queries)
     coarse, offset = queries(study, basis, args.queries)
     rerank = study.config.influence.rerank
     rankings = list(dict.fromkeys(["none", DEFAULT_NORMALIZATION]))

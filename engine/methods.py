@@ -83,6 +83,9 @@ RECORDS_METHOD = "single-stage"  # fine-tuning records are the fine-tuned model'
 COMPARED = ("multi-stage", "single-stage", "gradient-dot", "pt-inverse-dropped", "bm25")  # the app's comparison
 # the queries a study's index build measures its recall with, per kind of vector searched
 PROBES = {"whitened": MULTI_STAGE, "projected": "gradient-dot"}
+# per kind of vector searched, the methods whose query vectors its coarse basis is fit on (a unit
+# method's queries point where another's do)
+BASIS_QUERIES = {kind: tuple(m.name for m in TABLE if m.vectors == kind and not m.unit) for kind in PROBES}
 ALL_METHODS = tuple(BY_NAME)
 METHODS = tuple(m.name for m in TABLE if m.is_influence)
 BASELINES = tuple(m.name for m in TABLE if m.is_baseline)

@@ -53,7 +53,8 @@ class StudySummary:
                     "for those vectors)")
         else:
             lists = s.get("whitened", {})
-            text = (f"Staged search: {s['dims']} principal coordinates of every document in a faiss inverted file "
+            text = (f"Staged search: every document's {s['dims']} coordinates in a basis fit on "
+                    f"{lists.get('queries', '?')} fine-tuning records' query vectors, in a faiss inverted file "
                     f"of {lists.get('nlist', '?')} lists on disk, {lists.get('nprobe', '?')} of them visited per sign, "
                     f"plus the {s.get('band', 0):,} documents of largest weight times norm for the ranking, the best "
                     f"{s['rerank']:,} per sign re-scored with their full vectors")

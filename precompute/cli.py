@@ -41,7 +41,7 @@ def _index_line(study) -> str:
     text = f"index: {search['kind']} over {search['documents']:,} documents"
     if search["kind"] == "ivf":
         recall = search.get("recall", {}).get("whitened", {})
-        text += (f" ({search['dims']} principal coordinates, re-rank {search['rerank']:,} per sign; recall@10 of "
+        text += (f" ({search['dims']} coordinates fit on queries, re-rank {search['rerank']:,} per sign; recall@10 of "
                  f"the whitened rows against a full scan: dot {recall.get('at_10', float('nan')):.3f}, cosine "
                  f"{recall.get('cosine_at_10', float('nan')):.3f})")
     return text + f"; the index stage's peak host memory {peak:.2f} GiB"

@@ -35,7 +35,6 @@ from engine import (
     Factors,
     KroneckerProjector,
     LanguageModelingTask,
-    PreconditionedQuery,
     encode_document_batches,
     encode_documents,
     fit_factors,
@@ -44,7 +43,7 @@ from engine import (
     sequence_gradients,
 )
 from engine import distributed as dist
-from engine.methods import PROBES
+from engine.methods import BASIS_QUERIES, PROBES
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
 from engine.query import index_vectors
 from engine.storage import atomic_path, write_json, write_text
@@ -284,35 +283,48 @@ def _fresh_shards(study: Study, stamp: dict) -> None:
 
 
 def _index(study: Study, config: StudyConfig, device: torch.device, out: dict, progress: bool) -> list[str]:
-    """The search index over the shards (``engine.study.index``), with its recall against a full
-    scan measured on fine-tuning records as queries (they are prompts in the study's template)."""
+    """The search index over the shards (``engine.study.index``). A staged (ivf) index fits its coarse
+    basis on the query vectors of fine-tuning records (prompts in the study's template, as the explorer
+    makes them) and measures its recall against a full scan on ``PROBE_RECORDS`` others."""
     settings = config.influence.index_settings()
-    staged = settings.resolved(len(_dataset(study, layout.DOCUMENTS))) != "flat"  # a flat index is the scan itself
-    written, out["search"] = build_index(study, settings, probes=_probe_queries(study, config, device) if staged
-                                         else None, progress=progress)
+    if settings.resolved(len(_dataset(study, layout.DOCUMENTS))) == "flat":  # a flat index is the scan itself
+        written, out["search"] = build_index(study, settings, progress=progress)
+        return written
+    records = len(_dataset(study, layout.RECORDS))
+    probes = np.arange(min(PROBE_RECORDS, records // 2))
+    rest = np.arange(len(probes), records)
+    fit = rest[np.unique(np.linspace(0, len(rest) - 1, min(settings.queries, len(rest))).round().astype(int))]
+    vectors = _record_queries(study, config, device, np.concatenate([probes, fit]), BASIS_QUERIES)
+    queries = {kind: np.concatenate([rows[len(probes):] for rows in by_method.values()])
+               for kind, by_method in vectors.items()}
+    probe_vectors = {kind: vectors[kind][name][:len(probes)] for kind, name in PROBES.items()} if len(probes) else None
+    written, out["search"] = build_index(study, settings, queries, probe_vectors, progress)
     return written
 
 
-def _probe_queries(study: Study, config: StudyConfig, device: torch.device, count: int = 16) -> dict:
-    """Query vectors of the first ``count`` fine-tuning records (prompts in the study's template), as
-    the explorer makes them for each kind of vector the index searches (``engine.methods.PROBES``)."""
+PROBE_RECORDS = 16  # fine-tuning records held out of the basis fit, to measure the index's recall
+
+
+def _record_queries(study: Study, config: StudyConfig, device: torch.device, ids: np.ndarray,
+                    methods: dict[str, tuple[str, ...]]) -> dict[str, dict[str, np.ndarray]]:
+    """Index-space query vectors (kind -> method -> (n, D)) of fine-tuning records ``ids``, made a
+    batch at a time (a preconditioned query is as large as the model; its index vector is small)."""
     inf = config.influence
-    records = _dataset(study, layout.RECORDS)
-    records = records.select(range(min(count, len(records))))
+    records = _dataset(study, layout.RECORDS).select(ids.tolist())
     ft_model = load_causal_lm(study.resolve(config.models.finetuned), config.models.dtype, device)
     pt_factors = Factors.load(study.path(layout.PT_FACTORS), device=device)
     ft_factors = Factors.load(study.path(layout.FT_FACTORS), device=device)
     tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
     layers = inf.tracked_layers(ft_model)
-    parts: dict[str, list] = {kind: [] for kind in PROBES}
+    whitening, projector = inf.whitening(pt_factors), KroneckerProjector.load(study.path(layout.PROJECTOR))
+    parts = {kind: {name: [] for name in names} for kind, names in methods.items()}
     for batch in config.prompts.record_batches(tokenizer, records, inf.max_length, inf.batch_size):
         grads = sequence_gradients(ft_model, TASK, batch, layers)
-        for kind, name in PROBES.items():
-            parts[kind].append(precondition(grads, inf.score_arguments(name), pt_factors, ft_factors).vectors)
-    whitening, projector = inf.whitening(pt_factors), KroneckerProjector.load(study.path(layout.PROJECTOR))
-    return {kind: index_vectors(kind, PreconditionedQuery({n: torch.cat([v[n] for v in rows]) for n in rows[0]},
-                                                          PROBES[kind]), whitening, projector).cpu().numpy()
-            for kind, rows in parts.items()}
+        for kind, names in methods.items():
+            for name in names:
+                query = precondition(grads, inf.score_arguments(name), pt_factors, ft_factors)
+                parts[kind][name].append(index_vectors(kind, query, whitening, projector).cpu().numpy())
+    return {kind: {name: np.concatenate(rows) for name, rows in by_method.items()} for kind, by_method in parts.items()}
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -8,6 +8,7 @@ vectors a shard at a time.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from dataclasses import replace
 
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 
 import engine.study.vectors as vectors_module
+from engine.methods import PROBES
+from engine.query import QueryEngine, index_vectors
 from engine.search import Band, IVFLists, PCABasis, TopK, scan, staged_search
-from engine.study import Stage, Study, StudyError, StudyIndex, layout
+from engine.study import Stage, Study, StudyError, StudyIndex, layout, open_study
 from precompute import haystack
 from precompute.demo import build_demo, tiny_recipe
 from precompute.world import World, build_world, mentions
@@ -70,6 +73,29 @@ def test_pca_basis_is_not_owned_by_a_few_huge_rows():
     x[990:, 0] = 1000 * rng.choice([-1, 1], 10)
     first = PCABasis.fit(x, 1).components[:, 0]
     assert abs(first[0]) < 0.1 and abs(first[1]) > 0.9, first
+
+
+def test_a_basis_fit_on_queries_keeps_the_ranking_a_basis_fit_on_documents_loses():
+    """Documents spread most along dims 0-7, but queries (and the differences between documents
+    that rank them) live in dims 8-15: the documents' principal directions miss them, the queries'
+    keep them whole. Uncentred: no mean, no offset in the coarse score."""
+    rng = np.random.default_rng(7)
+    docs = np.concatenate([rng.standard_normal((3000, 8)) * 10, rng.standard_normal((3000, 8))], 1)
+    queries = np.concatenate([np.zeros((200, 8)), rng.standard_normal((200, 8))], 1)
+    test = np.concatenate([np.zeros((20, 8)), rng.standard_normal((20, 8))], 1).astype(np.float32)
+    truth = np.argsort(-(docs @ test.T), 0)[:10].T
+    recall = {}
+    for label, basis in (("queries", PCABasis.fit_queries(queries, docs, 8)), ("documents", PCABasis.fit(docs, 8))):
+        coarse, offset = basis.queries(test)
+        top = np.argsort(-(basis.transform(docs) @ coarse.T + offset), 0)[:10].T
+        recall[label] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, truth)])
+    assert recall["queries"] >= 0.99 and recall["documents"] < 0.3, recall
+    # three queries give three directions; the documents' leading ones (dims 0-7) fill the other five
+    filled = PCABasis.fit_queries(queries[:3], docs, 8)
+    assert not filled.mean.any() and np.allclose(filled.components.T @ filled.components, np.eye(8), atol=1e-5)
+    span = filled.components[:, :3]
+    assert np.allclose(span @ (span.T @ queries[:3].T), queries[:3].T, atol=1e-4)
+    assert np.linalg.norm(filled.components[:8, 3:], axis=0).min() > 0.99
 
 
 def _lists(tmp_path, rows: np.ndarray, basis: PCABasis, nlist: int, nprobe: int) -> IVFLists:
@@ -203,6 +229,11 @@ def staged(tiny_study, tmp_path_factory):
     return Study(root), decoded
 
 
+def _pretrain_facts(study: Study, count: int) -> list[dict]:
+    facts = [json.loads(line) for line in study.path(layout.FACTS).read_text().splitlines()]
+    return [f for f in facts if f["split"] == "pretrain_only"][:count]
+
+
 def test_staged_index_serves_the_scan_top10(staged):
     study, _ = staged
     record = study.manifest()["stages"][Stage.INDEX]["search"]
@@ -211,11 +242,15 @@ def test_staged_index_serves_the_scan_top10(staged):
                for ranking in ("", "cosine_")) >= 0.95, record["recall"]
     index = StudyIndex.of(study)
     assert (study.path(layout.index_file("whitened", "ivf")) / "lists.ivfdata").exists()  # on disk, memory-mapped
-    rng = np.random.default_rng(0)
-    for name in ("whitened", "projected"):
-        # queries shaped like documents (a random mix of stored rows): the regime the index serves
-        rows = index.vectors.gather(name, np.sort(rng.choice(index.vectors.documents, 20, replace=False)))
-        queries = rows[:10] + 0.5 * rows[10:]
+    basis = {name: record[name] for name in ("whitened", "projected")}
+    assert min(b["queries"] for b in basis.values()) > 0, basis
+    engine = QueryEngine(open_study(study.root))
+    facts = _pretrain_facts(study, 10)
+    for name, method in PROBES.items():
+        # the queries the index serves: questions (not records, which the basis was fit on) in the template
+        query = engine.preconditioned([engine.study.prompts.prompt(f["question"]) for f in facts],
+                                      [f["response"] for f in facts], method)
+        queries = index_vectors(name, query, engine.study.whitening, engine.study.projector).numpy()
         unit = (1 / np.load(study.path(layout.index_norms(name)))).astype(np.float32)
         for weights in (None, unit):  # the dot and the cosine ranking of the stored rows
             served, truth = index.search(name, queries, 10, weights), index.searches[name].scan(queries, 10, weights)
@@ -225,13 +260,13 @@ def test_staged_index_serves_the_scan_top10(staged):
             assert np.allclose(served.proponent_projected, truth.proponent_projected, rtol=1e-4)
 
 
-def test_an_index_fit_on_raw_rows_is_refused_with_the_rebuild_command(staged):
-    """Lists trained by an older msif (inner-product k-means on raw rows) serve normalised rankings
-    badly: opening one says so and names the command that rebuilds the index stage."""
+def test_an_index_fit_by_an_older_msif_is_refused_with_the_rebuild_command(staged):
+    """An index whose coarse basis was fit on documents (or lists trained on raw rows) serves templated
+    queries badly: opening one says so and names the command that rebuilds the index stage."""
     study, _ = staged
     record = copy.deepcopy(study.manifest()["stages"][Stage.INDEX]["search"])
     del record["whitened"]["fit"]
-    with pytest.raises(StudyError, match="fit on raw rows") as refused:
+    with pytest.raises(StudyError, match="fit on documents rather than queries") as refused:
         StudyIndex(study, record)
     assert study.rebuild_command() in str(refused.value)
 

@@ -124,7 +124,8 @@ class InfluenceConfig:
     index: str = "auto"  # flat (exhaustive scan) | ivf (staged: faiss inverted lists, re-rank) | auto: by corpus size
     index_dims: int = 256  # ivf: principal coordinates of every document in the coarse stage
     rerank: int = 2000  # ivf: candidates per sign re-scored with their full vectors (measured: benchmarks/haystack.py)
-    index_sample: int = 16384  # ivf: documents the principal directions and the lists' centroids are fit on
+    index_sample: int = 16384  # ivf: documents the lists' centroids are trained on
+    index_queries: int = 512  # ivf: fine-tuning records whose query vectors the coarse basis is fit on
     candidates: int = 150  # per sign: retrieved by the index, re-scored exactly, best top_k shown
     seed: int = 0
     accumulation: str = "float32"  # precision of the factor fit's running sums: float32 | float64
@@ -145,7 +146,8 @@ class InfluenceConfig:
                               damping_factor=self.damping_factor)
 
     def index_settings(self) -> IndexSettings:
-        return IndexSettings(self.index, self.index_dims, self.rerank, self.index_sample, self.seed)
+        return IndexSettings(self.index, self.index_dims, self.rerank, self.index_sample, self.seed,
+                             queries=self.index_queries)
 
     def whitening(self, pt_factors) -> Whitening:
         """The pretraining-side half-inverse with the damping multi-stage scoring uses."""
@@ -217,7 +219,7 @@ class StudyConfig:
         inf = self.influence
         for name, low in (("max_length", 2), ("batch_size", 1), ("label_samples", 1), ("factor_documents", 0),
                           ("projection_dim", 1), ("eigen_dim", 1), ("index_dims", 1), ("rerank", 1),
-                          ("index_sample", 1), ("candidates", 1)):
+                          ("index_sample", 1), ("index_queries", 1), ("candidates", 1)):
             if getattr(inf, name) < low:
                 raise ValueError(f"influence.{name} must be at least {low}, got {getattr(inf, name)}")
         if inf.damping_factor <= 0 or (inf.damping is not None and inf.damping <= 0):

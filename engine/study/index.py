@@ -6,9 +6,10 @@ pt-inverse-dropped) and ``whitened`` (multi-stage). Each is served in one of two
 corpus size:
 
     flat  an exhaustive scan of the memory-mapped shards (exact; small studies)
-    ivf   a staged search (``engine.search.staged_search``): the first ``index_dims`` principal
-          coordinates of every document, fit on a sample of real vectors, in a faiss inverted file
-          on disk and memory-mapped (``engine.search.IVFLists``, trained on the same sample); a query
+    ivf   a staged search (``engine.search.staged_search``): every document's ``index_dims``
+          coordinates in a basis fit on query vectors (the principal directions of preconditioned
+          fine-tuning records), in a faiss inverted file on disk and memory-mapped
+          (``engine.search.IVFLists``, trained on a sample of the documents' coordinates); a query
           visits ``nprobe`` of its ``nlist`` lists per sign, plus the ``band`` documents with the
           largest weight times row norm for the ranking at hand, and the best ``rerank`` per sign are
           re-scored with their full rows read from the shards
@@ -38,7 +39,7 @@ VECTOR_KINDS = ("projected", "whitened")
 INDEX_KINDS = ("auto", "flat", "ivf")
 HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
-FIT = "unit rows, spherical k-means"  # how an ivf index's basis and lists are fit (older ones: rebuild)
+FIT = "query basis, spherical k-means"  # how an ivf index's basis and lists are fit (older ones: rebuild)
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,24 @@ class IndexSettings:
     kind: str = "auto"  # auto | flat | ivf ("pca", the name of the earlier staged index, is read as ivf)
     dims: int = 256  # principal coordinates in the coarse stage (ivf)
     rerank: int = 2000  # candidates per sign re-scored with full vectors (ivf)
-    sample: int = 16_384  # documents the principal directions and the lists' centroids are fit on (ivf)
+    sample: int = 16_384  # documents the lists' centroids are trained on (ivf)
     seed: int = 0
     nlist: int = 0  # inverted lists (ivf); 0: about 4 sqrt(documents), at least 39 sampled documents a list
-    nprobe: int = 64  # lists a query visits per sign (ivf; measured: benchmarks/ivf_scale.py)
+    # lists a query visits per sign (ivf). A normalised ranking needs about half of them: on a 32k
+    # haystack (405 lists) the served gradient ranking's MRR@10 was 0.665 at 64, 0.794 at 128, 0.837
+    # at 200 and at all 405 (benchmarks/ivf_scale.py times it at 10^5-10^6)
+    nprobe: int = 200
     band: int = 2000  # documents of largest weight x row norm always scored in the coarse stage (ivf)
+    queries: int = 512  # fine-tuning records whose query vectors the coarse basis is fit on (ivf)
 
     def __post_init__(self):
         if self.kind == "pca":
             object.__setattr__(self, "kind", "ivf")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
-        if min(self.dims, self.rerank, self.sample, self.nprobe) < 1 or min(self.nlist, self.band) < 0:
-            raise ValueError("index_dims, rerank, index_sample and nprobe must be >= 1 (nlist, band >= 0)")
+        if min(self.dims, self.rerank, self.sample, self.nprobe, self.queries) < 1 or min(self.nlist, self.band) < 0:
+            raise ValueError("index_dims, rerank, index_sample, index_queries and nprobe must be >= 1 "
+                             "(nlist, band >= 0)")
 
     def resolved(self, documents: int) -> str:
         if self.kind != "auto":
@@ -72,12 +78,13 @@ class IndexSettings:
         return max(1, min(wanted, sampled // 39))
 
 
-def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndarray] | None = None,
-                progress: bool = False) -> tuple[list[str], dict]:
+def build_index(study: Study, settings: IndexSettings, queries: dict[str, np.ndarray] | None = None,
+                probes: dict[str, np.ndarray] | None = None, progress: bool = False) -> tuple[list[str], dict]:
     """Write the index files (none for ``flat``); returns them and the record for the manifest.
 
-    ``probes``: query vectors per vector kind, to measure recall of the served search against an
-    exhaustive scan (recorded; the index works without them).
+    ``queries``: query vectors (n, D) per vector kind that an ivf index fits its coarse basis on (a
+    flat index needs none). ``probes``: other query vectors per kind, to measure recall of the served
+    search against an exhaustive scan (recorded; the index works without them).
     """
     vectors = DocumentVectors.of(study)
     kind = settings.resolved(vectors.documents)
@@ -86,8 +93,11 @@ def build_index(study: Study, settings: IndexSettings, probes: dict[str, np.ndar
     files = [_save_row_norms(study, vectors, "whitened")]
     if kind == "ivf":
         files.append(_save_row_norms(study, vectors, "projected"))
+        missing = [name for name in VECTOR_KINDS if queries is None or len(queries.get(name, ())) == 0]
+        if missing:
+            raise ValueError(f"an ivf index fits its basis on query vectors; none given for {', '.join(missing)}")
         for name in VECTOR_KINDS:
-            record[name] = _build_ivf(study, vectors, name, settings, progress)
+            record[name] = _build_ivf(study, vectors, name, queries[name], settings, progress)
             files += [layout.index_file(name, "basis"), *study.files_under(layout.index_file(name, "ivf"))]
     if probes and kind == "ivf":  # a flat index is the scan itself
         index = StudyIndex(study, record)
@@ -105,20 +115,30 @@ def _save_row_norms(study: Study, vectors: DocumentVectors, name: str) -> str:
     return path
 
 
-def _build_ivf(study: Study, vectors: DocumentVectors, name: str, settings: IndexSettings,
+def document_sample(vectors: DocumentVectors, name: str, size: int) -> np.ndarray:
+    """About ``size`` rows of one vector kind: whole shards spread evenly over the corpus (sequential reads)."""
+    wanted = max(1, -(-size // vectors.shard_size))
+    picked = np.unique(np.linspace(0, vectors.shards - 1, min(wanted, vectors.shards)).round().astype(int))
+    return np.concatenate([rows for _, rows in vectors.numbered_chunks(name, picked.tolist())])
+
+
+def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.ndarray, settings: IndexSettings,
                progress: bool) -> dict:
-    """Fit the principal basis on whole, evenly spread shards (sequential reads), train the inverted
-    lists' centroids on the same sample's coordinates, then fill the lists a shard at a time."""
+    """Fit the coarse basis on the query vectors (``PCABasis.fit_queries``: the coarse score
+    <V^T q, V^T w> misses only the part of q outside the basis; the documents of whole, evenly spread
+    shards fill the dimensions the queries leave), train the inverted lists' centroids on the
+    sample's coordinates, then fill the lists a shard at a time."""
     from tqdm.auto import tqdm
 
-    wanted = max(1, -(-settings.sample // vectors.shard_size))
-    picked = np.unique(np.linspace(0, vectors.shards - 1, min(wanted, vectors.shards)).round().astype(int))
-    sample = np.concatenate([rows for _, rows in vectors.numbered_chunks(name, picked.tolist())])
-    basis = PCABasis.fit(sample, settings.dims, settings.seed)
+    sample = document_sample(vectors, name, settings.sample)
+    basis = PCABasis.fit_queries(queries, sample, settings.dims, settings.seed)
     coordinates = basis.transform(sample)
-    variance = float(coordinates[:: max(1, len(sample) // 4096)].var(0).sum()
-                     / sample[:: max(1, len(sample) // 4096)].var(0).sum())
+    every = slice(None, None, max(1, len(sample) // 4096))
+    documents_kept = float(np.square(coordinates[every], dtype=np.float64).sum()
+                           / np.square(sample[every], dtype=np.float64).sum())
     del sample
+    unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+    queries_kept = float(np.square(unit @ basis.components, dtype=np.float64).sum(1).mean())
     basis.save(study.path(layout.index_file(name, "basis")))
     nlist = settings.lists(vectors.documents, len(coordinates))
     shards = tqdm(vectors.numbered_chunks(name), total=vectors.shards, disable=not progress,
@@ -126,7 +146,8 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, settings: Inde
     lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates,
                            ((start, basis.transform(rows)) for start, rows in shards), nlist, settings.nprobe,
                            settings.seed)
-    return {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "variance_kept": variance,
+    return {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "queries": int(len(queries)),
+            "query_energy_kept": queries_kept, "document_energy_kept": documents_kept,
             "nlist": lists.nlist, "nprobe": lists.nprobe, "fit": FIT}
 
 
@@ -190,7 +211,7 @@ class StudyIndex:
                or (record["kind"] == "ivf" and any(record[n].get("fit") != FIT for n in VECTOR_KINDS)))
         if old:
             raise StudyError(f"the index of {study.root} was built by an older msif (no whitened norms, a "
-                             f"{record['kind']} index, or inverted lists fit on raw rows); run "
+                             f"{record['kind']} index, or a coarse basis fit on documents rather than queries); run "
                              f"`{study.rebuild_command()}` to rebuild it (it reruns the index stage only)")
         self.study, self.record = study, record
         self.vectors = DocumentVectors.of(study)
