@@ -25,8 +25,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     faiss.omp_set_num_threads(1)
 
 # The longest modules first (whole modules go to one worker: `--dist loadfile`), so that the workers
-# finish together; the rest in their usual order.
-LONGEST = ("test_integrity.py", "test_readme_commands.py", "test_bench_quality.py", "test_plan.py",
+# finish together; the rest in their usual order. The README test leads: its `make demo` builds the
+# full demo study on one thread (about 17 minutes), the longest single piece of CI.
+LONGEST = ("test_readme_commands.py", "test_integrity.py", "test_bench_quality.py", "test_plan.py",
            "test_ground_truth.py", "test_distributed.py", "test_haystack.py", "test_browser.py")
 
 
