@@ -223,10 +223,12 @@ def projection_stage(job: Job, documents: int) -> StagePlan:
                      seconds, {"weights": job.weights, "kept eigenvector columns": columns, "base": job.base})
 
 
-def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool) -> StagePlan:
+def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: float) -> StagePlan:
     """The search index (engine.study.index): a flat index writes nothing and reads a shard at a time;
-    an ivf index holds its sample (float32, centred in place) and writes (documents, index_dims) float32
-    coordinates per vector kind (two kinds) into inverted lists on disk, memory-mapped when served."""
+    an ivf index first makes the query vectors its basis is fit on (``queries``: the fine-tuned model,
+    both factor sets and a batch's capture on the device, freed after), then holds a document sample
+    (float32) and writes (documents, index_dims) float32 coordinates per vector kind (two kinds) into
+    inverted lists on disk, memory-mapped when served."""
     kind = inf.index_settings().resolved(documents)
     if kind == "flat":
         shard = min(documents, SHARD_ROWS) * max(dims) * 4
@@ -234,8 +236,10 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool) -> StageP
                          {"one shard": shard})
     sample = min(documents, inf.index_sample) * max(dims) * 4
     files = 2 * documents * inf.index_dims * 4
-    peak = PROCESS_BASE + 2 * sample  # the sample and its principal coordinates' temporaries
-    return StagePlan("index", peak if cpu else 0.0, peak, files, 0.0, {"PCA sample": sample, "inverted lists": files})
+    peak = PROCESS_BASE + 2 * sample  # the sample and its coordinates' temporaries
+    return StagePlan("index", max(peak, queries) if cpu else queries, peak, files, 0.0,
+                     {"record queries (model, both factor sets)": queries, "document sample": sample,
+                      "inverted lists": files})
 
 
 def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float | None = None,
@@ -255,9 +259,9 @@ def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float
     stages = [factor_stage("factors-pretrained", job, math.ceil(factor_docs / inf.batch_size / gpus)),
               factor_stage("factors-finetuned", job, math.ceil(records / inf.batch_size / gpus)),
               projection_stage(job, documents)]
-    stages.append(index_stage(inf, documents, job.dims, cpu))
-    index_files = stages[-1].disk_bytes
     factors = 2 * (shape.eigenbasis_numbers + shape.gradient_numbers) * 4
+    stages.append(index_stage(inf, documents, job.dims, cpu, job.base + job.weights + factors + capture_bytes(job)))
+    index_files = stages[-1].disk_bytes
     serve = job.base + 2 * job.weights + factors + capture_bytes(job) + (index_files if cpu else 0.0)
     stages.append(StagePlan("serve (explorer)", serve, PROCESS_BASE + index_files, 0.0, 0.0,
                             {"both factor sets": factors, "both models": 2 * job.weights, "indexes": index_files}))
@@ -304,8 +308,8 @@ def advice(plan: Plan, config) -> list[str]:
         if stage.name.startswith("serve"):
             hint.append("serve on a larger device: both factor sets stay on the device for queries")
         if stage.name == "index":
-            hint.append(f"a smaller index_sample (now {inf.index_sample}): the principal directions are fit "
-                        "on a sample held in memory")
+            hint.append(f"a smaller index_sample (now {inf.index_sample}) or batch_size (the record queries "
+                        "the basis is fit on are made a batch at a time)")
         lines.append("; ".join(hint))
     return lines
 
