@@ -29,7 +29,7 @@ from functools import partial
 import numpy as np
 
 from ..retrieval import Retrieval
-from ..search import Band, IVFLists, PCABasis, scan, staged_search
+from ..search import Band, IVFLists, PCABasis, scan, staged_search, unit_rows
 from ..storage import save_npy
 from . import layout
 from .manifest import Study, StudyError
@@ -137,8 +137,7 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
     documents_kept = float(np.square(coordinates[every], dtype=np.float64).sum()
                            / np.square(sample[every], dtype=np.float64).sum())
     del sample
-    unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
-    queries_kept = float(np.square(unit @ basis.components, dtype=np.float64).sum(1).mean())
+    queries_kept = float(np.square(unit_rows(queries) @ basis.components, dtype=np.float64).sum(1).mean())
     basis.save(study.path(layout.index_file(name, "basis")))
     nlist = settings.lists(vectors.documents, len(coordinates))
     shards = tqdm(vectors.numbered_chunks(name), total=vectors.shards, disable=not progress,
