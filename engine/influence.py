@@ -30,6 +30,7 @@ from .gradients import capture, per_sequence
 from .methods import FINETUNED, METHODS, MULTI_STAGE, PRETRAINED
 from .methods import method as method_spec
 from .tasks import Task
+from .text import shortest_first
 from .tracking import TrackedLayer
 
 
@@ -170,8 +171,9 @@ def measure_documents(model: nn.Module, task: Task, loader: Iterable[Any], layer
     batch: G_b = sum_t g_bt a_bt^T, then one matmul against all Q vectors; no loop over (query,
     document) pairs."""
     metrics = () if metric is None else (metric,) if isinstance(metric, DocumentMetric) else tuple(metric)
-    columns, sq_norms, metric_norms = [], [], []
-    for batch in tqdm(loader, desc="scoring", disable=not progress, unit="batch", leave=False):
+    columns, sq_norms, metric_norms, positions = [], [], [], []
+    for batch, rows in shortest_first(tqdm(loader, desc="scoring", disable=not progress, unit="batch", leave=False)):
+        positions.extend(rows)
         acts, grads, _ = capture(model, task, batch, layers)
         scores, sq_norm, metric_norm = 0.0, 0.0, [0.0] * len(metrics)
         for name, a in acts.items():
@@ -187,8 +189,9 @@ def measure_documents(model: nn.Module, task: Task, loader: Iterable[Any], layer
     if not columns:
         columns, sq_norms = [torch.zeros(query.num_queries, 0, dtype=torch.float64)], [torch.zeros(0)]
         metric_norms = [torch.zeros(len(metrics), 0, dtype=torch.float64)]
-    stacked = torch.cat(metric_norms, 1)
-    return DocumentScores(torch.cat(columns, 1), torch.cat(sq_norms).double(),
+    back = torch.as_tensor(positions, dtype=torch.long).argsort() if positions else slice(None)  # input order
+    stacked = torch.cat(metric_norms, 1)[:, back]
+    return DocumentScores(torch.cat(columns, 1)[:, back], torch.cat(sq_norms).double()[back],
                           None if metric is None else stacked[0] if isinstance(metric, DocumentMetric) else stacked)
 
 

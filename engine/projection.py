@@ -47,6 +47,7 @@ from .curvature import get_strategy
 from .gradients import capture
 from .storage import save_tensors
 from .tasks import Task
+from .text import shortest_first
 from .tracking import TrackedLayer
 
 FORMAT = "msif-projector"
@@ -278,11 +279,24 @@ def gradient_sq_norms(acts: Mapping[str, torch.Tensor], grads: Mapping[str, torc
 @dataclass
 class ProjectedDocuments:
     """One batch of documents: projected gradients (N, D), when asked exact squared norms ||G||^2
-    (N,) and whitened eigen-coordinates (N, D')."""
+    (N,) and whitened eigen-coordinates (N, D'); ``positions``: where its rows were in the input
+    (batches are scored shortest first: :func:`engine.text.shortest_first`)."""
 
     vectors: np.ndarray
     sq_norms: np.ndarray | None = None
     whitened: np.ndarray | None = None
+    positions: np.ndarray | None = None
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ProjectedDocuments]) -> ProjectedDocuments:
+        """The batches as one, rows back in input order."""
+        order = np.argsort(np.concatenate([p.positions for p in parts]), kind="stable")
+
+        def joined(name: str) -> np.ndarray | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else np.concatenate(values)[order]
+
+        return cls(joined("vectors"), joined("sq_norms"), joined("whitened"), joined("positions"))
 
     def normalized(self) -> np.ndarray:
         """vectors / ||G|| (exact norms): for gradient-cosine, <P(u), P(G)/||G||> estimates cosine."""
@@ -299,7 +313,7 @@ def iter_projected_documents(model: nn.Module, task: Task, loader: Iterable[Any]
     """One :class:`ProjectedDocuments` per batch of ``loader`` (one capture each, shared by the
     projection, the norms and the whitening): for streaming into shards or an index."""
     projector.check_compatible(layers)
-    for batch in tqdm(loader, desc="projecting", disable=not progress, unit="batch", leave=False):
+    for batch, rows in shortest_first(tqdm(loader, desc="projecting", disable=not progress, unit="batch", leave=False)):
         acts, grads, _ = capture(model, task, batch, layers)
         with torch.no_grad():
             vectors = projector.project_captured(acts, grads).cpu().numpy().astype(dtype)
@@ -307,7 +321,7 @@ def iter_projected_documents(model: nn.Module, task: Task, loader: Iterable[Any]
             white = (whitening.document_vectors(acts, grads).cpu().numpy().astype(dtype)
                      if whitening is not None else None)
         del acts, grads  # not held across the yield: the next batch's capture would double them
-        yield ProjectedDocuments(vectors, sq, white)
+        yield ProjectedDocuments(vectors, sq, white, np.asarray(rows))
 
 
 def project_documents(model: nn.Module, task: Task, loader: Iterable[Any],
@@ -320,9 +334,7 @@ def project_documents(model: nn.Module, task: Task, loader: Iterable[Any],
     if not parts:
         return ProjectedDocuments(np.zeros((0, projector.dim), dtype),
                                   np.zeros(0) if norms else None)
-    vectors = np.concatenate([p.vectors for p in parts])
-    sq = np.concatenate([p.sq_norms for p in parts]) if norms else None
-    return ProjectedDocuments(vectors, sq)
+    return ProjectedDocuments.concatenate(parts)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from engine import (
     Factors,
     KroneckerProjector,
     LanguageModelingTask,
+    ProjectedDocuments,
     encode_document_batches,
     encode_documents,
     fit_factors,
@@ -250,11 +251,10 @@ def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
         for s in mine:
             chunk = texts[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]
             batches = encode_document_batches(tokenizer, chunk, inf.max_length, batch_size=inf.batch_size)
-            parts = list(iter_projected_documents(model, TASK, batches, layers, projector, norms=True,
-                                                  whitening=whitening, progress=False))
+            shard = ProjectedDocuments.concatenate(list(iter_projected_documents(
+                model, TASK, batches, layers, projector, norms=True, whitening=whitening, progress=False)))
             write_text(study.path(layout.shard_digest_file(s)), digests[s] + "\n")
-            write_shard(study, s, *(np.concatenate([getattr(p, k) for p in parts])
-                                    for k in ("vectors", "whitened", "sq_norms")), inf.vector_dtype)
+            write_shard(study, s, shard.vectors, shard.whitened, shard.sq_norms, inf.vector_dtype)
             bar.update(len(chunk))
     if dist.is_main():
         projector.save(study.path(layout.PROJECTOR), include_matrices=True, metadata={"model": config.models.base})

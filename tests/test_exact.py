@@ -548,3 +548,33 @@ def test_document_norms_equal_explicit_formulas(pt_model, ft_model, two_stage, m
     both = measure_documents(doc_model, TASK, docs, doc_layers, pre, progress=False, metric=[metric, metric])
     torch.testing.assert_close(both.metric_sq_norms, torch.stack([expected, expected]), rtol=1e-8, atol=0)
     assert (expected > 0).all() and not torch.allclose(expected / expected[0], d.square().sum(1) / d[0].square().sum())
+
+
+def test_shortest_first_keeps_every_row_within_the_callers_budget():
+    from engine.text import encode_document_batches, shortest_first
+
+    class Tok:  # one token per word: lengths are known
+        pad_token_id, eos_token_id = 0, 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[1 + len(w) for w in t.split()] for t in texts]}
+
+    texts = [" ".join(["w"] * n) for n in (9, 2, 7, 2, 8, 3, 2, 9, 4, 2)]
+    batches = list(encode_document_batches(Tok(), texts, 16, max_tokens=30))
+    repacked = list(shortest_first(batches, window=6))
+    positions = [p for _, rows in repacked for p in rows]
+    assert sorted(positions) == list(range(len(texts)))
+    for batch, rows in repacked:
+        assert batch["attention_mask"].sum(1).tolist() == [len(texts[p].split()) for p in rows]
+        assert (batch["labels"] == torch.where(batch["attention_mask"] == 1, batch["input_ids"], -100)).all()
+    # each window (6 rows, then 4) keeps the largest input batch's row and token counts
+    assert max(len(b["input_ids"]) for b, _ in repacked) <= max(len(b["input_ids"]) for b in batches)
+    assert max(b["input_ids"].numel() for b, _ in repacked) <= max(b["input_ids"].numel() for b in batches)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    assert sum(b["input_ids"].numel() for b, _ in repacked) < padded
+    # a batch it cannot repack (left padding) passes through, in place
+    left = {k: v.flip(1) for k, v in batches[0].items()}
+    out = list(shortest_first([left, batches[1]]))
+    first, second = len(left["input_ids"]), len(batches[1]["input_ids"])
+    assert out[0][0] is left and out[0][1] == list(range(first))
+    assert sorted(p for _, rows in out[1:] for p in rows) == list(range(first, first + second))
