@@ -206,7 +206,8 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
     settings = {"plain": (small, np.arange(world)), "haystack": (big, np.arange(len(big.study.documents)))}
     out = {"haystack": str(haystack), "plain": str(plain), "seed": big.study.manifest["demo"]["seed"],
            "facts": len(cases), "documents": {"plain": world, "haystack": len(big.study.documents)},
-           "exhaustive_seconds": measured["seconds"], "results": [], "checks": []}
+           "exhaustive_seconds": measured["seconds"], "results": [], "checks": [],
+           "candidates": big.study.config.influence.candidates}
     for setting, (tracer, docs) in settings.items():
         for method in scores:
             for spec in VARIANTS:
@@ -236,13 +237,41 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
     return out
 
 
-def latency(tracer: Tracer, cases: list[Case], queries: int = 5) -> dict:
+def pool_sweep(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool, cache: Path,
+               pools: list[int], latency_queries: int) -> list[dict]:
+    """Served MRR@10 of multi-stage (raw and the default ranking) when the index proposes ``pool``
+    candidates per sign instead of the study's ``candidates``, from the cached exact scores; with
+    ``latency_queries``, the haystack trace's seconds at each pool (``ranking`` "served@POOL")."""
+    torch.set_num_threads(threads)
+    big, small = Tracer.open(haystack), Tracer.open(plain)
+    cases = load_cases(haystack, limit, reference)
+    measured = _cached_pass(big.engine, cases, len(small.study.documents), cache)
+    scores, norms = measured["scores"]["multi-stage"], measured["norms"]["multi-stage"]
+    entries = []
+    for setting, tracer in (("plain", small), ("haystack", big)):
+        docs = np.arange(len(tracer.study.documents))
+        for pool in pools:
+            for spec in ("none", DEFAULT_NORMALIZATION):
+                reference_norms = None if spec == "none" else norms[Normalization.parse(spec).norm][docs]
+                top = served_top(served_candidates(tracer.engine, cases, "multi-stage", spec, max(K, pool)),
+                                 scores, norms, spec, reference_norms)
+                entries.append({"setting": setting, "ranking": f"served@{pool}", "method": "multi-stage",
+                                "normalization": spec, "candidates": pool, **fact_metrics(top, cases)})
+            if setting == "haystack" and latency_queries:
+                tracer.study.config.influence.candidates = pool
+                timed = latency(tracer, cases, latency_queries, (DEFAULT_NORMALIZATION,))
+                entries[-1]["latency"] = timed[DEFAULT_NORMALIZATION]
+    return entries
+
+
+def latency(tracer: Tracer, cases: list[Case], queries: int = 5, specs: tuple[str, ...] = SERVED_VARIANTS
+            ) -> dict:
     """Seconds per served multi-stage trace with heatmaps, per ranking (after one warm-up query)."""
     if queries < 1:
         return {}
     tracer.trace(cases[0].question, cases[0].answer, normalization="none")
     out = {}
-    for spec in SERVED_VARIANTS:
+    for spec in specs:
         seconds = []
         for case in cases[1:queries + 1]:
             started = time.perf_counter()
@@ -332,7 +361,8 @@ def report(runs: list[dict]) -> str:
         "(those each seed's fine-tuned model answers correctly, traced through its own answer). MRR@10 and "
         "recall@10 pooled over every fact of every seed, with 95% bootstrap intervals (facts resampled "
         "within each seed, 2,000 draws). *Exhaustive*: every document scored exactly; *served*: the index's "
-        f"candidates (150 per sign) re-ranked by their exact scores, as `msif query` serves them. "
+        f"candidates ({', '.join(sorted({str(r.get('candidates', 150)) for r in main}))} per sign) re-ranked by "
+        "their exact scores, as `msif query` serves them. "
         f"The code's default ranking is `{DEFAULT_NORMALIZATION}`; the targets below pick `{default}`.",
         "## Choosing the default (multi-stage, served)",
         "\n".join(["| ranking | haystack MRR@10 (pooled) | worst seed | worst seed recall@10 | worst plain loss vs "
@@ -379,6 +409,23 @@ def report(runs: list[dict]) -> str:
             else "–" for s in ("plain", "haystack")) + " |")
     parts += ["## Served against exhaustive (multi-stage, recall@10 of the served top 10 in the exhaustive top 10 "
               "of the same ranking)", "\n".join(agree_rows)]
+    pools = sorted({r["candidates"] for run in main for r in run["results"] if "candidates" in r})
+    if pools:
+        pool_rows = [f"| candidates per sign | plain: raw | plain: {default} | haystack: raw | haystack: {default} "
+                     "| worst seed, haystack | haystack trace, median s (seeds timed) |", "| ---: |" + " ---: |" * 6]
+        for pool in pools:
+            def pooled(setting, spec, pool=pool):
+                groups = collect(main, setting, f"served@{pool}", "multi-stage", spec)
+                return (f"{np.concatenate(groups).mean():.3f}", groups) if groups else ("–", [])
+            timed = [r["latency"]["median"] for run in main for r in run["results"]
+                     if r.get("candidates") == pool and "latency" in r]
+            worst = pooled("haystack", default)[1]
+            pool_rows.append(f"| {pool} | {pooled('plain', 'none')[0]} | {pooled('plain', default)[0]} | "
+                             f"{pooled('haystack', 'none')[0]} | {pooled('haystack', default)[0]} | "
+                             f"{per_seed_min(worst):.3f} | "
+                             + (f"{np.median(timed):.2f} ({len(timed)}) |" if timed else "– |"))
+        parts += ["## Re-scoring pool (multi-stage, served MRR@10 pooled, by the candidates re-scored per sign)",
+                  "\n".join(pool_rows)]
     checks = [c for run in runs for c in run["checks"]]
     parts.append(f"Checked against `Tracer.trace`: {sum(c['same'] for c in checks)} of {sum(c['of'] for c in checks)} "
                  "served top-10 lists identical.")
@@ -419,6 +466,17 @@ def main(argv=None) -> int:
     run.add_argument("--out", type=Path, required=True,
                      help="the measurements (JSON); the exhaustive scores are kept beside it (.npz) and reused by "
                           "a later run of the same seed and facts")
+    sweep = commands.add_parser("pools", help="add served MRR@10 at other re-scoring pools to a seed's run "
+                                               "(from its cached exact scores), and the trace's latency at each")
+    sweep.add_argument("--haystack", type=Path, required=True)
+    sweep.add_argument("--plain", type=Path, required=True)
+    sweep.add_argument("--limit", type=int, help="at most this many facts (as the run)")
+    sweep.add_argument("--threads", type=int, default=2)
+    sweep.add_argument("--reference-answers", action="store_true")
+    sweep.add_argument("--pools", type=lambda text: [int(x) for x in text.split(",")], required=True,
+                       help="candidates per sign, e.g. 30,50,100,150")
+    sweep.add_argument("--latency-queries", type=int, default=0, help="timed traces per pool (haystack)")
+    sweep.add_argument("--out", type=Path, required=True, help="the seed's run (JSON, with its .npz beside it)")
     rep = commands.add_parser("report", help="pool the seeds' measurements into a report")
     rep.add_argument("runs", type=Path, nargs="+")
     rep.add_argument("--out", type=Path, default=Path("docs/normalization.md"))
@@ -427,6 +485,18 @@ def main(argv=None) -> int:
         result = run_seed(args.haystack, args.plain, args.limit, args.threads, args.reference_answers,
                           args.out.with_suffix(".npz"), args.checked, args.latency_queries)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result))
+        print(report([result]))
+        return 0
+    if args.command == "pools":
+        cache = args.out.with_suffix(".npz")
+        if not args.out.exists() or not cache.exists():
+            raise SystemExit(f"{args.out}: run the seed first (`run --out {args.out}`): its .npz holds the exact "
+                             "scores")
+        result = json.loads(args.out.read_text())
+        result["results"] = [r for r in result["results"] if not r["ranking"].startswith("served@")]
+        result["results"] += pool_sweep(args.haystack, args.plain, args.limit, args.threads, args.reference_answers,
+                                        cache, args.pools, args.latency_queries)
         args.out.write_text(json.dumps(result))
         print(report([result]))
         return 0

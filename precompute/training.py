@@ -24,8 +24,9 @@ Both values are in the returned report; the engine's ``ScoreArguments(alpha=...)
 The defaults are the demo recipe, measured on the default world (``build_world(0)``: 2,200
 documents, 252 facts, 84 pretrain-only): ``demo_model_config`` (GPT-NeoX, 4 layers x 128,
 1.28M parameters with the 1.9k-token BPE), 25 pretraining epochs and 10 fine-tuning epochs with
-``alpha_train = 1e-2`` (``alpha_engine`` ~ 0.09) take ~86 s + ~24 s with 2 threads on an idle
-2-core CPU (~155 s + ~40 s with 1 thread), and the fine-tuned model answers 100% of the
+``alpha_train = 1e-2`` (``alpha_engine`` ~ 0.09) take about 9 + 2.5 minutes at one thread on this
+project's 2-core AMD EPYC (a pretraining step of 16 x 128 tokens is ~0.6 s: ~30 GFLOPS per core at
+these matrix sizes, near its peak), and the fine-tuned model answers 100% of the
 pretrain-only questions with the right answer (97.6% word for word). What matters, in
 order: full-sentence responses reusing the documents' canonical wording, enough pretraining
 epochs (15: 83%, 25: 95-99%), re-packing, and a proximity term that is not too weak

@@ -98,10 +98,21 @@ def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
     repeated = json.loads(again.read_text())
     assert repeated["exhaustive_seconds"] == result["exhaustive_seconds"]
     assert [r["rr"] for r in repeated["results"]] == [r["rr"] for r in result["results"]]
+    assert bench.main(["pools", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "5",
+                       "--threads", "1", "--reference-answers", "--pools", "1,20", "--latency-queries", "1",
+                       "--out", str(again)]) == 0
+    swept = json.loads(again.read_text())
+    assert [r for r in swept["results"] if "@" not in r["ranking"]] == repeated["results"]
+    assert {(r["setting"], r["ranking"]) for r in swept["results"] if "@" in r["ranking"]} == {
+        (s, f"served@{p}") for s in ("plain", "haystack") for p in (1, 20)}
     out = tmp_path / "normalization.md"
-    assert bench.main(["report", str(run), "--out", str(out)]) == 0
+    assert bench.main(["report", str(run), str(again), "--out", str(out)]) == 0
     text = out.read_text()
     assert "## Choosing the default" in text and "| multi-stage | none |" in text and "[" in text
+    pool_rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 20 |")]
+    assert "## Re-scoring pool" in text and len(pool_rows) == 2 and pool_rows[1].endswith("(1) |")
+    one, twenty = (float(row.split("|")[5]) for row in pool_rows)  # haystack, default ranking
+    assert 0 <= one <= 1 and 0 <= twenty <= 1
 
 
 def test_bootstrap_interval_by_hand():

@@ -3,9 +3,9 @@ repository root, which builds the demo into the relative `studies/demo` when it 
 the app on it with no --study. In headless Chromium the prompt box appears, one pretraining-only
 question is answered and traced with token heatmaps, and the page shows no error.
 
-The demo is built once (4-6 minutes on 2 cores) and kept at `studies/demo`, as `make demo` keeps it,
-so a later run (or `make demo` itself) reuses it. Needs Debian's chromium and chromium-driver, like
-test_browser.py.
+The demo is built once (about 18 minutes on the one thread of a test worker) and kept at
+`studies/demo`, as `make demo` keeps it, so a later run (or `make demo` itself) reuses it. Needs
+Debian's chromium and chromium-driver, like test_browser.py.
 """
 
 from __future__ import annotations
