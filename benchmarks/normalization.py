@@ -346,6 +346,23 @@ def choose_default(runs: list[dict]) -> tuple[str, list[str]]:
     return best, lines
 
 
+def pool_table(runs: list[dict], pools: list[int], ours: str) -> str:
+    """Served MRR@10 by re-scoring pool (the ``pools`` sweep), raw and with the code's default ranking."""
+    rows = [f"| candidates per sign | plain: raw | plain: {ours} | haystack: raw | haystack: {ours} | worst seed, "
+            "haystack | haystack trace, median s (seeds timed) |", "| ---: |" + " ---: |" * 6]
+    for pool in pools:
+        def pooled(setting: str, spec: str, pool=pool) -> str:
+            groups = collect(runs, setting, f"served@{pool}", "multi-stage", spec)
+            return f"{np.concatenate(groups).mean():.3f}" if groups else "–"
+        timed = [r["latency"]["median"] for run in runs for r in run["results"]
+                 if r.get("candidates") == pool and "latency" in r]
+        worst = per_seed_min(collect(runs, "haystack", f"served@{pool}", "multi-stage", ours))
+        rows.append(f"| {pool} | {pooled('plain', 'none')} | {pooled('plain', ours)} | {pooled('haystack', 'none')} | "
+                    f"{pooled('haystack', ours)} | {worst:.3f} | "
+                    + (f"{np.median(timed):.2f} ({len(timed)}) |" if timed else "– |"))
+    return "\n".join(rows)
+
+
 def report(runs: list[dict]) -> str:
     runs = sorted(runs, key=lambda r: (r["documents"]["haystack"], r["seed"]))
     main = [r for r in runs if r["documents"]["haystack"] - r["documents"]["plain"] <= 50_000]
@@ -411,21 +428,8 @@ def report(runs: list[dict]) -> str:
               "of the same ranking)", "\n".join(agree_rows)]
     pools = sorted({r["candidates"] for run in main for r in run["results"] if "candidates" in r})
     if pools:
-        pool_rows = [f"| candidates per sign | plain: raw | plain: {default} | haystack: raw | haystack: {default} "
-                     "| worst seed, haystack | haystack trace, median s (seeds timed) |", "| ---: |" + " ---: |" * 6]
-        for pool in pools:
-            def pooled(setting, spec, pool=pool):
-                groups = collect(main, setting, f"served@{pool}", "multi-stage", spec)
-                return (f"{np.concatenate(groups).mean():.3f}", groups) if groups else ("–", [])
-            timed = [r["latency"]["median"] for run in main for r in run["results"]
-                     if r.get("candidates") == pool and "latency" in r]
-            worst = pooled("haystack", default)[1]
-            pool_rows.append(f"| {pool} | {pooled('plain', 'none')[0]} | {pooled('plain', default)[0]} | "
-                             f"{pooled('haystack', 'none')[0]} | {pooled('haystack', default)[0]} | "
-                             f"{per_seed_min(worst):.3f} | "
-                             + (f"{np.median(timed):.2f} ({len(timed)}) |" if timed else "– |"))
         parts += ["## Re-scoring pool (multi-stage, served MRR@10 pooled, by the candidates re-scored per sign)",
-                  "\n".join(pool_rows)]
+                  pool_table(main, pools, DEFAULT_NORMALIZATION)]
     checks = [c for run in runs for c in run["checks"]]
     parts.append(f"Checked against `Tracer.trace`: {sum(c['same'] for c in checks)} of {sum(c['of'] for c in checks)} "
                  "served top-10 lists identical.")
