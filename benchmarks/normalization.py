@@ -418,7 +418,9 @@ def report(runs: list[dict]) -> str:
                          f"{mrr('haystack', 'none'):.3f} | {mrr('haystack', default):.3f} | "
                          f"{np.mean(agree[0]) if agree else float('nan'):.3f} | {run['exhaustive_seconds']:.0f} s | "
                          + (f"{lat['median']:.2f} / {lat['max']:.2f} |" if lat else "– |"))
-    parts += ["## Per seed (multi-stage, served MRR@10)", "\n".join(seed_rows)]
+    parts += ["## Per seed (multi-stage, served MRR@10)", "\n".join(seed_rows),
+              "Latencies are timed during each run, on whatever else the machine was running then; time a "
+              "quiet machine with `pools --latency-queries N`."]
     agree_rows = ["| ranking | plain | haystack |", "| --- | ---: | ---: |"]
     for spec in SERVED_VARIANTS:
         agree_rows.append(f"| {spec} | " + " | ".join(
