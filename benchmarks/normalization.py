@@ -110,9 +110,11 @@ def _measured(side, study, every: np.ndarray, split: int, query: PreconditionedQ
     return DocumentScores(scores, sq_norms, metric)
 
 
-def _cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path | None) -> dict:
+def _cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path | None,
+                 reuse_only: bool = False) -> dict:
     """The exhaustive pass, or what an earlier run of the same seed and facts saved in ``cache`` (so
-    that the served rankings can be measured again, e.g. after the index changed, in minutes)."""
+    that the served rankings can be measured again, e.g. after the index changed, in minutes). With
+    ``reuse_only``, a cache of other facts is an error rather than an hour's pass that replaces it."""
     if cache is not None and cache.exists():
         saved = np.load(cache, allow_pickle=False)
         if saved["questions"].tolist() == [c.question for c in cases]:
@@ -122,6 +124,9 @@ def _cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Pat
                 method, name = key[len("norm:"):].split("/")
                 norms.setdefault(method, {})[name] = saved[key]
             return {"scores": scores, "norms": norms, "seconds": float(saved["seconds"])}
+    if reuse_only:
+        raise SystemExit(f"{cache} holds the exact scores of other facts: give --limit and --reference-answers "
+                         "as the run did")
     measured = exhaustive_pass(service, cases, metric_documents=world)
     if cache is not None:
         np.savez(cache, questions=np.array([c.question for c in cases]), seconds=measured["seconds"],
@@ -245,7 +250,7 @@ def pool_sweep(haystack: Path, plain: Path, limit: int | None, threads: int, ref
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
     cases = load_cases(haystack, limit, reference)
-    measured = _cached_pass(big.engine, cases, len(small.study.documents), cache)
+    measured = _cached_pass(big.engine, cases, len(small.study.documents), cache, reuse_only=True)
     scores, norms = measured["scores"]["multi-stage"], measured["norms"]["multi-stage"]
     entries = []
     for setting, tracer in (("plain", small), ("haystack", big)):
@@ -378,6 +383,7 @@ def report(runs: list[dict]) -> str:
         "(those each seed's fine-tuned model answers correctly, traced through its own answer). MRR@10 and "
         "recall@10 pooled over every fact of every seed, with 95% bootstrap intervals (facts resampled "
         "within each seed, 2,000 draws). *Exhaustive*: every document scored exactly; *served*: the index's "
+        # runs made before "candidates" was recorded all served the default, 150
         f"candidates ({', '.join(sorted({str(r.get('candidates', 150)) for r in main}))} per sign) re-ranked by "
         "their exact scores, as `msif query` serves them. "
         f"The code's default ranking is `{DEFAULT_NORMALIZATION}`; the targets below pick `{default}`.",

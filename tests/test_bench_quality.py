@@ -101,6 +101,9 @@ def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
     assert bench.main(["pools", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "5",
                        "--threads", "1", "--reference-answers", "--pools", "1,20", "--latency-queries", "1",
                        "--out", str(again)]) == 0
+    with pytest.raises(SystemExit, match="other facts"):  # never an exhaustive pass that replaces the cache
+        bench.main(["pools", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "4",
+                    "--threads", "1", "--reference-answers", "--pools", "20", "--out", str(again)])
     swept = json.loads(again.read_text())
     assert [r for r in swept["results"] if "@" not in r["ranking"]] == repeated["results"]
     assert {(r["setting"], r["ranking"]) for r in swept["results"] if "@" in r["ranking"]} == {
