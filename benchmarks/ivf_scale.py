@@ -4,15 +4,17 @@ From a haystack study (``msif build-demo --extra-documents N``), the whitened ve
 basis is fit as the index stage fits it, and every document's 256 principal coordinates are kept
 with its norms. N synthetic documents are then drawn: a real document's coordinates plus Gaussian
 noise (``--noise`` times each coordinate's spread), its gradient and whitened norms drawn with it, so
-the corpus keeps the real one's clusters and norm tails. The queries are the study's own: its
-pretraining-only facts' answers, traced at theta_ft and whitened (multi-stage). For each size the
-faiss inverted lists are built as the index stage builds them (``engine.search.IVFLists``: lists on
-disk, about 4 sqrt(N) of them, trained on 16,384 documents) and searched as the study serves them,
-for a raw ranking and the default normalised one, with the band of the ``band`` documents of largest
-weight times whitened norm always scored, as the study serves them:
+the corpus keeps the real one's clusters and norm tails (a synthetic document's norms are its source's
+scaled with its coordinates' norm). The queries are the study's own: its pretraining-only facts'
+answers, traced at theta_ft and whitened (multi-stage). For each size the faiss inverted lists are
+built as the index stage builds them (``engine.search.IVFLists``: lists on disk, about 4 sqrt(N) of
+them, trained on 39 documents a list) and searched as the study serves them, for a raw ranking and the
+default normalised one, visiting as many lists per sign as hold ``--visits`` documents, with the band
+of the ``band`` documents of largest weight times whitened norm always scored. The exhaustive
+reference and the band are gathered while the corpus is drawn, so only the lists are stored:
 
     build s, disk     the lists' construction and their files
-    search p50, p95   the coarse stage per query (``nprobe`` lists per sign, weighted scoring)
+    search p50, p95   the coarse stage per query (the visited lists per sign, weighted scoring)
     RSS               the process's resident memory while serving (the lists are memory-mapped)
     recall            of the exhaustive scan's top 10 (over the same synthetic coordinates, with the same
                       weights): the share found among the ``rerank`` candidates the coarse stage hands
@@ -21,7 +23,7 @@ weight times whitened norm always scored, as the study serves them:
 The re-rank (2 x ``rerank`` full rows read by pread) and the exact re-scoring cost the same whatever
 N; they are measured on the real study and added for an end-to-end estimate.
 
-    python benchmarks/ivf_scale.py --study studies/bench/seed-1-h30k --sizes 100000 1000000 10000000
+    python benchmarks/ivf_scale.py --study studies/bench/seed-2-h30k --sizes 100000 1000000 10000000
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
 from engine.methods import DEFAULT_NORMALIZATION, MULTI_STAGE
 from engine.normalization import Normalization
 from engine.query import QueryEngine
-from engine.search import Band, IVFLists, PCABasis, scan
+from engine.search import Band, IVFLists, PCABasis, TopK
 from engine.study import IndexSettings, open_study
 from engine.study.index import document_sample
 from engine.study.vectors import DocumentVectors
@@ -80,67 +83,103 @@ def queries(study, basis: PCABasis, count: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def synthetic(coordinates: np.ndarray, norms: dict, n: int, noise: float, seed: int):
-    """Blocks of (first id, coordinates, gradient norms, whitened norms) of n synthetic documents."""
+    """Blocks of (first id, coordinates, gradient norms, whitened norms) of n synthetic documents. A
+    document's norms are its source's scaled by how much the noise changed its coordinates' norm, so
+    that its weight in a normalised ranking still matches its row (with the source's norms kept
+    as they were, noise decoupled the two and the normalised recall measured here was too low)."""
     rng = np.random.default_rng(seed)
     spread = coordinates.std(0).astype(np.float32)
+    lengths = np.maximum(np.linalg.norm(coordinates, axis=1), 1e-30)
     for start in range(0, n, BLOCK):
         source = rng.integers(0, len(coordinates), min(BLOCK, n - start))
         rows = coordinates[source] + noise * spread * rng.standard_normal((len(source), coordinates.shape[1]),
                                                                           dtype=np.float32)
-        yield start, rows.astype(np.float32), norms["gradient"][source], norms["whitened"][source]
+        scale = np.linalg.norm(rows, axis=1) / lengths[source]
+        yield start, rows.astype(np.float32), norms["gradient"][source] * scale, norms["whitened"][source] * scale
 
 
-def weights_for(spec: str, gradient: np.ndarray, whitened: np.ndarray) -> np.ndarray | None:
-    norm = Normalization.parse(spec)
-    if norm.is_raw:
-        return None
-    n = whitened if norm.norm in ("whitened", "metric") else gradient
-    return (1.0 / norm.divisors(n, n)).astype(np.float32)
+class Reference:
+    """What the exhaustive scan and the band of one ranking need, gathered while the corpus is drawn
+    (so that 10^7 documents' coordinates are never stored): the scan's top 10 per query, and the
+    ``band`` rows of largest weight x whitened norm. A floor (``@median``) and the zero guard are
+    taken from the real study's norms."""
+
+    def __init__(self, spec: str, real: dict, coarse: np.ndarray, offset: np.ndarray, band: int):
+        self.spec, self.norm, self.real = spec, Normalization.parse(spec), real
+        self.coarse, self.offset, self.band = coarse, offset, band
+        self.top = TopK(len(coarse), 10)
+        self.ids, self.sizes = np.zeros(0, np.int64), np.zeros(0)
+        self.rows = np.zeros((0, coarse.shape[1]), np.float32)
+
+    def weigh(self, gradient: np.ndarray, whitened: np.ndarray) -> np.ndarray | None:
+        if self.norm.is_raw:
+            return None
+        key = "whitened" if self.norm.norm in ("whitened", "metric") else "gradient"
+        return (1.0 / self.norm.divisors(whitened if key == "whitened" else gradient, self.real[key])
+                ).astype(np.float32)
+
+    def add(self, start: int, rows: np.ndarray, gradient: np.ndarray, whitened: np.ndarray) -> np.ndarray | None:
+        weights = self.weigh(gradient, whitened)
+        ids = np.arange(start, start + len(rows))
+        scores = rows @ self.coarse.T + self.offset[None]
+        self.top.add(scores if weights is None else scores * weights[:, None], ids)
+        size = whitened if weights is None else whitened * np.abs(weights)
+        ids, sizes = np.concatenate([self.ids, ids]), np.concatenate([self.sizes, size])
+        kept = np.argsort(-sizes, kind="stable")[:self.band]
+        self.rows = np.concatenate([self.rows, rows])[kept]
+        self.ids, self.sizes = ids[kept], sizes[kept]
+        return weights
+
+    def band_rows(self) -> Band:
+        order = np.argsort(self.ids)
+        return Band(self.ids[order], self.rows[order])
 
 
 def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse: np.ndarray, offset: np.ndarray,
-            noise: float, seed: int, rankings: list[str], rerank: int) -> dict:
+            noise: float, seed: int, rankings: list[str], rerank: int, visits: list[int]) -> dict:
     settings = IndexSettings("ivf")
-    sample = np.concatenate([rows for _, rows, _, _ in synthetic(coordinates, norms, settings.sample, noise,
-                                                                  seed + 1)])
-    stored = np.lib.format.open_memmap(workdir / "rows.npy", mode="w+", dtype=np.float32,
-                                       shape=(n, coordinates.shape[1]))  # the exhaustive reference, on disk
-    gradient, whitened = np.empty(n), np.empty(n)
+    sample = np.concatenate([rows for _, rows, _, _ in synthetic(coordinates, norms, settings.training_documents(n),
+                                                                  noise, seed + 1)])
+    references = [Reference(spec, norms, coarse, offset, settings.band) for spec in rankings]
+    weights = {spec: np.empty(n, np.float32) for spec in rankings if not Normalization.parse(spec).is_raw}
 
     def blocks():
         for start, rows, g, w in synthetic(coordinates, norms, n, noise, seed):
-            stored[start:start + len(rows)], gradient[start:start + len(rows)] = rows, g
-            whitened[start:start + len(rows)] = w
+            for reference in references:
+                block = reference.add(start, rows, g, w)
+                if block is not None:
+                    weights[reference.spec][start:start + len(rows)] = block
             yield start, rows
 
+    nlist = settings.lists(n, len(sample))
     started = time.perf_counter()
-    lists = IVFLists.build(workdir / "ivf", sample, blocks(), settings.lists(n, len(sample)), settings.nprobe, seed)
+    IVFLists.build(workdir / "ivf", sample, blocks(), nlist, settings.probes(n, nlist), seed)
     build_s = time.perf_counter() - started
     disk = sum(f.stat().st_size for f in (workdir / "ivf").iterdir())
-    del lists
-    stored.flush()
-    lists = IVFLists.load(workdir / "ivf", settings.nprobe)  # opened as a study opens it: memory-mapped
-    out = {"documents": n, "nlist": lists.nlist, "nprobe": lists.nprobe, "build_s": build_s, "disk_bytes": disk}
-    searched = {}
-    for spec in rankings:
-        weights = weights_for(spec, gradient, whitened)
-        size = whitened if weights is None else whitened * weights
-        band = Band.heaviest(size, settings.band, lambda ids: stored[ids])  # once per ranking, as the study does
-        seconds, found = [], []
-        for i in range(len(coarse)):
-            t0 = time.perf_counter()
-            found.append(lists.search(coarse[i:i + 1], offset[i:i + 1], rerank, weights, band))
-            seconds.append(time.perf_counter() - t0)
-        searched[spec] = (weights, seconds, found)
-    out["rss"] = _rss()  # serving: before the exhaustive reference reads the stored rows
-    for spec, (weights, seconds, found) in searched.items():
-        truth = scan(((s, np.asarray(stored[s:s + BLOCK])) for s in range(0, n, BLOCK)), coarse, 10, weights, offset)
-        among = [len(set(t.tolist()) & set(f.proponent_ids[0].tolist())) / 10
-                 for t, f in zip(truth.proponent_ids, found)]
-        top = [len(set(t.tolist()) & set(f.proponent_ids[0, :10].tolist())) / 10
-               for t, f in zip(truth.proponent_ids, found)]
-        out[spec] = {"search_p50": statistics.median(seconds), "search_p95": float(np.percentile(seconds, 95)),
-                     "recall_among_candidates": float(np.mean(among)), "recall_top10": float(np.mean(top))}
+    out = {"documents": n, "nlist": nlist, "build_s": build_s, "disk_bytes": disk, "training": len(sample),
+           "visits": {}}
+    for visit in visits:
+        nprobe = IndexSettings("ivf", visit=visit).probes(n, nlist)
+        lists = IVFLists.load(workdir / "ivf", nprobe)  # opened as a study opens it: memory-mapped
+        row = out["visits"][visit] = {"nprobe": lists.nprobe}
+        for reference in references:
+            weight, band = weights.get(reference.spec), reference.band_rows()
+            seconds, found = [], []
+            for i in range(len(coarse)):
+                t0 = time.perf_counter()
+                found.append(lists.search(coarse[i:i + 1], offset[i:i + 1], rerank, weight, band))
+                seconds.append(time.perf_counter() - t0)
+            truth = reference.top.result()
+            among = [len(set(t.tolist()) & set(f.proponent_ids[0].tolist())) / 10
+                     for t, f in zip(truth.proponent_ids, found)]
+            top = [len(set(t.tolist()) & set(f.proponent_ids[0, :10].tolist())) / 10
+                   for t, f in zip(truth.proponent_ids, found)]
+            row[reference.spec] = {"search_p50": statistics.median(seconds),
+                                   "search_p95": float(np.percentile(seconds, 95)),
+                                   "recall_among_candidates": float(np.mean(among)),
+                                   "recall_top10": float(np.mean(top))}
+        row["rss"] = _rss()
+        del lists
     return out
 
 
@@ -158,11 +197,14 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=0.3, help="noise per coordinate, times its spread")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--visits", type=int, nargs="+", default=[IndexSettings().visit],
+                        help="documents read per sign by the coarse stage (the served default first)")
     parser.add_argument("--workdir", type=Path, help="where the synthetic lists go (default: a temporary directory)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
     study = open_study(args.study, device="cpu")
     basis, coordinates, norms = real_statistics(study, IndexSettings().queries)
     coarse, offset = queries(study, basis, args.queries)
@@ -173,7 +215,7 @@ def main(argv=None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="msif-ivf-", dir=args.workdir))
         try:
             rows.append(measure(workdir, coordinates, norms, n, coarse, offset, args.noise, args.seed, rankings,
-                                rerank))
+                                rerank, args.visits))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         print(rows[-1], flush=True)
@@ -193,16 +235,17 @@ def report(args, study, rows: list[dict], rankings: list[str], rerank: int, real
              f"stage only (faiss inverted lists on disk, memory-mapped; {rerank:,} candidates per sign handed to "
              f"the re-rank, the band of {IndexSettings().band:,} always among them); recall against an exhaustive "
              "scan of the same coordinates with the same weights.", "",
-             "| documents | lists (visited per sign) | build s | disk GiB | ranking | search p50 s | p95 s | "
-             "scan top-10 among candidates | top-10 overlap | serving RSS GiB (own + mapped) |",
-             "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| documents | lists | build s | disk GiB | documents read per sign (lists) | ranking | search p50 s | "
+             "p95 s | scan top-10 among candidates | top-10 overlap | serving RSS GiB (own + mapped) |",
+             "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        for spec in rankings:
-            r = row[spec]
-            lines.append(f"| {row['documents']:,} | {row['nlist']:,} ({row['nprobe']}) | {row['build_s']:.0f} | "
-                         f"{row['disk_bytes'] / 2**30:.2f} | {spec} | {r['search_p50']:.3f} | {r['search_p95']:.3f} | "
-                         f"{r['recall_among_candidates']:.3f} | {r['recall_top10']:.3f} | "
-                         f"{row['rss']['RssAnon'] / 2**30:.2f} + {row['rss']['RssFile'] / 2**30:.2f} |")
+        for visit, served in row["visits"].items():
+            for spec in rankings:
+                r, rss = served[spec], served["rss"]
+                lines.append(f"| {row['documents']:,} | {row['nlist']:,} | {row['build_s']:.0f} | "
+                             f"{row['disk_bytes'] / 2**30:.2f} | {int(visit):,} ({served['nprobe']}) | {spec} | "
+                             f"{r['search_p50']:.3f} | {r['search_p95']:.3f} | {r['recall_among_candidates']:.3f} | "
+                             f"{r['recall_top10']:.3f} | {rss['RssAnon'] / 2**30:.2f} + {rss['RssFile'] / 2**30:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -230,12 +230,13 @@ def build_index(vectors: np.ndarray, kind: str, workdir: Path) -> tuple[Callable
     started = time.perf_counter()
     if kind == "flat":
         return (lambda q, k: scan([(0, vectors)], q, k)), time.perf_counter() - started, 0
-    sample = vectors[:: max(1, len(vectors) // 16_384)]
-    basis = PCABasis.fit(sample, 256)
     settings = IndexSettings("ivf")
+    basis = PCABasis.fit(vectors[:: max(1, len(vectors) // settings.sample)], 256)
+    sample = vectors[:: max(1, len(vectors) // settings.training_documents(len(vectors)))]
+    nlist = settings.lists(len(vectors), len(sample))
     lists = IVFLists.build(workdir / f"ivf-{len(vectors)}", basis.transform(sample),
                            ((i, basis.transform(vectors[i:i + CHUNK])) for i in range(0, len(vectors), CHUNK)),
-                           settings.lists(len(vectors), len(sample)), settings.nprobe)
+                           nlist, settings.probes(len(vectors), nlist))
     size = sum(f.stat().st_size for f in (workdir / f"ivf-{len(vectors)}").iterdir())
 
     def search(q, k):

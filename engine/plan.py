@@ -235,11 +235,12 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
         return StagePlan("index", PROCESS_BASE + shard if cpu else 0.0, PROCESS_BASE + shard, 0.0, 0.0,
                          {"one shard": shard})
     sample = min(documents, inf.index_sample) * max(dims) * 4
+    training = inf.index_settings().training_documents(documents) * inf.index_dims * 4
     files = 2 * documents * inf.index_dims * 4
-    peak = PROCESS_BASE + 2 * sample  # the sample and its coordinates' temporaries
+    peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * max(dims) * 4)
     return StagePlan("index", max(peak, queries) if cpu else queries, peak, files, 0.0,
                      {"record queries (model, both factor sets)": queries, "document sample": sample,
-                      "inverted lists": files})
+                      "centroid training coordinates": training, "inverted lists": files})
 
 
 def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float | None = None,

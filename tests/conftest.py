@@ -26,8 +26,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The longest modules first (whole modules go to one worker: `--dist loadfile`), so that the workers
 # finish together; the rest in their usual order. The README test leads: its `make demo` builds the
-# full demo study on one thread (about 17 minutes), the longest single piece of CI.
-LONGEST = ("test_readme_commands.py", "test_integrity.py", "test_bench_quality.py", "test_plan.py",
+# full demo study on one thread (about 17 minutes), the longest single piece of CI. xdist would sort
+# modules by their number of tests instead, which put this two-test module near the end and CI's
+# wall time at the build's plus most of the rest: `make test` passes --no-loadscope-reorder. The
+# worker that takes the README module is handed one more module at once (xdist keeps more than two
+# tests queued), which waits for the build: a quick one, test_paths.py, is third.
+LONGEST = ("test_readme_commands.py", "test_integrity.py", "test_paths.py", "test_bench_quality.py", "test_plan.py",
            "test_ground_truth.py", "test_distributed.py", "test_haystack.py", "test_browser.py")
 
 

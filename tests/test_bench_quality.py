@@ -154,9 +154,12 @@ def test_ivf_scale_smoke(tiny_haystack, tmp_path):
     bench = load_benchmark("ivf_scale")
     out = tmp_path / "ivf.md"
     assert bench.main(["--study", str(tiny_haystack), "--sizes", "3000", "--queries", "4", "--threads", "1",
-                       "--workdir", str(tmp_path), "--out", str(out)]) == 0
+                       "--visits", "65536", "300", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
-    assert len(rows) >= 1
-    for row in rows:
-        among, top = float(row[8]), float(row[9])
-        assert 0.9 <= among <= 1.0 and 0.0 <= top <= 1.0 and float(row[6]) > 0  # 3,000 documents: nearly all visited
+    assert len(rows) == 4  # two rankings at each of two visit budgets
+    lists = int(rows[0][2].replace(",", ""))
+    assert rows[0][5].strip() == f"65,536 ({lists})"  # the default reads all of a small corpus
+    assert rows[2][5].strip().startswith("300 (") and int(rows[2][5].split("(")[1].strip(" )")) < lists
+    for row in rows[:2]:
+        among, top = float(row[9]), float(row[10])
+        assert 0.9 <= among <= 1.0 and 0.0 <= top <= 1.0 and float(row[7]) > 0  # 3,000 documents: nearly all visited

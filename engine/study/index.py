@@ -10,7 +10,8 @@ corpus size:
           coordinates in a basis fit on query vectors (the principal directions of preconditioned
           fine-tuning records), in a faiss inverted file on disk and memory-mapped
           (``engine.search.IVFLists``, trained on a sample of the documents' coordinates); a query
-          visits ``nprobe`` of its ``nlist`` lists per sign, plus the ``band`` documents with the
+          visits ``nprobe`` of its ``nlist`` lists per sign (about ``visit`` documents' coordinates
+          read per sign, whatever the corpus size), plus the ``band`` documents with the
           largest weight times row norm for the ranking at hand, and the best ``rerank`` per sign are
           re-scored with their full rows read from the shards
 
@@ -47,13 +48,15 @@ class IndexSettings:
     kind: str = "auto"  # auto | flat | ivf ("pca", the name of the earlier staged index, is read as ivf)
     dims: int = 256  # principal coordinates in the coarse stage (ivf)
     rerank: int = 2000  # candidates per sign re-scored with full vectors (ivf)
-    sample: int = 16_384  # documents the lists' centroids are trained on (ivf)
+    sample: int = 16_384  # documents the basis is fit on; the centroids get more when there are many lists
     seed: int = 0
     nlist: int = 0  # inverted lists (ivf); 0: about 4 sqrt(documents), at least 39 sampled documents a list
-    # lists a query visits per sign (ivf). A normalised ranking needs about half of them: on a 32k
-    # haystack (405 lists) the served gradient ranking's MRR@10 was 0.665 at 64, 0.794 at 128, 0.837
-    # at 200 and at all 405 (benchmarks/ivf_scale.py times it at 10^5-10^6)
-    nprobe: int = 200
+    nprobe: int = 0  # lists a query visits per sign (ivf); 0: as many as hold about ``visit`` documents
+    # Documents a query's coarse stage reads per sign (ivf). A normalised ranking wants a large share:
+    # on a 32k haystack (405 lists) the served gradient ranking's MRR@10 was 0.665 at 64 lists a sign,
+    # 0.794 at 128, 0.837 at 200 and at all 405; 65,536 reads all of a 32k corpus and a fixed 64 MiB of
+    # coordinates a sign at any size (benchmarks/ivf_scale.py measures recall and time at 10^5-10^7).
+    visit: int = 65_536
     band: int = 2000  # documents of largest weight x row norm always scored in the coarse stage (ivf)
     queries: int = 512  # fine-tuning records whose query vectors the coarse basis is fit on (ivf)
 
@@ -62,20 +65,33 @@ class IndexSettings:
             object.__setattr__(self, "kind", "ivf")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
-        if min(self.dims, self.rerank, self.sample, self.nprobe, self.queries) < 1 or min(self.nlist, self.band) < 0:
-            raise ValueError("index_dims, rerank, index_sample, index_queries and nprobe must be >= 1 "
-                             "(nlist, band >= 0)")
+        if (min(self.dims, self.rerank, self.sample, self.visit, self.queries) < 1
+                or min(self.nlist, self.nprobe, self.band) < 0):
+            raise ValueError("index_dims, rerank, index_sample, index_queries and visit must be >= 1 "
+                             "(nlist, nprobe, band >= 0)")
 
     def resolved(self, documents: int) -> str:
         if self.kind != "auto":
             return self.kind
         return "ivf" if documents > FLAT_LIMIT else "flat"
 
+    def wanted_lists(self, documents: int) -> int:
+        return max(1, self.nlist or int(round(4 * np.sqrt(documents))))
+
+    def training_documents(self, documents: int) -> int:
+        """Documents whose coordinates train the lists' centroids: ``sample``, or 39 a list (faiss's
+        minimum) where about 4 sqrt(N) lists need more; at most the corpus."""
+        return min(documents, max(self.sample, 39 * self.wanted_lists(documents)))
+
     def lists(self, documents: int, sampled: int) -> int:
         """The number of inverted lists for a corpus: ``nlist``, or about 4 sqrt(N), each centroid
-        trained on at least 39 sampled documents (faiss's minimum)."""
-        wanted = self.nlist or int(round(4 * np.sqrt(documents)))
-        return max(1, min(wanted, sampled // 39))
+        trained on at least 39 of the ``sampled`` documents."""
+        return max(1, min(self.wanted_lists(documents), sampled // 39))
+
+    def probes(self, documents: int, nlist: int) -> int:
+        """Lists visited per sign: ``nprobe``, or as many as hold about ``visit`` documents."""
+        wanted = self.nprobe or int(np.ceil(self.visit * nlist / max(documents, 1)))
+        return max(1, min(nlist, wanted))
 
 
 def build_index(study: Study, settings: IndexSettings, queries: dict[str, np.ndarray] | None = None,
@@ -115,11 +131,15 @@ def _save_row_norms(study: Study, vectors: DocumentVectors, name: str) -> str:
     return path
 
 
-def document_sample(vectors: DocumentVectors, name: str, size: int) -> np.ndarray:
-    """About ``size`` rows of one vector kind: whole shards spread evenly over the corpus (sequential reads)."""
+def sample_shards(vectors: DocumentVectors, size: int) -> list[int]:
+    """Whole shards spread evenly over the corpus holding about ``size`` documents (sequential reads)."""
     wanted = max(1, -(-size // vectors.shard_size))
-    picked = np.unique(np.linspace(0, vectors.shards - 1, min(wanted, vectors.shards)).round().astype(int))
-    return np.concatenate([rows for _, rows in vectors.numbered_chunks(name, picked.tolist())])
+    return np.unique(np.linspace(0, vectors.shards - 1, min(wanted, vectors.shards)).round().astype(int)).tolist()
+
+
+def document_sample(vectors: DocumentVectors, name: str, size: int) -> np.ndarray:
+    """About ``size`` full rows of one vector kind, from whole shards spread over the corpus."""
+    return np.concatenate([rows for _, rows in vectors.numbered_chunks(name, sample_shards(vectors, size))])
 
 
 def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.ndarray, settings: IndexSettings,
@@ -127,24 +147,26 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
     """Fit the coarse basis on the query vectors (``PCABasis.fit_queries``: the coarse score
     <V^T q, V^T w> misses only the part of q outside the basis; the documents of whole, evenly spread
     shards fill the dimensions the queries leave), train the inverted lists' centroids on the
-    sample's coordinates, then fill the lists a shard at a time."""
+    coordinates of a sample that grows with the list count (transformed a shard at a time: full rows
+    of a large model are too big to hold), then fill the lists a shard at a time."""
     from tqdm.auto import tqdm
 
     sample = document_sample(vectors, name, settings.sample)
     basis = PCABasis.fit_queries(queries, sample, settings.dims, settings.seed)
-    coordinates = basis.transform(sample)
     every = slice(None, None, max(1, len(sample) // 4096))
-    documents_kept = float(np.square(coordinates[every], dtype=np.float64).sum()
+    documents_kept = float(np.square(basis.transform(sample[every]), dtype=np.float64).sum()
                            / np.square(sample[every], dtype=np.float64).sum())
     del sample
     queries_kept = float(np.square(unit_rows(queries) @ basis.components, dtype=np.float64).sum(1).mean())
     basis.save(study.path(layout.index_file(name, "basis")))
+    picked = sample_shards(vectors, settings.training_documents(vectors.documents))
+    coordinates = np.concatenate([basis.transform(rows) for _, rows in vectors.numbered_chunks(name, picked)])
     nlist = settings.lists(vectors.documents, len(coordinates))
     shards = tqdm(vectors.numbered_chunks(name), total=vectors.shards, disable=not progress,
                   desc=f"index ({name})", unit="shard")
     lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates,
-                           ((start, basis.transform(rows)) for start, rows in shards), nlist, settings.nprobe,
-                           settings.seed)
+                           ((start, basis.transform(rows)) for start, rows in shards), nlist,
+                           settings.probes(vectors.documents, nlist), settings.seed)
     return {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "queries": int(len(queries)),
             "query_energy_kept": queries_kept, "document_energy_kept": documents_kept,
             "nlist": lists.nlist, "nprobe": lists.nprobe, "fit": FIT}
