@@ -9,7 +9,8 @@ scaled with its coordinates' norm). The queries are the study's own: its pretrai
 answers, traced at theta_ft and whitened (multi-stage). For each size the faiss inverted lists are
 built as the index stage builds them (``engine.search.IVFLists``: lists on disk, about 4 sqrt(N) of
 them, trained on 39 documents a list) and searched as the study serves them, for a raw ranking and the
-default normalised one, visiting as many lists per sign as hold ``--visits`` documents, with the band
+default normalised one, visiting as many lists per sign as hold ``--visits`` documents (ranked by
+direction times their largest weight x norm), with the band
 of the ``band`` documents of largest weight times whitened norm always scored. The exhaustive
 reference and the band are gathered while the corpus is drawn, so only the lists are stored:
 
@@ -142,9 +143,11 @@ def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse:
                                                                   noise, seed + 1)])
     references = [Reference(spec, norms, coarse, offset, settings.band) for spec in rankings]
     weights = {spec: np.empty(n, np.float32) for spec in rankings if not Normalization.parse(spec).is_raw}
+    whitened = np.empty(n, np.float32)
 
     def blocks():
         for start, rows, g, w in synthetic(coordinates, norms, n, noise, seed):
+            whitened[start:start + len(rows)] = w
             for reference in references:
                 block = reference.add(start, rows, g, w)
                 if block is not None:
@@ -158,16 +161,20 @@ def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse:
     disk = sum(f.stat().st_size for f in (workdir / "ivf").iterdir())
     out = {"documents": n, "nlist": nlist, "build_s": build_s, "disk_bytes": disk, "training": len(sample),
            "visits": {}}
+    sizes = {}  # per ranking, each list's largest weight x norm (computed once, as VectorSearch.ranking does)
     for visit in visits:
         nprobe = IndexSettings("ivf", visit=visit).probes(n, nlist)
         lists = IVFLists.load(workdir / "ivf", nprobe)  # opened as a study opens it: memory-mapped
         row = out["visits"][visit] = {"nprobe": lists.nprobe}
         for reference in references:
             weight, band = weights.get(reference.spec), reference.band_rows()
+            if reference.spec not in sizes:
+                sizes[reference.spec] = lists.list_sizes(whitened if weight is None else whitened * np.abs(weight))
             seconds, found = [], []
             for i in range(len(coarse)):
                 t0 = time.perf_counter()
-                found.append(lists.search(coarse[i:i + 1], offset[i:i + 1], rerank, weight, band))
+                found.append(lists.search(coarse[i:i + 1], offset[i:i + 1], rerank, weight, band,
+                                          sizes[reference.spec]))
                 seconds.append(time.perf_counter() - t0)
             truth = reference.top.result()
             among = [len(set(t.tolist()) & set(f.proponent_ids[0].tolist())) / 10

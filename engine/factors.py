@@ -104,12 +104,23 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> dict[
     }
 
 
+def _held(stored: torch.Tensor, dtype: torch.dtype, layer: str) -> torch.Tensor:
+    """A stored factor in a serving precision; float16's range (65504) is checked, not assumed:
+    an eigenvalue past it would become inf and silently zero that direction's influence."""
+    held = stored.to(dtype)
+    if not torch.isfinite(held).all() and torch.isfinite(stored).all():
+        raise ValueError(f"layer {layer}: its factors exceed {str(dtype).removeprefix('torch.')}'s range "
+                         f"(largest {stored.abs().max().item():.3g}); hold them in bfloat16 or float32")
+    return held
+
+
 class StoredLayers(Mapping):
     """A factor directory's layers, each read from its own file on first use and then kept."""
 
     def __init__(self, directory: Path, files: dict[str, str], device: str | torch.device = "cpu",
-                 cache: bool = True):
+                 cache: bool = True, dtype: torch.dtype | None = None):
         self.directory, self.files, self.device, self.cache = Path(directory), dict(files), str(device), cache
+        self.dtype = dtype
         self._loaded: dict[str, LayerFactors] = {}
 
     def __getitem__(self, name: str) -> LayerFactors:
@@ -119,7 +130,10 @@ class StoredLayers(Mapping):
 
         if name not in self.files:
             raise KeyError(name)
-        layer = LayerFactors(**load_file(str(self.directory / self.files[name]), device=self.device))
+        tensors = load_file(str(self.directory / self.files[name]), device=self.device)
+        if self.dtype is not None:  # stored precision -> serving precision, a layer at a time
+            tensors = {k: _held(v, self.dtype, name) if v.is_floating_point() else v for k, v in tensors.items()}
+        layer = LayerFactors(**tensors)
         if self.cache:
             self._loaded[name] = layer
         return layer
@@ -193,9 +207,12 @@ class Factors:
                 "arguments": self.arguments})
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", cache: bool = True) -> Factors:
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu", cache: bool = True,
+             dtype: torch.dtype | None = None) -> Factors:
         """Open a factor directory; each layer is read (onto ``device``) when first used, and kept
-        unless ``cache=False`` (then a layer is read again at every use and memory stays flat)."""
+        unless ``cache=False`` (then a layer is read again at every use and memory stays flat).
+        ``dtype`` (e.g. bfloat16) holds the layers in another precision than stored: half the device
+        memory; preconditioning computes in the query's precision (the factors are upcast per layer)."""
         directory = Path(directory)
         if directory.is_file():
             raise ValueError(f"{directory} is a single factor file from an older msif; factors are now "
@@ -208,7 +225,7 @@ class Factors:
             raise ValueError(f"{directory}: factor format {meta.get('format')!r} version "
                              f"{meta.get('format_version')}, this msif reads {FORMAT} {FORMAT_VERSION}")
         counts = meta["counts"]
-        return cls(meta["strategy"], StoredLayers(directory, meta["layers"], device, cache), counts["sequences"],
+        return cls(meta["strategy"], StoredLayers(directory, meta["layers"], device, cache, dtype), counts["sequences"],
                    counts["tokens"], meta["model"], meta["arguments"])
 
 

@@ -14,7 +14,7 @@ holds at its peak, in bytes:
 - the factor fit's running sums ``sum (in^2 + out^2)`` (covariance pass) or its eigenbases plus
   ``sum out in`` sums (correction pass), and the largest layer's per-sequence work;
 - for the projection stage, the gathered eigenvector columns of the kept coordinates;
-- for serving, both models and both factor sets.
+- for serving, both models and both factor sets (in ``factor_precision``).
 
 Times are compute estimates (FLOPs over an assumed sustained rate), to be read as an order of
 magnitude; memory is the number the plan is checked on.
@@ -208,11 +208,17 @@ def factor_stage(name: str, job: Job, batches: int) -> StagePlan:
                      {"weights": job.weights, peak: phases[peak], "base": job.base})
 
 
+def kept_columns(job: Job) -> float:
+    """The pretraining eigenvectors' columns of the kept whitened coordinates in float32, worst case
+    (the projection gathers documents' coordinates with them; the explorer, its queries')."""
+    return sum((o * min(k, o) + i * min(k, i)) * 4 for (o, i), k in zip(job.shape.layers, job.kept))
+
+
 def projection_stage(job: Job, documents: int) -> StagePlan:
     """Projected and whitened vectors of every document (norms too); worst case for the gather."""
     shape = job.shape
     kept = job.kept
-    columns = sum((o * min(k, o) + i * min(k, i)) * 4 for (o, i), k in zip(shape.layers, kept))
+    columns = kept_columns(job)
     per_layer = max(2 * job.batch * o * i * 4 for o, i in shape.layers)  # norms, where forming G is cheaper
     device = job.base + job.weights + columns + max(capture_bytes(job), held_bytes(job) + per_layer)
     gather = sum(2 * (o * min(k, o) + i * min(k, i)) for (o, i), k in zip(shape.layers, kept))
@@ -260,12 +266,17 @@ def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float
     stages = [factor_stage("factors-pretrained", job, math.ceil(factor_docs / inf.batch_size / gpus)),
               factor_stage("factors-finetuned", job, math.ceil(records / inf.batch_size / gpus)),
               projection_stage(job, documents)]
-    factors = 2 * (shape.eigenbasis_numbers + shape.gradient_numbers) * 4
-    stages.append(index_stage(inf, documents, job.dims, cpu, job.base + job.weights + factors + capture_bytes(job)))
+    held = 4 if inf.factor_precision == "float32" else 2  # both factor sets as served (and indexed)
+    factors = 2 * (shape.eigenbasis_numbers + shape.gradient_numbers) * held
+    columns = kept_columns(job)  # the whitening of queries
+    stages.append(index_stage(inf, documents, job.dims, cpu,
+                              job.base + job.weights + factors + columns + capture_bytes(job)))
     index_files = stages[-1].disk_bytes
-    serve = job.base + 2 * job.weights + factors + capture_bytes(job) + (index_files if cpu else 0.0)
+    serve = job.base + 2 * job.weights + factors + columns + capture_bytes(job) + (index_files if cpu else 0.0)
     stages.append(StagePlan("serve (explorer)", serve, PROCESS_BASE + index_files, 0.0, 0.0,
-                            {"both factor sets": factors, "both models": 2 * job.weights, "indexes": index_files}))
+                            {f"both factor sets ({inf.factor_precision})": factors, "both models": 2 * job.weights,
+                             "kept eigenvector columns": columns, "one batch's capture": capture_bytes(job),
+                             "indexes": index_files}))
     if device_memory is None:
         device_memory = _host_memory() if cpu else DEVICES[device][3]
     return Plan(device, gpus, device_memory, stages, documents, records)
@@ -306,7 +317,10 @@ def advice(plan: Plan, config) -> list[str]:
                 hint.append("accumulation = \"float32\" halves the running sums")
         if stage.name == "projection":
             hint.append(f"a smaller eigen_dim (now {inf.eigen_dim}) gathers fewer eigenvector columns")
-        if stage.name.startswith("serve"):
+        if stage.name.startswith("serve") or stage.name == "index":
+            if inf.factor_precision == "float32":
+                hint.append('factor_precision = "bfloat16" holds both factor sets in half the memory '
+                            "(docs/serving_precision.md)")
             hint.append("serve on a larger device: both factor sets stay on the device for queries")
         if stage.name == "index":
             hint.append(f"a smaller index_sample (now {inf.index_sample}) or batch_size (the record queries "

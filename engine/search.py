@@ -237,6 +237,7 @@ class IVFLists:
         self.index = index
         self.ivf = faiss.extract_index_ivf(index)
         self.nprobe = min(int(nprobe), self.ivf.nlist)
+        self.centroids = self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist)  # unit rows (nlist, P)
 
     @property
     def nlist(self) -> int:
@@ -300,14 +301,32 @@ class IVFLists:
             return np.zeros(0, np.int64), np.zeros((0, width), np.float32)
         return np.concatenate(ids), np.concatenate(rows)
 
+    def list_sizes(self, sizes: np.ndarray) -> np.ndarray:
+        """Per list, the largest of its documents' ``sizes`` (weight x row norm of a ranking): what a
+        list's best score can reach along its centroid (reads every list's ids once)."""
+        import faiss
+
+        out = np.zeros(self.nlist, np.float32)
+        for j in range(self.nlist):
+            size = self.ivf.invlists.list_size(j)
+            if size:
+                out[j] = sizes[faiss.rev_swig_ptr(self.ivf.invlists.get_ids(j), size)].max()
+        return out
+
     def search(self, coarse: np.ndarray, offset: np.ndarray, k: int, weights: np.ndarray | None = None,
-               band: Band | None = None) -> Retrieval:
+               band: Band | None = None, list_sizes: np.ndarray | None = None) -> Retrieval:
         """Top-k of both signs of ``(rows @ q + offset) * weight`` over the visited lists: the
         ``nprobe`` best lists for q (proponents) and for -q (opponents), per query, more when they
-        hold fewer than k documents; and the ``band``'s documents, whatever their lists."""
+        hold fewer than k documents; and the ``band``'s documents, whatever their lists.
+
+        Lists are ranked by their centroid's inner product with q, times their ``list_sizes`` where
+        given (``list_sizes``): a ranking by weighted inner products is led by documents of large
+        weight x norm, which the nearest directions alone miss. Measured on 10^6 simulated documents
+        (benchmarks/ivf_scale.py), visiting 6.5% of them per sign, the raw ranking's top 10 was found
+        at 0.95 against 0.62 by direction alone; a normalised ranking's, at 0.70 either way."""
         sides = []
         for q, shift in zip(np.ascontiguousarray(coarse, np.float32), offset):
-            ids, scores = self._visit(q, k)
+            ids, scores = self._visit(q, k, list_sizes)
             if band is not None and len(band.ids):
                 fresh = ~np.isin(band.ids, ids)
                 ids = np.concatenate([ids, band.ids[fresh]])
@@ -320,21 +339,26 @@ class IVFLists:
             sides.append((high_ids[0], high[0], low_ids[0], -neg[0]))
         return Retrieval(*(np.stack([side[i] for side in sides]) for i in range(4)))
 
-    def _visit(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _visit(self, q: np.ndarray, k: int, list_sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, <q, row>) of the documents in the lists visited for q and for -q."""
+        along = self.centroids @ q
+        high, low = (np.argsort(-_priority(c, list_sizes), kind="stable") for c in (along, -along))
         probes = self.nprobe
         while True:
-            _, high = self.ivf.quantizer.search(q[None], probes)
-            _, low = self.ivf.quantizer.search(-q[None], probes)
-            ids, rows = self._rows(np.concatenate([high[0], low[0]]))
+            ids, rows = self._rows(np.concatenate([high[:probes], low[:probes]]))
             if len(ids) >= k or probes >= self.nlist:
                 return ids, rows @ q
             probes = min(self.nlist, 2 * probes)
 
 
+def _priority(along: np.ndarray, list_sizes: np.ndarray | None) -> np.ndarray:
+    """Lists pointing along the query first, scaled by how large their documents are."""
+    return along if list_sizes is None else np.where(along > 0, along * list_sizes, along)
+
+
 def staged_search(lists: IVFLists, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray], queries,
                   k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None,
-                  band: Band | None = None) -> Retrieval:
+                  band: Band | None = None, list_sizes: np.ndarray | None = None) -> Retrieval:
     """Coarse stage over the inverted ``lists`` of principal coordinates (and the ``band``) for
     ``rerank`` candidates per sign, then their full rows (``full_rows(sorted ids) -> (n, D) float32``)
     re-scored and the best ``k`` per sign kept. ``clock`` receives the seconds of each step
@@ -342,7 +366,7 @@ def staged_search(lists: IVFLists, basis: PCABasis, full_rows: Callable[[np.ndar
     started = time.perf_counter()
     q = _queries(queries)
     coarse_q, offset = basis.queries(q)
-    coarse = lists.search(coarse_q, offset, max(k, rerank), weights, band)
+    coarse = lists.search(coarse_q, offset, max(k, rerank), weights, band, list_sizes)
     ids = coarse.candidate_ids()
     middle = time.perf_counter()
     exact = np.empty((len(ids), len(q)), np.float32)  # (n, Q), in blocks: many queries' rows stay bounded

@@ -48,7 +48,7 @@ from engine.methods import BASIS_QUERIES, PROBES
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
 from engine.query import index_vectors
 from engine.storage import atomic_path, write_json, write_text
-from engine.study import Stage, StageRun, Study, StudyConfig, build_index, layout, run_stages
+from engine.study import Stage, StageRun, Study, StudyConfig, build_index, held_precision, layout, run_stages
 from engine.study.vectors import shard_done, write_shard
 
 log = logging.getLogger(__name__)
@@ -312,11 +312,14 @@ def _record_queries(study: Study, config: StudyConfig, device: torch.device, ids
     inf = config.influence
     records = _dataset(study, layout.RECORDS).select(ids.tolist())
     ft_model = load_causal_lm(study.resolve(config.models.finetuned), config.models.dtype, device)
-    pt_factors = Factors.load(study.path(layout.PT_FACTORS), device=device)
-    ft_factors = Factors.load(study.path(layout.FT_FACTORS), device=device)
+    held = held_precision(inf.factor_precision)  # as the explorer holds them
+    pt_factors = Factors.load(study.path(layout.PT_FACTORS), device=device, dtype=held)
+    ft_factors = Factors.load(study.path(layout.FT_FACTORS), device=device, dtype=held)
     tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
     layers = inf.tracked_layers(ft_model)
-    whitening, projector = inf.whitening(pt_factors), KroneckerProjector.load(study.path(layout.PROJECTOR))
+    # the kept eigen-coordinates are picked from the stored factors, as the documents' were
+    stored = pt_factors if held is None else Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False)
+    whitening, projector = inf.whitening(stored), KroneckerProjector.load(study.path(layout.PROJECTOR))
     parts = {kind: {name: [] for name in names} for kind, names in methods.items()}
     for batch in config.prompts.record_batches(tokenizer, records, inf.max_length, inf.batch_size):
         grads = sequence_gradients(ft_model, TASK, batch, layers)

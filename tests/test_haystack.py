@@ -178,6 +178,26 @@ def test_the_band_is_always_scored(tmp_path):
     assert len(np.unique(served.proponent_ids[0])) == 10  # a band document in a visited list counts once
 
 
+def test_lists_are_ranked_by_direction_times_their_largest_document(tmp_path):
+    """Ranked by direction alone, the visited lists miss a raw ranking's best documents when norms
+    vary (a moderately aligned heavy document outscores a well-aligned light one); ranked by direction
+    times each list's largest weight x norm, the same number of lists finds them. No band here."""
+    rng = np.random.default_rng(8)
+    centres = rng.standard_normal((40, 16)).astype(np.float32)
+    rows = centres[rng.integers(0, 40, 6000)] + 0.8 * rng.standard_normal((6000, 16)).astype(np.float32)
+    rows *= np.exp(2.0 * rng.standard_normal((6000, 1))).astype(np.float32)  # heavy-tailed norms
+    basis = PCABasis.fit(rows, 16)
+    lists = _lists(tmp_path, rows, basis, nlist=64, nprobe=4)
+    q = rows[rng.choice(6000, 16)] / np.linalg.norm(rows[rng.choice(6000, 16)], axis=1, keepdims=True)
+    coarse, offset = basis.queries(q)
+    truth = scan([(0, basis.transform(rows))], coarse, 10, None, offset)
+    sizes = lists.list_sizes(np.linalg.norm(rows, axis=1))
+    assert sizes.shape == (64,) and sizes.max() == pytest.approx(np.linalg.norm(rows, axis=1).max(), rel=1e-5)
+    recall = [np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.proponent_ids, truth.proponent_ids)])
+              for found in (lists.search(coarse, offset, 10), lists.search(coarse, offset, 10, list_sizes=sizes))]
+    assert recall[1] >= recall[0] + 0.2, recall  # measured 0.33 -> 0.62 with 4 of 64 lists
+
+
 # -- the haystack --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_world() -> World:

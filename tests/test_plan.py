@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,20 @@ def test_plan_for_the_paper_study_on_one_h200_and_on_80_gb():
     # eigenbases (36 GiB in float32) + Lambda sums (9.4 GiB) + weights (5.2 GiB in bf16) + one batch
     assert 55 * GIB < fit.device_bytes < 70 * GIB and plan.fits(fit)
     assert stages["factors-pretrained"].disk_bytes == pytest.approx((9.65e9 + 2.52e9) * 4, rel=0.01)
+    # the config holds both factor sets in bfloat16 while serving: the explorer fits an 80 GB GPU
     small = plan_study(config, device="h100", gpus=8, model_config=str(PYTHIA / "pythia-2.8b"))
-    text = report(small, config)
-    assert "serve (explorer)" in text and "DOES NOT FIT" in text
+    assert "every stage fits" in report(small, config)
     assert {s.name: s.device_bytes for s in small.stages} == {s.name: s.device_bytes for s in plan.stages}
+    serve = {s.name: s for s in small.stages}["serve (explorer)"]
+    assert serve.device_bytes <= 70 * GIB and serve.parts["both factor sets (bfloat16)"] == pytest.approx(
+        2 * (9.65e9 + 2.52e9) * 2, rel=0.01)
+    stored = replace(config, influence=replace(config.influence, factor_precision="float32"))
+    full = plan_study(stored, device="h100", model_config=str(PYTHIA / "pythia-2.8b"))
+    text = report(full, stored)
+    assert {s.name: s for s in full.stages}["serve (explorer)"].device_bytes > 100 * GIB
+    assert "serve (explorer)" in text and "DOES NOT FIT" in text and 'factor_precision = "bfloat16"' in text
     tiny_gpu = plan_study(config, device_memory=20 * GIB, model_config=str(PYTHIA / "pythia-2.8b"))
-    assert "lower batch_size (now 4)" in report(tiny_gpu, config)
+    assert "lower batch_size (now 2)" in report(tiny_gpu, config)
 
 
 def test_msif_plan_runs_offline():

@@ -17,7 +17,7 @@ _EXPORTS = {
     "index": ["IndexSettings", "StudyIndex", "VectorSearch", "build_index"],
     "layout": ["DEFAULT_STUDY", "Stage"],
     "manifest": ["Study", "StudyError", "jsonable", "sha256_file"],
-    "opened": ["OpenedStudy", "StageModel", "open_study"],
+    "opened": ["OpenedStudy", "StageModel", "held_precision", "open_study"],
     "stages": ["StageRun", "run_stages"],
 }
 

@@ -23,6 +23,8 @@ from ..text import encode_prompt_answer
 from ..tracking import find_tracked_layers
 from .index import IndexSettings
 
+FACTOR_PRECISIONS = ("float32", "bfloat16", "float16")  # how factors may be held while serving
+
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.")
 
@@ -131,6 +133,10 @@ class InfluenceConfig:
     accumulation: str = "float32"  # precision of the factor fit's running sums: float32 | float64
     keep_covariances: bool = False  # store A and S beside their eigendecompositions (twice the files)
     vector_dtype: str = "float16"  # stored document vectors: float16 | bfloat16 | float32
+    # Both factor sets as the explorer and the index stage hold them (stored float32; preconditioning
+    # computes in float32 a layer at a time): bfloat16 halves them, which the paper's case needs to
+    # fit an 80 GB GPU (docs/serving_precision.md measures what it costs in scores)
+    factor_precision: str = "float32"  # float32 | bfloat16 | float16
 
     def tracked_layers(self, model) -> list:
         return find_tracked_layers(model, include=self.include or None, exclude=self.exclude or None)
@@ -216,6 +222,8 @@ class StudyConfig:
             raise ValueError("influence.alpha must be > 0")
         if self.influence.vector_dtype not in VECTOR_DTYPES:
             raise ValueError(f"influence.vector_dtype must be one of {', '.join(VECTOR_DTYPES)}")
+        if self.influence.factor_precision not in FACTOR_PRECISIONS:
+            raise ValueError(f"influence.factor_precision must be one of {', '.join(FACTOR_PRECISIONS)}")
         inf = self.influence
         for name, low in (("max_length", 2), ("batch_size", 1), ("label_samples", 1), ("factor_documents", 0),
                           ("projection_dim", 1), ("eigen_dim", 1), ("index_dims", 1), ("rerank", 1),

@@ -11,7 +11,8 @@ corpus size:
           fine-tuning records), in a faiss inverted file on disk and memory-mapped
           (``engine.search.IVFLists``, trained on a sample of the documents' coordinates); a query
           visits ``nprobe`` of its ``nlist`` lists per sign (about ``visit`` documents' coordinates
-          read per sign, whatever the corpus size), plus the ``band`` documents with the
+          read per sign, whatever the corpus size; lists ranked by their centroid's alignment with
+          the query times their largest weight x row norm), plus the ``band`` documents with the
           largest weight times row norm for the ranking at hand, and the best ``rerank`` per sign are
           re-scored with their full rows read from the shards
 
@@ -175,7 +176,7 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
 class VectorSearch:
     """Top-k of one vector kind for query vectors (Q, D), both signs: a scan or the staged search."""
 
-    BANDS_KEPT = 8  # rankings whose band is kept (coordinates of ``band`` documents each)
+    RANKINGS_KEPT = 8  # rankings whose band (coordinates of ``band`` documents) and list sizes are kept
 
     def __init__(self, vectors: DocumentVectors, name: str, kind: str, rerank: int,
                  lists: IVFLists | None = None, basis: PCABasis | None = None,
@@ -183,7 +184,7 @@ class VectorSearch:
         self.vectors, self.name, self.kind, self.rerank = vectors, name, kind, rerank
         self.lists, self.basis, self.row_norms, self.band_size = lists, basis, row_norms, band
         self._held: np.ndarray | None = None
-        self._bands: list[tuple[np.ndarray | None, Band]] = []
+        self._rankings: list[tuple[np.ndarray | None, Band | None, np.ndarray]] = []
 
     @property
     def dim(self) -> int:
@@ -194,23 +195,24 @@ class VectorSearch:
         k = min(int(k), self.vectors.documents)
         if self.kind == "flat":
             return self.scan(queries, k, weights)
+        band, list_sizes = self.ranking(weights)
         return staged_search(self.lists, self.basis, partial(self.vectors.gather, self.name), queries, k,
-                             self.rerank, weights, clock, self.band(weights))
+                             self.rerank, weights, clock, band, list_sizes)
 
-    def band(self, weights: np.ndarray | None) -> Band | None:
-        """The ``band`` documents of largest |weight| x row norm, with their principal coordinates (read
-        from the shards once per ranking: the caller keeps one weights array per ranking, and the
-        band is found by that array's identity)."""
-        if not self.band_size:
-            return None
-        for kept, band in self._bands:
+    def ranking(self, weights: np.ndarray | None) -> tuple[Band | None, np.ndarray]:
+        """What the coarse stage needs for one ranking, computed once: the ``band`` documents of
+        largest |weight| x row norm with their principal coordinates (read from the shards), and each
+        list's largest |weight| x row norm (``IVFLists.list_sizes``). The caller keeps one weights
+        array per ranking, and the ranking is found by that array's identity."""
+        for kept, band, list_sizes in self._rankings:
             if kept is weights:
-                return band
+                return band, list_sizes
         size = self.row_norms if weights is None else self.row_norms * np.abs(weights)
-        band = Band.heaviest(size, self.band_size,
-                             lambda ids: self.basis.transform(self.vectors.gather(self.name, ids)))
-        self._bands = [(weights, band), *self._bands[:self.BANDS_KEPT - 1]]
-        return band
+        band = None if not self.band_size else Band.heaviest(
+            size, self.band_size, lambda ids: self.basis.transform(self.vectors.gather(self.name, ids)))
+        list_sizes = self.lists.list_sizes(size)
+        self._rankings = [(weights, band, list_sizes), *self._rankings[:self.RANKINGS_KEPT - 1]]
+        return band, list_sizes
 
     def scan(self, queries, k: int, weights: np.ndarray | None = None) -> Retrieval:
         """Exhaustive: every full row (the reference the staged search is measured against)."""

@@ -19,7 +19,7 @@ from ..projection import KroneckerProjector, Whitening
 from ..text import encode_document_batches
 from ..tracking import TrackedLayer
 from . import layout
-from .config import PromptTemplate, StudyConfig
+from .config import FACTOR_PRECISIONS, PromptTemplate, StudyConfig
 from .index import StudyIndex
 from .manifest import Study, StudyError, role_files
 from .vectors import DocumentVectors
@@ -86,9 +86,12 @@ class OpenedStudy:
         return self.vectors.sq_norms()
 
 
-def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = False) -> OpenedStudy:
+def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = False,
+               factor_precision: str | None = None) -> OpenedStudy:
     """Verify a finished study (every file's sha256, and every file its models are loaded from)
-    and load it; ``device`` "auto" takes the study's configured one.
+    and load it; ``device`` "auto" takes the study's configured one; ``factor_precision`` (float32,
+    bfloat16, float16) holds both factor sets in that precision (default: the study's
+    ``influence.factor_precision``).
 
     Raises :class:`StudyError` when the study is missing or incomplete and
     :class:`FactorMismatchError` when its factors or projector do not fit its models.
@@ -105,13 +108,14 @@ def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = F
     _check_identity(study, manifest, config)
     device = resolve_device(device if device != "auto" else config.models.device)
     m = config.models
-    pretrained = _stage_model(study, config, m.base, layout.PT_FACTORS, device)
-    finetuned = _stage_model(study, config, m.finetuned, layout.FT_FACTORS, device)
+    dtype = held_precision(factor_precision or config.influence.factor_precision)
+    pretrained = _stage_model(study, config, m.base, layout.PT_FACTORS, device, dtype)
+    finetuned = _stage_model(study, config, m.finetuned, layout.FT_FACTORS, device, dtype)
     projector = KroneckerProjector.load(study.path(layout.PROJECTOR))
     projector.check_compatible(pretrained.layers)
     return OpenedStudy(
         study, manifest, config, device, load_tokenizer(study.resolve(m.tokenizer or m.finetuned)),
-        pretrained, finetuned, projector, config.influence.whitening(pretrained.factors), StudyIndex.of(study),
+        pretrained, finetuned, projector, _whitening(study, config, pretrained, device, dtype), StudyIndex.of(study),
         datasets.Dataset.from_parquet(str(study.path(layout.DOCUMENTS))),
         datasets.Dataset.from_parquet(str(study.path(layout.RECORDS))))
 
@@ -134,10 +138,26 @@ def _check_identity(study: Study, manifest: dict, config: StudyConfig) -> None:
                              f"(`{study.rebuild_command(manifest)}`) or point models.{role} at the original")
 
 
+def held_precision(precision: str) -> torch.dtype | None:
+    """The dtype factors are held in for a ``factor_precision`` (None: as stored, float32)."""
+    if precision not in FACTOR_PRECISIONS:
+        raise ValueError(f"factor precision must be one of {', '.join(FACTOR_PRECISIONS)}, got {precision!r}")
+    return None if precision == "float32" else getattr(torch, precision)
+
+
+def _whitening(study: Study, config: StudyConfig, pretrained: StageModel, device: torch.device,
+               dtype: torch.dtype | None) -> Whitening:
+    """The query side of the whitened vectors, from the factors as stored: which eigen-coordinates
+    are kept must match the documents' exactly (16-bit eigenvalues would tie and reorder them)."""
+    if dtype is None:
+        return config.influence.whitening(pretrained.factors)
+    return config.influence.whitening(Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False))
+
+
 def _stage_model(study: Study, config: StudyConfig, location: str, factors: layout.Artifact,
-                 device: torch.device) -> StageModel:
+                 device: torch.device, dtype: torch.dtype | None = None) -> StageModel:
     model = load_causal_lm(study.resolve(location), config.models.dtype, device)
     layers = config.influence.tracked_layers(model)
-    fitted = Factors.load(study.path(factors), device=device)  # each layer is read when first used
+    fitted = Factors.load(study.path(factors), device=device, dtype=dtype)  # each layer read when first used
     fitted.check_compatible(model, layers)
     return StageModel(location, model, layers, fitted)
