@@ -4,8 +4,9 @@
     the exact multi-stage scores of the same questions, relative error printed.
 (b) A Pythia-2.8B-shaped pretrained / fine-tuned pair built from its config with random weights
     in bfloat16: factors fitted on a few hundred generated documents and records, a few thousand
-    documents projected, 3 queries answered; per stage the peak GPU memory and time measured
-    against `msif plan`'s prediction.
+    documents projected, 3 queries answered by the explorer's query path with both factor sets held
+    in bfloat16 (``factor_precision``, as the paper's config serves them); per stage and per query
+    the peak GPU memory and time measured against `msif plan`'s prediction.
 
     python benchmarks/gpu_check.py                  # on the GPU machine
     python benchmarks/gpu_check.py --smoke          # seconds, CPU: the same code on tiny shapes (CI)
@@ -81,7 +82,8 @@ def large_shape(root: Path, shape: str, documents: int, factor_documents: int, r
     dtype = "bfloat16" if device == "cuda" else "float32"
     started = time.perf_counter()
     toml = write_inputs(shape, root, documents, records, max_length, dtype=dtype, device=device,
-                        batch_size=batch_size, factor_documents=factor_documents, include=include)
+                        batch_size=batch_size, factor_documents=factor_documents, include=include,
+                        factor_precision="bfloat16")  # the paper's config serves its factors in bfloat16
     inputs_s = time.perf_counter() - started
     study = root / "study"
     _run([sys.executable, "-m", "precompute", "precompute", "--config", str(toml), "--out", str(study), "--quiet"])
@@ -105,7 +107,10 @@ def large_shape(root: Path, shape: str, documents: int, factor_documents: int, r
     query_s = (time.perf_counter() - started) / 3
     serve = torch.cuda.max_memory_allocated() if device == "cuda" else None
     rows.append(("open the study (explorer)", open_s, None, None))
-    rows.append(("per query (3, typed answers)", query_s, serve,
+    layer = next(iter(tracer.study.pretrained.factors.layers.values()))
+    held = {str(t.dtype).removeprefix("torch.") for t in vars(layer).values()
+            if torch.is_tensor(t) and t.is_floating_point()}
+    rows.append((f"per query (3, typed answers; factors held in {', '.join(sorted(held))})", query_s, serve,
                  next(s.device_bytes for s in plan.stages if s.name.startswith("serve"))))
     return rows
 

@@ -30,6 +30,7 @@ N; they are measured on the real study and added for an end-to-end estimate.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -71,8 +72,6 @@ def real_statistics(study, records: int) -> tuple[PCABasis, np.ndarray, dict[str
 
 def queries(study, basis: PCABasis, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The study's pretraining-only facts traced through their reference answers, as coarse queries."""
-    import json
-
     from engine.study import layout
 
     facts = [json.loads(line) for line in study.path(layout.FACTS).read_text().splitlines()]
@@ -155,9 +154,16 @@ def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse:
             yield start, rows
 
     nlist = settings.lists(n, len(sample))
-    started = time.perf_counter()
-    IVFLists.build(workdir / "ivf", sample, blocks(), nlist, settings.probes(n, nlist), seed)
-    build_s = time.perf_counter() - started
+    built = workdir / "build.json"  # lists kept by an earlier run (--keep): only the references are redrawn
+    if built.exists():
+        build_s = json.loads(built.read_text())["build_s"]
+        for _ in blocks():
+            pass
+    else:
+        started = time.perf_counter()
+        IVFLists.build(workdir / "ivf", sample, blocks(), nlist, settings.probes(n, nlist), seed)
+        build_s = time.perf_counter() - started
+        built.write_text(json.dumps({"build_s": build_s}))
     disk = sum(f.stat().st_size for f in (workdir / "ivf").iterdir())
     out = {"documents": n, "nlist": nlist, "build_s": build_s, "disk_bytes": disk, "training": len(sample),
            "visits": {}}
@@ -207,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--visits", type=int, nargs="+", default=[IndexSettings().visit],
                         help="documents read per sign by the coarse stage (the served default first)")
     parser.add_argument("--workdir", type=Path, help="where the synthetic lists go (default: a temporary directory)")
+    parser.add_argument("--keep", type=Path, help="keep each size's lists here and reuse them in a later run "
+                        "(the synthetic corpus is redrawn for the exhaustive reference; the build is not redone)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -219,12 +227,17 @@ def main(argv=None) -> int:
     rankings = list(dict.fromkeys(["none", DEFAULT_NORMALIZATION]))
     rows = []
     for n in args.sizes:
-        workdir = Path(tempfile.mkdtemp(prefix="msif-ivf-", dir=args.workdir))
+        if args.keep:
+            workdir = args.keep / f"n{n}-seed{args.seed}-noise{args.noise:g}"
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(tempfile.mkdtemp(prefix="msif-ivf-", dir=args.workdir))
         try:
             rows.append(measure(workdir, coordinates, norms, n, coarse, offset, args.noise, args.seed, rankings,
                                 rerank, args.visits))
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
         print(rows[-1], flush=True)
     text = report(args, study, rows, rankings, rerank, len(coordinates))
     print(text)

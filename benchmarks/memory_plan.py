@@ -33,7 +33,7 @@ WORDS = 6000  # distinct words of the generated corpus (a word-level tokenizer: 
 
 def write_inputs(shape: str, root: Path, documents: int, records: int, max_length: int, seed: int = 0,
                  dtype: str = "float32", device: str = "cpu", batch_size: int = 8, factor_documents: int = 0,
-                 include: str = "") -> Path:
+                 include: str = "", factor_precision: str = "float32") -> Path:
     """Models, tokenizer and data for ``shape`` under ``root``; returns the study config (TOML)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -84,6 +84,7 @@ factor_documents = {factor_documents}
 label_samples = 1
 projection_dim = 256
 eigen_dim = 1024
+factor_precision = "{factor_precision}"
 """)
     return toml
 

@@ -153,9 +153,13 @@ def test_lds_halves_are_reproducible_halves():
 def test_ivf_scale_smoke(tiny_haystack, tmp_path):
     bench = load_benchmark("ivf_scale")
     out = tmp_path / "ivf.md"
-    assert bench.main(["--study", str(tiny_haystack), "--sizes", "3000", "--queries", "4", "--threads", "1",
-                       "--visits", "65536", "300", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    run = ["--study", str(tiny_haystack), "--sizes", "3000", "--queries", "4", "--threads", "1",
+           "--visits", "65536", "300", "--keep", str(tmp_path / "kept"), "--out", str(out)]
+    assert bench.main(run) == 0
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
+    assert bench.main(run) == 0  # the kept lists are searched again, not rebuilt: the same build and recall
+    again = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
+    assert [r[:7] + r[9:11] for r in again] == [r[:7] + r[9:11] for r in rows]
     assert len(rows) == 4  # two rankings at each of two visit budgets
     lists = int(rows[0][2].replace(",", ""))
     assert rows[0][5].strip() == f"65,536 ({lists})"  # the default reads all of a small corpus

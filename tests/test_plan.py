@@ -74,3 +74,4 @@ def test_gpu_check_smoke_runs_on_the_cpu(capsys):
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "(a) tiny demo" in out and "| factors-pretrained |" in out
+    assert "| per query (3, typed answers; factors held in bfloat16) |" in out
