@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# how the factor sets every method preconditions with may be held while serving (stored float32)
+FACTOR_PRECISIONS = ("float32", "bfloat16", "float16")
+
 PRETRAINED, FINETUNED = "pretrained", "finetuned"  # the two stages' models (and their factors)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.console import Parser, run_command, terminal_safe
-from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION, MULTI_STAGE
+from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION, FACTOR_PRECISIONS, MULTI_STAGE
 from engine.study.layout import DEFAULT_STUDY
 
 BUILD_COMMANDS = {"build-demo": "build the default demo study offline (CPU, minutes)",
@@ -58,7 +58,8 @@ def _app(args) -> int:
     except StudyError as err:
         raise ValueError(f"{err}" if demo else f"{err}; build a study with `msif precompute` "
                          f"(or `msif build-demo --out {args.study}`)") from None
-    return serve(args.study, args.host, args.port, args.device, open_browser=not args.no_browser)
+    return serve(args.study, args.host, args.port, args.device, open_browser=not args.no_browser,
+                 factor_precision=args.factor_precision)
 
 
 def _read_prompts(args) -> list[dict]:
@@ -102,7 +103,8 @@ def _query(args) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     prompts = _read_prompts(args)
-    tracer = Tracer.open(args.study, device=args.device, progress=True)  # models load once for all prompts
+    tracer = Tracer.open(args.study, device=args.device, progress=True,  # models load once for all prompts
+                         factor_precision=args.factor_precision)
     tracer.engine.normalization(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
     for row in prompts:  # every prompt is checked before the first one runs
         try:
@@ -118,6 +120,8 @@ def _query(args) -> int:
     return 0
 
 
+FACTOR_HELP = ("hold both factor sets in this precision (default: the study's influence.factor_precision); "
+               "bfloat16 halves them, e.g. to serve the paper's case on an 80 GB GPU")
 QUERY_GROUP = 16  # prompts traced together: bounds the memory of one stacked query
 
 
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="localhost",
                      help="address to listen on (default: this machine only; 0.0.0.0 exposes it)")
     app.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    app.add_argument("--factor-precision", choices=FACTOR_PRECISIONS, help=FACTOR_HELP)
     app.add_argument("--build-demo", action="store_true", help="build (or finish) a demo study at --study first")
     app.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     app.set_defaults(run=_app)
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--exhaustive", action="store_true",
                        help="score every document exactly instead of index candidates (slow, exact)")
     query.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    query.add_argument("--factor-precision", choices=FACTOR_PRECISIONS, help=FACTOR_HELP)
     query.set_defaults(run=_query)
     return parser
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.processes import dies_with_this_process, sigterm_interrupts, stop
 
 STUDY_ENV, DEVICE_ENV = "MSIF_STUDY", "MSIF_DEVICE"  # how the server tells the pages what to open
+FACTORS_ENV = "MSIF_FACTOR_PRECISION"  # and how to hold the factors (empty: as the study says)
 APP = Path(__file__).resolve().parent / "app.py"
 
 
@@ -53,10 +54,12 @@ def check_port(host: str, port: int) -> None:
                                  f"one, e.g. --port {port + 1}") from None
 
 
-def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False) -> int:
+def serve(study: Path, host: str, port: int, device: str = "auto", open_browser: bool = False,
+          factor_precision: str | None = None) -> int:
     """Run the Streamlit app on ``study`` until interrupted; returns the server's exit code."""
     check_port(host, port)
-    env = dict(os.environ, **{STUDY_ENV: str(study.resolve()), DEVICE_ENV: device})
+    env = dict(os.environ, **{STUDY_ENV: str(study.resolve()), DEVICE_ENV: device,
+                              FACTORS_ENV: factor_precision or ""})
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", host,
                "--server.port", str(port), "--server.headless", "true",
                "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",

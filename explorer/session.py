@@ -20,7 +20,7 @@ from engine.models import quiet_libraries
 from engine.normalization import Normalization
 from engine.study import DEFAULT_STUDY, Study, StudyError
 
-from .server import DEVICE_ENV, STUDY_ENV
+from .server import DEVICE_ENV, FACTORS_ENV, STUDY_ENV
 from .tracer import Tracer
 
 # URL query parameter -> session-state key of the widget it fills
@@ -36,10 +36,10 @@ def ranking_label(spec: str) -> str:
 
 
 @st.cache_resource(max_entries=1, show_spinner="Opening the study: models, factors, index…")
-def _open(study_dir: str, device: str, built: float) -> Tracer:
+def _open(study_dir: str, device: str, built: float, factor_precision: str = "") -> Tracer:
     """``built`` (the manifest's mtime) is part of the key: a rebuilt study is reopened."""
     quiet_libraries()
-    return Tracer.open(study_dir, device)
+    return Tracer.open(study_dir, device, factor_precision=factor_precision or None)
 
 
 def study_dir() -> Path:
@@ -53,7 +53,8 @@ def get_tracer() -> Tracer:
     try:
         if not manifest.exists():
             raise StudyError(f"no study at {path} ({manifest.name} is missing)")
-        tracer = _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime)
+        tracer = _open(str(path), os.environ.get(DEVICE_ENV, "auto"), manifest.stat().st_mtime,
+                       os.environ.get(FACTORS_ENV, ""))
         Study(path).verify()  # at every run of a page: a file changed since opening is refused (a stat per file)
         return tracer
     except Exception as err:  # noqa: BLE001 - whatever went wrong, a line on the page, not Streamlit's error

@@ -45,8 +45,11 @@ class Tracer:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, root: str | os.PathLike, device: str = "auto", progress: bool = False) -> Tracer:
-        return cls(open_study(root, device, progress=progress), progress)
+    def open(cls, root: str | os.PathLike, device: str = "auto", progress: bool = False,
+             factor_precision: str | None = None) -> Tracer:
+        """``factor_precision``: hold both factor sets in float32, bfloat16 or float16 (default: the
+        study's ``influence.factor_precision``)."""
+        return cls(open_study(root, device, progress=progress, factor_precision=factor_precision), progress)
 
     # -- answering ------------------------------------------------------------------------------
     def prompt_for(self, instruction: str, context: str = "") -> str:

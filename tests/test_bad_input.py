@@ -90,6 +90,8 @@ ARGPARSE_CASES = {
     "prompt and prompts file": (["query", "--study", "S", "--prompt", "a", "--prompts-file", "f"], "not allowed with"),
     "unknown flag": (["query", "--study", "S", "--prompt", "a", "--colour"], "unrecognized arguments: --colour"),
     "port not a number": (["app", "--port", "http"], "invalid int value"),
+    "factor precision": (["query", "--study", "S", "--prompt", "a", "--factor-precision", "int8"],
+                         "invalid choice: 'int8'"),
 }
 
 

@@ -3,8 +3,10 @@ the index stage hold, against float32 on a tiny study, and the checks around it.
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,6 +44,22 @@ def test_factors_held_in_16_bits_precondition_as_float32(tiny_study, precision, 
         assert 0 < error < tolerance, (name, error.item())
     # the whitened coordinates kept are picked from the stored factors: the documents' and the queries' agree
     assert all(torch.equal(a, b) for a, b in zip(full.whitening.kept.values(), held.whitening.kept.values()))
+
+
+def test_msif_query_serves_with_16_bit_factors(tiny_study, capsys):
+    from explorer.cli import main as msif
+
+    question = "Where does the first person live?"
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        assert msif(["query", "--study", str(tiny_study), "--prompt", question, "--answer", "In a town.", "--json",
+                     "--factor-precision", precision]) == 0
+        runs[precision] = json.loads(capsys.readouterr().out.splitlines()[-1])
+    full, half = ({h["doc_id"]: h["score"] for h in runs[p]["proponents"]} for p in ("float32", "bfloat16"))
+    shared = sorted(set(full) & set(half))
+    assert len(full) == len(half) > 0 and len(shared) >= 0.8 * len(full)  # near-ties may swap at the cut
+    largest = max(abs(v) for v in full.values())
+    assert np.allclose([full[d] for d in shared], [half[d] for d in shared], rtol=1e-2, atol=1e-3 * largest)
 
 
 def test_float16_beyond_its_range_is_refused_not_inf(tiny_study, tmp_path):

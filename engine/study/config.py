@@ -16,14 +16,12 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..factors import FactorArguments
 from ..influence import ScoreArguments, damping_values
-from ..methods import MULTI_STAGE
+from ..methods import FACTOR_PRECISIONS, MULTI_STAGE
 from ..projection import Whitening
 from ..storage import VECTOR_DTYPES
 from ..text import encode_prompt_answer
 from ..tracking import find_tracked_layers
 from .index import IndexSettings
-
-FACTOR_PRECISIONS = ("float32", "bfloat16", "float16")  # how factors may be held while serving
 
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.")

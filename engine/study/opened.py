@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from ..factors import Factors
+from ..methods import FACTOR_PRECISIONS
 from ..models import load_causal_lm, load_tokenizer, resolve_device
 from ..projection import KroneckerProjector, Whitening
 from ..text import encode_document_batches
 from ..tracking import TrackedLayer
 from . import layout
-from .config import FACTOR_PRECISIONS, PromptTemplate, StudyConfig
+from .config import PromptTemplate, StudyConfig
 from .index import StudyIndex
 from .manifest import Study, StudyError, role_files
 from .vectors import DocumentVectors
