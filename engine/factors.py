@@ -16,7 +16,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,23 +126,56 @@ class StoredLayers(Mapping):
     def __getitem__(self, name: str) -> LayerFactors:
         if name in self._loaded:
             return self._loaded[name]
+        layer = self._held(self._read(name), name)
+        if self.cache:
+            self._loaded[name] = layer
+        return layer
+
+    def stored(self, name: str) -> LayerFactors:
+        """The layer at its stored precision, not kept; where layers are held in another precision
+        and kept, the held copy is made from this same read (one read of the file for both)."""
+        tensors = self._read(name)
+        if self.dtype is not None and self.cache and name not in self._loaded:
+            self._loaded[name] = self._held(tensors, name)
+        return LayerFactors(**tensors)
+
+    def _read(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         if name not in self.files:
             raise KeyError(name)
-        tensors = load_file(str(self.directory / self.files[name]), device=self.device)
-        if self.dtype is not None:  # stored precision -> serving precision, a layer at a time
+        return load_file(str(self.directory / self.files[name]), device=self.device)
+
+    def _held(self, tensors: dict[str, torch.Tensor], name: str) -> LayerFactors:
+        """Stored precision -> serving precision, a layer at a time."""
+        if self.dtype is not None:
             tensors = {k: _held(v, self.dtype, name) if v.is_floating_point() else v for k, v in tensors.items()}
-        layer = LayerFactors(**tensors)
-        if self.cache:
-            self._loaded[name] = layer
-        return layer
+        return LayerFactors(**tensors)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
     def __len__(self) -> int:
         return len(self.files)
+
+
+class _AsStored(Mapping):
+    """A StoredLayers' layers at their stored precision (``StoredLayers.stored``)."""
+
+    def __init__(self, layers: StoredLayers):
+        self.layers = layers
+        self._last: tuple[str, LayerFactors] | None = None  # one layer: a reader asks for it a few times
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.layers.stored(name))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 @dataclass
@@ -155,6 +188,14 @@ class Factors:
     num_tokens: int
     model: dict[str, Any]
     arguments: dict[str, Any] = field(default_factory=dict)
+
+    def as_stored(self) -> Factors:
+        """These factors at their stored precision (float32), for what must not see 16-bit rounding
+        (which eigen-coordinates the whitening keeps); where they are held in 16 bits, each layer is
+        read once for both."""
+        if not isinstance(self.layers, StoredLayers) or self.layers.dtype is None:
+            return self
+        return replace(self, layers=_AsStored(self.layers))
 
     def check_compatible(self, model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
         """Raise :class:`FactorMismatchError` unless these factors were fitted on ``model``."""

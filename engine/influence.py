@@ -70,7 +70,8 @@ def _inverse(factors: Factors, name: str, v: torch.Tensor, damping: float) -> to
     return get_strategy(factors.strategy).precondition(factors.layers[name], v, damping)
 
 
-def _damping(factors: Factors, name: str, args: ScoreArguments) -> float:
+def layer_damping(factors: Factors, name: str, args: ScoreArguments) -> float:
+    """lambda of one layer as ``precondition`` uses it with these factors."""
     if args.damping is not None:
         return float(args.damping)
     return relative_damping(get_strategy(factors.strategy), factors.layers[name], args.damping_factor)
@@ -78,7 +79,7 @@ def _damping(factors: Factors, name: str, args: ScoreArguments) -> float:
 
 def damping_values(factors: Factors, args: ScoreArguments) -> dict[str, float]:
     """lambda per layer as ``precondition`` uses it with these factors."""
-    return {name: _damping(factors, name, args) for name in factors.layers}
+    return {name: layer_damping(factors, name, args) for name in factors.layers}
 
 
 def precondition(query_grads: dict[str, torch.Tensor], args: ScoreArguments,
@@ -102,7 +103,7 @@ def precondition(query_grads: dict[str, torch.Tensor], args: ScoreArguments,
             if inverse.damping == "alpha":
                 u = args.alpha * _inverse(f, name, u, args.alpha)
             else:
-                used[name] = _damping(f, name, args)
+                used[name] = layer_damping(f, name, args)
                 u = _inverse(f, name, u, used[name])
         vectors[name] = u
     if spec.unit:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .storage import vector_bytes
+
 SHARD_ROWS = 1024  # documents per vector shard (precompute.pipeline.SHARD_SIZE)
 GIB = 2**30
 LOGIT_COPIES = 2.9  # float32 copies of the logits at a capture's peak (measured)
@@ -126,6 +128,7 @@ class Plan:
     stages: list[StagePlan]
     documents: int = 0
     records: int = 0
+    vectors: str = ""  # what one document's stored vectors take, in words
 
     def fits(self, stage: StagePlan) -> bool:
         """Within 90% of a device's memory (the host's, on a CPU plan)."""
@@ -144,7 +147,7 @@ class Job:
     label_samples: int
     eigen_dim: int
     projection_dim: int
-    vector_bytes: int
+    vector_dtype: str  # how document vectors are stored (engine.storage.VECTOR_DTYPES)
     rates: tuple[float, float, float]
     base: float  # process memory before the stage (CPU plans only)
     gpus: int
@@ -224,26 +227,31 @@ def projection_stage(job: Job, documents: int) -> StagePlan:
     gather = sum(2 * (o * min(k, o) + i * min(k, i)) for (o, i), k in zip(shape.layers, kept))
     tokens = documents * job.tokens / job.batch / job.gpus
     seconds = tokens * (job.flops_per_token / (job.rates[0] * EFFICIENCY) + gather / (job.rates[1] * EFFICIENCY))
-    dims = sum(job.dims)
-    return StagePlan("projection", device, job.base + job.weights, documents * (dims * job.vector_bytes + 8),
+    return StagePlan("projection", device, job.base + job.weights, documents * document_bytes(job),
                      seconds, {"weights": job.weights, "kept eigenvector columns": columns, "base": job.base})
+
+
+def document_bytes(job: Job) -> int:
+    """What one document's stored vectors take: whitened and projected rows, and its squared norm."""
+    whitened, projected = job.dims
+    return vector_bytes(whitened, job.vector_dtype) + vector_bytes(projected, job.vector_dtype) + 8
 
 
 def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: float) -> StagePlan:
     """The search index (engine.study.index): a flat index writes nothing and reads a shard at a time;
     an ivf index first makes the query vectors its basis is fit on (``queries``: the fine-tuned model,
     both factor sets and a batch's capture on the device, freed after), then holds a document sample
-    (float32) and writes (documents, index_dims) float32 coordinates per vector kind (two kinds) into
+    (float32) and writes (documents, index_dims) float32 coordinates of the whitened vectors into
     inverted lists on disk, memory-mapped when served."""
     kind = inf.index_settings().resolved(documents)
     if kind == "flat":
-        shard = min(documents, SHARD_ROWS) * max(dims) * 4
+        shard = min(documents, SHARD_ROWS) * dims[0] * 4
         return StagePlan("index", PROCESS_BASE + shard if cpu else 0.0, PROCESS_BASE + shard, 0.0, 0.0,
                          {"one shard": shard})
-    sample = min(documents, inf.index_sample) * max(dims) * 4
+    sample = min(documents, inf.index_sample) * dims[0] * 4
     training = inf.index_settings().training_documents(documents) * inf.index_dims * 4
-    files = 2 * documents * inf.index_dims * 4
-    peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * max(dims) * 4)
+    files = documents * inf.index_dims * 4
+    peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * dims[0] * 4)
     return StagePlan("index", max(peak, queries) if cpu else queries, peak, files, 0.0,
                      {"record queries (model, both factor sets)": queries, "document sample": sample,
                       "centroid training coordinates": training, "inverted lists": files})
@@ -260,7 +268,7 @@ def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float
     cpu = device == "cpu"
     job = Job(shape, inf.batch_size * inf.max_length, inf.batch_size,
               4 if cpu or models.dtype == "float32" else 2, 8 if inf.accumulation == "float64" else 4,
-              inf.label_samples, inf.eigen_dim, inf.projection_dim, 4 if inf.vector_dtype == "float32" else 2,
+              inf.label_samples, inf.eigen_dim, inf.projection_dim, inf.vector_dtype,
               measured_rates() if cpu else DEVICES[device][:3], PROCESS_BASE if cpu else 0.0, gpus)
     factor_docs = min(documents, inf.factor_documents or documents)
     stages = [factor_stage("factors-pretrained", job, math.ceil(factor_docs / inf.batch_size / gpus)),
@@ -279,7 +287,10 @@ def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float
                              "indexes": index_files}))
     if device_memory is None:
         device_memory = _host_memory() if cpu else DEVICES[device][3]
-    return Plan(device, gpus, device_memory, stages, documents, records)
+    whitened, projected = job.dims
+    vectors = (f"document vectors: {document_bytes(job) / 1024:,.1f} KiB each ({whitened:,} whitened + {projected:,} "
+               f"projected numbers in {inf.vector_dtype}, and the squared norm)")
+    return Plan(device, gpus, device_memory, stages, documents, records, vectors)
 
 
 def plan_here(config, gpus: int = 1) -> Plan:
@@ -341,7 +352,7 @@ def report(plan: Plan, config) -> str:
         verdict = "fits" if plan.fits(s) else "DOES NOT FIT"
         lines.append(f"{s.name:<20}{s.device_bytes / GIB:>12,.1f}{s.host_bytes / GIB:>10,.1f}"
                      f"{s.disk_bytes / GIB:>10,.1f}{_duration(s.seconds):>10}  {verdict}")
-    lines += [""] + (advice(plan, config) or ["every stage fits"])
+    lines += ([plan.vectors] if plan.vectors else []) + [""] + (advice(plan, config) or ["every stage fits"])
     return "\n".join(lines)
 
 

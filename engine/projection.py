@@ -31,7 +31,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -384,14 +384,17 @@ class Whitening:
     are fixed per study.
     """
 
-    def __init__(self, factors, damping: Mapping[str, float], keep: int | None = None):
+    def __init__(self, factors, damping: Mapping[str, float] | Callable[[str], float], keep: int | None = None):
         self.strategy = get_strategy(factors.strategy)
         self.factors = factors
-        self.damping = dict(damping)
-        # A whitened document has expected energy Lambda / (Lambda + lambda) per coordinate, so
-        # it lives mostly where Lambda >~ lambda: the top-``keep`` eigen-coordinates per layer
-        # carry most of it, deterministically (measured far better than a random projection).
-        self.coordinates = {name: self._kept(lf, self.damping[name], keep) for name, lf in factors.layers.items()}
+        # The top-``keep`` eigen-coordinates per layer (largest Lambda): deterministic, and measured far
+        # better than a random projection, or than picking coordinates by the queries' expected energy
+        # (docs/vector_storage.md). A layer at a time: its damping and its coordinates from one read.
+        self.damping, self.coordinates = {}, {}
+        for name in factors.layers:
+            layer = factors.layers[name]
+            self.damping[name] = damping[name] if isinstance(damping, Mapping) else damping(name)
+            self.coordinates[name] = self._kept(layer, self.damping[name], keep)
 
     def _kept(self, lf, damping: float, keep: int | None) -> _Kept:
         lam = self.strategy.eigenvalues(lf)

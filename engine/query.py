@@ -135,13 +135,18 @@ class QueryEngine:
 
     def _search_weights(self, name: str, norm: Normalization, vectors: str) -> np.ndarray | None:
         m, index = method(name), self.study.index
-        raw = index.norms if vectors == "projected" and not m.unit else None
+        # whitened rows are raw-scale: cosine divides by the exact norm; projected rows (an ablation)
+        # are stored unit-scale: raw scores multiply by it
+        if vectors == "projected":
+            scale = None if m.unit else index.norms.astype(np.float64)
+        else:
+            scale = 1.0 / np.maximum(index.norms.astype(np.float64), 1e-30) if m.unit else None
         if norm.is_raw:
-            return raw
-        whitened = norm.norm == "whitened" or (norm.norm == "metric" and m.vectors == "whitened")
+            return None if scale is None else scale.astype(np.float32)
+        whitened = norm.norm == "whitened" or (norm.norm == "metric" and m.metric_is_pretrained)
         estimate = (index.whitened_norms if whitened else index.norms).astype(np.float64)
         weights = 1.0 / norm.divisors(estimate, estimate)
-        return (weights if raw is None else raw * weights).astype(np.float32)
+        return (weights if scale is None else scale * weights).astype(np.float32)
 
     def candidates(self, query: PreconditionedQuery, pool: int, norm: Normalization,
                    vectors: str | None = None) -> Retrieval:

@@ -82,13 +82,17 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-VECTOR_DTYPES = ("float16", "bfloat16", "float32")
+VECTOR_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")
+SCALE_BYTES = 4  # a quantised row ends with its float32 scales
+INT4_BLOCK = 1024  # int4 rows: one scale per block of this many numbers (a layer's kept coordinates)
 
 
 def encode_vectors(array: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 rows as stored: float16, bfloat16 (its bits as uint16: numpy has no bfloat16) or
-    float32. bfloat16 keeps float32's range (tiny raw gradients survive) with 8 bits of mantissa;
-    float16 keeps 11 bits but underflows below 6e-8."""
+    """float32 rows as stored: float16, bfloat16 (its bits as uint16: numpy has no bfloat16), float32,
+    int8 or int4. bfloat16 keeps float32's range (tiny raw gradients survive) with 8 bits of mantissa;
+    float16 keeps 11 bits but underflows below 6e-8. Quantised rows are bytes: int8 codes times one
+    scale per row (max |x| / 127); int4 codes, two a byte, times one scale per ``INT4_BLOCK`` numbers
+    (max |x| / 7). The scales (float32) end the row, so that a row decodes alone."""
     array = np.asarray(array, dtype=np.float32)
     if dtype == "float32":
         return array
@@ -98,6 +102,22 @@ def encode_vectors(array: np.ndarray, dtype: str) -> np.ndarray:
         bits = array.view(np.uint32)
         rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
         return (rounded >> np.uint32(16)).astype(np.uint16)
+    if dtype == "int4" and array.shape[-1] % 2:
+        raise ValueError(f"int4 packs two numbers a byte: rows of {array.shape[-1]} (odd) cannot be stored; "
+                         "use int8, or an even eigen_dim and projection_dim")
+    if dtype in ("int8", "int4"):
+        levels, block = (127, array.shape[-1]) if dtype == "int8" else (7, INT4_BLOCK)
+        blocks = -(-array.shape[-1] // block) if array.shape[-1] else 0
+        padded = np.zeros((*array.shape[:-1], blocks * block), np.float32)
+        padded[..., :array.shape[-1]] = array
+        grouped = padded.reshape(*array.shape[:-1], blocks, block)
+        scale = np.abs(grouped).max(axis=-1, keepdims=True) / levels
+        codes = np.rint(grouped / np.where(scale > 0, scale, 1)).clip(-levels, levels).astype(np.int8)
+        codes = codes.reshape(*array.shape[:-1], -1)[..., :array.shape[-1]]
+        if dtype == "int4":  # two codes a byte, each offset by 8 into 1..15
+            nibbles = (codes + 8).astype(np.uint8)
+            codes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+        return np.concatenate([codes.view(np.uint8), scale[..., 0].astype("<f4").view(np.uint8)], axis=-1)
     raise ValueError(f"vector dtype must be one of {', '.join(VECTOR_DTYPES)}, got {dtype!r}")
 
 
@@ -105,7 +125,40 @@ def decode_vectors(stored: np.ndarray, dtype: str) -> np.ndarray:
     """Stored rows back as float32 (the inverse of :func:`encode_vectors`, up to its rounding)."""
     if dtype == "bfloat16":
         return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if dtype in ("int8", "int4"):
+        stored = np.asarray(stored, dtype=np.uint8)
+        dim = vector_width(stored.shape[-1], dtype)
+        body = vector_bytes(dim, dtype) - SCALE_BYTES * _blocks(dim, dtype)
+        scale = np.ascontiguousarray(stored[..., body:]).view("<f4")
+        if dtype == "int8":
+            return np.ascontiguousarray(stored[..., :body]).view(np.int8).astype(np.float32) * scale
+        packed = stored[..., :body]
+        codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)[..., :dim]
+        values = codes.astype(np.float32) - 8
+        return values * np.repeat(scale, INT4_BLOCK, axis=-1)[..., :dim]
     return np.asarray(stored, dtype=np.float32)
+
+
+def _blocks(dim: int, dtype: str) -> int:
+    return (1 if dim else 0) if dtype == "int8" else -(-dim // INT4_BLOCK)
+
+
+def vector_width(stored: int, dtype: str) -> int:
+    """Numbers in a decoded row whose stored row has ``stored`` elements."""
+    if dtype == "int8":
+        return stored - SCALE_BYTES
+    if dtype == "int4":  # 2 numbers a byte + 4 bytes a block of INT4_BLOCK
+        per_block = INT4_BLOCK // 2 + SCALE_BYTES
+        full, rest = divmod(stored, per_block)
+        return full * INT4_BLOCK + max(0, rest - SCALE_BYTES) * 2
+    return stored
+
+
+def vector_bytes(dim: int, dtype: str) -> int:
+    """Bytes a stored row of ``dim`` numbers takes."""
+    if dtype in ("int8", "int4"):
+        return (dim if dtype == "int8" else -(-dim // 2)) + SCALE_BYTES * _blocks(dim, dtype)
+    return dim * (4 if dtype == "float32" else 2)
 
 
 def _canonical(blob: bytes) -> bytes:

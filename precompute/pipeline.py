@@ -237,6 +237,9 @@ def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
     layers = inf.tracked_layers(model)
     projector = KroneckerProjector.for_layers(layers, inf.projection_dim, seed=inf.seed)
     whitening = inf.whitening(Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False))
+    if inf.vector_dtype == "int4" and (whitening.dim % 2 or projector.dim % 2):
+        raise ValueError(f"vector_dtype int4 packs two numbers a byte, and this model's rows have {whitening.dim} "
+                         f"and {projector.dim}: use int8, or an even eigen_dim and projection_dim")
     _fresh_shards(study, {"projector": projector.checksum(), "vector_dtype": inf.vector_dtype,
                           "inputs": study.checksums(layout.PT_FACTORS)})
     texts = _dataset(study, layout.DOCUMENTS)["text"]
@@ -318,8 +321,7 @@ def _record_queries(study: Study, config: StudyConfig, device: torch.device, ids
     tokenizer = load_tokenizer(study.resolve(config.models.tokenizer or config.models.finetuned))
     layers = inf.tracked_layers(ft_model)
     # the kept eigen-coordinates are picked from the stored factors, as the documents' were
-    stored = pt_factors if held is None else Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False)
-    whitening, projector = inf.whitening(stored), KroneckerProjector.load(study.path(layout.PROJECTOR))
+    whitening, projector = inf.whitening(pt_factors.as_stored()), KroneckerProjector.load(study.path(layout.PROJECTOR))
     parts = {kind: {name: [] for name in names} for kind, names in methods.items()}
     for batch in config.prompts.record_batches(tokenizer, records, inf.max_length, inf.batch_size):
         grads = sequence_gradients(ft_model, TASK, batch, layers)

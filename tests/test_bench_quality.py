@@ -118,6 +118,23 @@ def test_normalization_smoke(tiny_study, tiny_haystack, tmp_path):
     assert 0 <= one <= 1 and 0 <= twenty <= 1
 
 
+def test_vector_storage_smoke(tiny_study, tiny_haystack, tmp_path, capsys):
+    import json
+
+    bench = load_benchmark("vector_storage")
+    out = tmp_path / "seed.json"
+    assert bench.main(["run", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "4",
+                       "--reference-answers", "--scores", str(tmp_path / "seed.npz"), "--pool", "20",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    got = {(e["method"], e["setting"], e["storage"]) for e in result["results"]}
+    assert ("gradient-dot", "haystack", "projected (float16)") in got and ("multi-stage", "plain", "int4") in got
+    assert all(0 <= v <= 1 for e in result["results"] for v in e["rr"] + e["recall"])
+    assert result["bytes"]["int8"] == result["whitened_dim"] + 4 and result["bytes"]["int4"] < result["whitened_dim"]
+    assert bench.main(["report", str(out), str(out)]) == 0
+    assert "| multi-stage | haystack | int4 |" in capsys.readouterr().out
+
+
 def test_bootstrap_interval_by_hand():
     bench = load_benchmark("normalization")
     mean, low, high = bench.bootstrap([np.array([0.0, 1.0] * 50), np.array([1.0] * 100)])

@@ -153,9 +153,9 @@ def test_config_errors_are_clear(tmp_path):
 
 @pytest.fixture(scope="module")
 def built(inputs, tmp_path_factory):
-    # a projection as large as the gradients is the identity: retrieval is then exact
-    return run_pipeline(_config(inputs, projection_dim=100_000), tmp_path_factory.mktemp("built") / "study",
-                        progress=False)
+    # every eigen-coordinate kept in float32 (and a projection as large as the gradients): retrieval is exact
+    return run_pipeline(_config(inputs, projection_dim=100_000, eigen_dim=100_000, vector_dtype="float32"),
+                        tmp_path_factory.mktemp("built") / "study", progress=False)
 
 
 @pytest.mark.parametrize("method", ["multi-stage", "pt-inverse-dropped", "single-stage", "gradient-dot",
@@ -181,6 +181,53 @@ def test_query_cli_json(built, method, capsys):
         for hit in pro + opp:  # token heatmaps sum to the exact score
             assert len(hit["tokens"]) == len(hit["token_scores"]) > 0
             assert sum(hit["token_scores"]) == pytest.approx(hit["score"], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["multi-stage", "pt-inverse-dropped", "gradient-dot", "gradient-cosine"])
+def test_every_indexed_method_is_served_by_the_whitened_vectors(built, method, monkeypatch):
+    """All indexed methods search the whitened eigen-coordinates (<u, G> for any query u): with every
+    coordinate kept, the index's 3 candidates per sign are the exact top 3 and its estimates are the
+    exact scores (cosine: divided by the exact gradient norm)."""
+    from dataclasses import replace
+
+    from explorer.tracer import Tracer
+
+    tracer = Tracer.open(built.root, device="cpu")
+    assert tracer.study.index.record.get("projected") is None
+    monkeypatch.setattr(tracer.study.config, "influence", replace(tracer.study.config.influence, candidates=3))
+    args = ("What colour is fox 2?", "The fox is green.", method)
+    served = tracer.trace(*args, top_k=3, heatmaps=False, normalization="none")
+    exhaustive = tracer.trace(*args, top_k=3, exhaustive=True, heatmaps=False, normalization="none")
+    assert "index candidates" in served.settings.retrieval
+    for got, want in ((served.proponents, exhaustive.proponents), (served.opponents, exhaustive.opponents)):
+        assert [h.doc_id for h in got] == [h.doc_id for h in want] and len(got) > 0
+        for a, b in zip(got, want):
+            assert a.score == pytest.approx(b.score, rel=1e-6)
+            assert a.projected_score == pytest.approx(b.score, rel=1e-3)
+
+
+def test_a_study_stored_in_int4_holds_the_float32_rows_to_half_a_step(built, inputs, tmp_path):
+    """vector_dtype int4: the whitened rows of the same documents within half a quantisation step of
+    the float32 build's, the shard bytes as the plan counts them, and queries still served."""
+    from engine.storage import INT4_BLOCK, vector_bytes
+    from explorer.tracer import Tracer
+
+    small = run_pipeline(_config(inputs, projection_dim=2, eigen_dim=100_000, vector_dtype="int4"),  # as the paper's
+                         tmp_path / "int4", progress=False)
+    full, packed = _vectors(built), _vectors(small)
+    exact, rows = (np.concatenate(list(v.chunks("whitened"))) for v in (full, packed))
+    width = full.dim("whitened")
+    assert rows.shape == exact.shape and packed.dim("whitened") == width
+    blocks = -(-width // INT4_BLOCK)
+    padded = np.zeros((len(exact), blocks * INT4_BLOCK), np.float32)
+    padded[:, :width] = np.abs(exact)
+    step = np.repeat(padded.reshape(len(exact), blocks, INT4_BLOCK).max(2) / 7, INT4_BLOCK, axis=1)[:, :width]
+    assert (np.abs(rows - exact) <= step / 2 * (1 + 1e-4) + 1e-7).all()
+    shard = np.load(small.path(layout.shard_file(0, "whitened")))
+    assert shard.dtype == np.uint8 and shard.shape[1] == vector_bytes(width, "int4") < width
+    trace = Tracer.open(small.root, device="cpu").trace("What colour is fox 2?", "The fox is green.", top_k=3,
+                                                         heatmaps=False)
+    assert trace.proponents and all(h.score > 0 for h in trace.proponents)
 
 
 def test_query_index_matches_exact_scoring(built):

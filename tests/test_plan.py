@@ -37,6 +37,9 @@ def test_plan_for_the_paper_study_on_one_h200_and_on_80_gb():
     # the config holds both factor sets in bfloat16 while serving: the explorer fits an 80 GB GPU
     small = plan_study(config, device="h100", gpus=8, model_config=str(PYTHIA / "pythia-2.8b"))
     assert "every stage fits" in report(small, config)
+    # int4 whitened rows, 1,008 coordinates a layer: at most 64 KiB a document with its scales and norm
+    assert "document vectors: 63.6 KiB each (129,024 whitened + 256 projected numbers in int4" in report(small, config)
+    assert stages["projection"].disk_bytes <= plan.documents * 64 * 1024
     assert {s.name: s.device_bytes for s in small.stages} == {s.name: s.device_bytes for s in plan.stages}
     serve = {s.name: s for s in small.stages}["serve (explorer)"]
     assert serve.device_bytes <= 70 * GIB and serve.parts["both factor sets (bfloat16)"] == pytest.approx(

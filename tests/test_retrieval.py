@@ -360,3 +360,37 @@ def test_document_vectors_are_stored_in_16_bits_and_read_back_through_memory_map
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-3)
     np.testing.assert_allclose(vectors.sq_norms(), sq, rtol=0)
     assert vectors.dim("whitened") == 12
+
+
+@pytest.mark.parametrize("dtype, width, levels, block, stored_bytes", [
+    ("int8", 2500, 127, 2500, 2504), ("int4", 2500, 7, 1024, 1250 + 3 * 4), ("int4", 12, 7, 12, 6 + 4)])
+def test_quantised_document_vectors_keep_their_scales_in_the_row(tmp_path, dtype, width, levels, block, stored_bytes):
+    """int8 rows: codes times one float32 scale per row (max |x| / 127); int4: two codes a byte, one
+    scale per 1,024 numbers (max |x| / 7). The scales end the row, so a gathered row decodes alone;
+    error at most half a step of its own block, at any scale; zero rows stay zero."""
+    from engine.storage import decode_vectors, encode_vectors, vector_bytes
+    from engine.study import Study
+    from engine.study.vectors import DocumentVectors, write_shard
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, width)).astype(np.float32) * np.geomspace(1e-12, 1e6, 40, dtype=np.float32)[:, None]
+    x[7] = 0.0
+    stored = encode_vectors(x, dtype)
+    assert stored.dtype == np.uint8 and stored.shape == (40, vector_bytes(width, dtype)) == (40, stored_bytes)
+    back = decode_vectors(stored, dtype)
+    blocks = -(-width // block)
+    padded = np.zeros((40, blocks * block), np.float32)
+    padded[:, :width] = np.abs(x)
+    step = np.repeat(padded.reshape(40, blocks, block).max(2) / levels, block, axis=1)[:, :width]
+    assert (np.abs(back - x) <= step / 2 * (1 + 1e-5)).all() and not back[7].any()
+    assert np.abs(back - x).max() > 0  # it is quantised
+    study = Study(tmp_path)
+    sq = (x.astype(np.float64) ** 2).sum(1)
+    for s in range(2):
+        write_shard(study, s, x[s * 20:(s + 1) * 20], x[s * 20:(s + 1) * 20], sq[s * 20:(s + 1) * 20], dtype)
+    vectors = DocumentVectors(study, shards=2, dtype=dtype, documents=40, shard_size=20)
+    assert vectors.dim("whitened") == width
+    every = np.concatenate(list(vectors.chunks("whitened")))
+    np.testing.assert_array_equal(every, back)
+    ids = np.array([0, 3, 4, 19, 20, 33, 39])
+    np.testing.assert_array_equal(vectors.gather("whitened", ids), back[ids])

@@ -46,6 +46,22 @@ def test_factors_held_in_16_bits_precondition_as_float32(tiny_study, precision, 
     assert all(torch.equal(a, b) for a, b in zip(full.whitening.kept.values(), held.whitening.kept.values()))
 
 
+def test_a_16_bit_study_reads_each_pretrained_factor_file_once(tiny_study, monkeypatch):
+    """The whitening picks its coordinates from the stored float32 factors and the served 16-bit copy is
+    made from the same read: opening and querying read every pretrained layer's file once."""
+    import engine.factors as factors_module
+
+    reads = []
+    real = factors_module.StoredLayers._read
+    monkeypatch.setattr(factors_module.StoredLayers, "_read",
+                        lambda self, name: reads.append((self.directory.name, name)) or real(self, name))
+    held = open_study(tiny_study, device="cpu", factor_precision="bfloat16")
+    _preconditioned(held, ["Where does the first person live?"], ["In a town."])
+    pretrained = [name for where, name in reads if where == layout.PT_FACTORS.path.split("/")[-1]]
+    assert sorted(pretrained) == sorted(held.pretrained.factors.layers) and len(set(pretrained)) == len(pretrained)
+    assert held.pretrained.factors.layers[pretrained[0]].corrected_eigenvalues.dtype == torch.bfloat16
+
+
 def test_msif_query_serves_with_16_bit_factors(tiny_study, capsys):
     from explorer.cli import main as msif
 

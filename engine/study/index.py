@@ -37,7 +37,7 @@ from . import layout
 from .manifest import Study, StudyError
 from .vectors import DocumentVectors
 
-VECTOR_KINDS = ("projected", "whitened")
+VECTOR_KINDS = ("whitened",)  # the kinds an ivf index is built for; other stored kinds are scanned
 INDEX_KINDS = ("auto", "flat", "ivf")
 HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
@@ -107,9 +107,8 @@ def build_index(study: Study, settings: IndexSettings, queries: dict[str, np.nda
     kind = settings.resolved(vectors.documents)
     record = {**asdict(settings), "configured": settings.kind, "kind": kind, "documents": vectors.documents,
               "whitened_norms": layout.INDEX_NORMS.path}
-    files = [_save_row_norms(study, vectors, "whitened")]
+    files = [_save_row_norms(study, vectors)]
     if kind == "ivf":
-        files.append(_save_row_norms(study, vectors, "projected"))
         missing = [name for name in VECTOR_KINDS if queries is None or len(queries.get(name, ())) == 0]
         if missing:
             raise ValueError(f"an ivf index fits its basis on query vectors; none given for {', '.join(missing)}")
@@ -122,14 +121,13 @@ def build_index(study: Study, settings: IndexSettings, queries: dict[str, np.nda
     return files, record
 
 
-def _save_row_norms(study: Study, vectors: DocumentVectors, name: str) -> str:
-    """Every document's row norm of one vector kind, a shard at a time (4 bytes a document)."""
+def _save_row_norms(study: Study, vectors: DocumentVectors) -> str:
+    """Every document's whitened row norm, a shard at a time (4 bytes a document)."""
     norms = np.empty(vectors.documents, np.float32)
-    for start, rows in vectors.numbered_chunks(name):
+    for start, rows in vectors.numbered_chunks("whitened"):
         norms[start:start + len(rows)] = np.sqrt(np.square(rows, dtype=np.float64).sum(1))
-    path = layout.index_norms(name)
-    save_npy(study.path(path), norms)
-    return path
+    save_npy(study.path(layout.INDEX_NORMS), norms)
+    return layout.INDEX_NORMS.path
 
 
 def sample_shards(vectors: DocumentVectors, size: int) -> list[int]:
@@ -247,10 +245,8 @@ class StudyIndex:
             return VectorSearch(self.vectors, name, self.kind, self.record["rerank"])
         lists = IVFLists.load(self.study.path(layout.index_file(name, "ivf")), self.record[name]["nprobe"])
         basis = PCABasis.load(self.study.path(layout.index_file(name, "basis")))
-        row_norms = (self.whitened_norms if name == "whitened"  # loaded already
-                     else np.load(self.study.path(layout.index_norms(name)), mmap_mode="r"))
-        return VectorSearch(self.vectors, name, self.kind, self.record["rerank"], lists, basis, row_norms,
-                            self.record["band"])
+        return VectorSearch(self.vectors, name, self.kind, self.record["rerank"], lists, basis,
+                            self.whitened_norms, self.record["band"])
 
     @classmethod
     def of(cls, study: Study) -> StudyIndex:
@@ -269,8 +265,13 @@ class StudyIndex:
 
     def search(self, name: str, queries, k: int, weights: np.ndarray | None = None,
                clock: dict | None = None) -> Retrieval:
-        """Top-k of ``<q, row> * weight`` per document: e.g. the exact norms scale projected rows
-        back to raw gradients (gradient-dot), and dividing weights give normalised rankings."""
+        """Top-k of ``<q, row> * weight`` per document: e.g. dividing weights give normalised rankings.
+        A stored kind that is not indexed (the Kronecker projection of older studies, an ablation) is
+        scanned."""
+        if name not in self.searches:
+            if name not in self.vectors.kinds():
+                raise ValueError(f"{self.study.root} stores no {name} vectors")
+            self.searches[name] = VectorSearch(self.vectors, name, "flat", self.record["rerank"])
         return self.searches[name].search(queries, k, weights, clock)
 
     def measure(self, name: str, queries, ks: tuple[int, ...] = (10, 100)) -> dict:

@@ -85,23 +85,21 @@ SHARDS = Artifact("gradients/shards", Stage.PROJECTION,
                   "pretraining documents at theta_pt, 1,024 a shard (the three files below), and "
                   "stamp.json (the settings they were made with)")
 PROJECTED = Artifact("gradients/shards/*/projected.npy", Stage.PROJECTION,
-                     "(shard documents, D) projected raw gradients / their exact norm, in vector_dtype")
+                     "(shard documents, D) projected raw gradients / their exact norm, in vector_dtype (stored, "
+                     "no longer searched)")
 WHITENED = Artifact("gradients/shards/*/whitened.npy", Stage.PROJECTION,
-                    "(shard documents, D') whitened top eigen-coordinates, in vector_dtype")
+                    "(shard documents, D') whitened top eigen-coordinates, in vector_dtype (int8, int4: codes, "
+                    "then the row's float32 scales); every indexed method searches them")
 SQ_NORMS = Artifact("gradients/shards/*/sq_norms.npy", Stage.PROJECTION,
                     "(shard documents,) float64 exact squared gradient norms")
 SHARD_TEXTS = Artifact("gradients/shards/*/texts.sha256", Stage.PROJECTION,
                        "digest of the shard's document texts: a grown or edited corpus recomputes only "
                        "the shards whose texts changed")
-INDEX_DIR = Artifact("index", Stage.INDEX, "the search index: the whitened norms; for a staged (ivf) index also "
-                     "the projected norms, and the basis and the inverted lists below per vector kind "
-                     "(projected, whitened)")
+INDEX_DIR = Artifact("index", Stage.INDEX, "the search index of the whitened vectors: their norms; for a staged "
+                     "(ivf) index also the basis and the inverted lists below")
 INDEX_NORMS = Artifact("index/whitened-norms.npy", Stage.INDEX,
                        "(documents,) float32 norm of each whitened row: the index's estimate of a document's "
                        "norm in the (H_pt + lambda I)^-1 metric, for normalised multi-stage rankings")
-INDEX_PROJECTED_NORMS = Artifact("index/projected-norms.npy", Stage.INDEX,
-                                 "(documents,) float32 norm of each projected row (about 1; ivf only): with a "
-                                 "ranking's weights, which documents the staged search always scores")
 INDEX_IVF = Artifact("index/*-ivf", Stage.INDEX,
                      "a faiss inverted file of every document's principal coordinates (index.faiss: the trained "
                      "lists; lists.ivfdata: the rows, on disk and memory-mapped)")
@@ -111,7 +109,7 @@ INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
           FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_NORMS,
-          INDEX_PROJECTED_NORMS, INDEX_IVF, INDEX_BASIS)
+          INDEX_IVF, INDEX_BASIS)
 SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
 
 
@@ -128,13 +126,8 @@ def shard_digest_file(index: int) -> str:
     return f"{shard(index)}/texts.sha256"
 
 
-def index_norms(kind: str) -> str:
-    """The index's row norms of one vector kind (projected | whitened)."""
-    return {"whitened": INDEX_NORMS, "projected": INDEX_PROJECTED_NORMS}[kind].path
-
-
 def index_file(kind: str, part: str) -> str:
-    """``index/{kind}-ivf`` (a directory) or ``index/{kind}-basis.safetensors`` (kind: projected | whitened)."""
+    """``index/{kind}-ivf`` (a directory) or ``index/{kind}-basis.safetensors`` (kind: whitened)."""
     return f"{INDEX_DIR.path}/{kind}-ivf" if part == "ivf" else f"{INDEX_DIR.path}/{kind}-basis.safetensors"
 
 

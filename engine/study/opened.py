@@ -116,7 +116,10 @@ def open_study(root: str | os.PathLike, device: str = "auto", progress: bool = F
     projector.check_compatible(pretrained.layers)
     return OpenedStudy(
         study, manifest, config, device, load_tokenizer(study.resolve(m.tokenizer or m.finetuned)),
-        pretrained, finetuned, projector, _whitening(study, config, pretrained, device, dtype), StudyIndex.of(study),
+        # the kept eigen-coordinates are picked from the factors as stored, as the documents' were (16-bit
+        # eigenvalues would tie and reorder them)
+        pretrained, finetuned, projector, config.influence.whitening(pretrained.factors.as_stored()),
+        StudyIndex.of(study),
         datasets.Dataset.from_parquet(str(study.path(layout.DOCUMENTS))),
         datasets.Dataset.from_parquet(str(study.path(layout.RECORDS))))
 
@@ -144,15 +147,6 @@ def held_precision(precision: str) -> torch.dtype | None:
     if precision not in FACTOR_PRECISIONS:
         raise ValueError(f"factor precision must be one of {', '.join(FACTOR_PRECISIONS)}, got {precision!r}")
     return None if precision == "float32" else getattr(torch, precision)
-
-
-def _whitening(study: Study, config: StudyConfig, pretrained: StageModel, device: torch.device,
-               dtype: torch.dtype | None) -> Whitening:
-    """The query side of the whitened vectors, from the factors as stored: which eigen-coordinates
-    are kept must match the documents' exactly (16-bit eigenvalues would tie and reorder them)."""
-    if dtype is None:
-        return config.influence.whitening(pretrained.factors)
-    return config.influence.whitening(Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False))
 
 
 def _stage_model(study: Study, config: StudyConfig, location: str, factors: layout.Artifact,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..storage import decode_vectors, encode_vectors, save_npy
+from ..storage import decode_vectors, encode_vectors, save_npy, vector_width
 from . import layout
 from .manifest import Study
 
@@ -66,7 +66,7 @@ class DocumentVectors:
 
     study: Study
     shards: int
-    dtype: str  # how projected and whitened rows are stored (float16 | bfloat16 | float32)
+    dtype: str  # how projected and whitened rows are stored (engine.storage.VECTOR_DTYPES)
     documents: int = 0
     shard_size: int = 1024
 
@@ -149,5 +149,9 @@ class DocumentVectors:
             list(_readers().map(read, shards))
         return out
 
+    def kinds(self) -> tuple[str, ...]:
+        """The vector kinds the shards hold (older studies also the Kronecker projection)."""
+        return tuple(k for k in ("projected", "whitened") if os.path.exists(self._path(0, k)))
+
     def dim(self, kind: str) -> int:
-        return int(self._header(0, "projected" if kind == "raw" else kind).shape[1])
+        return vector_width(int(self._header(0, "projected" if kind == "raw" else kind).shape[1]), self.dtype)
