@@ -110,7 +110,7 @@ def _measured(side, study, every: np.ndarray, split: int, query: PreconditionedQ
     return DocumentScores(scores, sq_norms, metric)
 
 
-def _cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path | None,
+def cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path | None,
                  reuse_only: bool = False) -> dict:
     """The exhaustive pass, or what an earlier run of the same seed and facts saved in ``cache`` (so
     that the served rankings can be measured again, e.g. after the index changed, in minutes). With
@@ -206,7 +206,7 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
     cases = load_cases(haystack, limit, reference)
     if not cases:
         raise SystemExit(f"{haystack}: the model answers no pretraining-only fact correctly (try --reference-answers)")
-    measured = _cached_pass(big.engine, cases, world, cache)
+    measured = cached_pass(big.engine, cases, world, cache)
     scores, norms = measured["scores"], measured["norms"]
     settings = {"plain": (small, np.arange(world)), "haystack": (big, np.arange(len(big.study.documents)))}
     out = {"haystack": str(haystack), "plain": str(plain), "seed": big.study.manifest["demo"]["seed"],
@@ -250,7 +250,7 @@ def pool_sweep(haystack: Path, plain: Path, limit: int | None, threads: int, ref
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
     cases = load_cases(haystack, limit, reference)
-    measured = _cached_pass(big.engine, cases, len(small.study.documents), cache, reuse_only=True)
+    measured = cached_pass(big.engine, cases, len(small.study.documents), cache, reuse_only=True)
     scores, norms = measured["scores"]["multi-stage"], measured["norms"]["multi-stage"]
     entries = []
     for setting, tracer in (("plain", small), ("haystack", big)):

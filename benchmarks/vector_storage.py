@@ -35,7 +35,7 @@ from engine.storage import decode_vectors, encode_vectors, vector_bytes
 from explorer.tracer import Tracer
 
 from fact_tracing import K, load_cases, query_vectors
-from normalization import _cached_pass, fact_metrics
+from normalization import cached_pass, fact_metrics
 
 METHODS = ("multi-stage", "pt-inverse-dropped", "gradient-dot")
 STORAGES = ("float16", "int8", "int4")
@@ -74,7 +74,7 @@ def run_seed(haystack: Path, plain: Path, scores: Path, pool: int, threads: int,
     tracer, world = Tracer.open(haystack), len(Tracer.open(plain).study.documents)
     study, engine = tracer.study, tracer.engine
     cases = load_cases(haystack, limit, reference)
-    measured = _cached_pass(engine, cases, world, scores)
+    measured = cached_pass(engine, cases, world, scores)
     vectors = study.index.vectors
     stored = even(np.concatenate(list(vectors.chunks("whitened"))))
     fewer = kept_prefix(study, FEWER)

@@ -164,12 +164,9 @@ class _AsStored(Mapping):
 
     def __init__(self, layers: StoredLayers):
         self.layers = layers
-        self._last: tuple[str, LayerFactors] | None = None  # one layer: a reader asks for it a few times
 
     def __getitem__(self, name: str) -> LayerFactors:
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self.layers.stored(name))
-        return self._last[1]
+        return self.layers.stored(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)

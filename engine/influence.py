@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .curvature import get_strategy, relative_damping
+from .curvature import LayerFactors, get_strategy, relative_damping
 from .factors import Factors
 from .gradients import capture, per_sequence
 from .methods import FINETUNED, METHODS, MULTI_STAGE, PRETRAINED
@@ -70,16 +70,16 @@ def _inverse(factors: Factors, name: str, v: torch.Tensor, damping: float) -> to
     return get_strategy(factors.strategy).precondition(factors.layers[name], v, damping)
 
 
-def layer_damping(factors: Factors, name: str, args: ScoreArguments) -> float:
-    """lambda of one layer as ``precondition`` uses it with these factors."""
+def layer_damping(strategy: str, layer: LayerFactors, args: ScoreArguments) -> float:
+    """lambda of one layer (its factors under ``strategy``) as ``precondition`` uses it."""
     if args.damping is not None:
         return float(args.damping)
-    return relative_damping(get_strategy(factors.strategy), factors.layers[name], args.damping_factor)
+    return relative_damping(get_strategy(strategy), layer, args.damping_factor)
 
 
 def damping_values(factors: Factors, args: ScoreArguments) -> dict[str, float]:
     """lambda per layer as ``precondition`` uses it with these factors."""
-    return {name: layer_damping(factors, name, args) for name in factors.layers}
+    return {name: layer_damping(factors.strategy, factors.layers[name], args) for name in factors.layers}
 
 
 def precondition(query_grads: dict[str, torch.Tensor], args: ScoreArguments,
@@ -103,7 +103,7 @@ def precondition(query_grads: dict[str, torch.Tensor], args: ScoreArguments,
             if inverse.damping == "alpha":
                 u = args.alpha * _inverse(f, name, u, args.alpha)
             else:
-                used[name] = layer_damping(f, name, args)
+                used[name] = layer_damping(f.strategy, f.layers[name], args)
                 u = _inverse(f, name, u, used[name])
         vectors[name] = u
     if spec.unit:

@@ -384,16 +384,17 @@ class Whitening:
     are fixed per study.
     """
 
-    def __init__(self, factors, damping: Mapping[str, float] | Callable[[str], float], keep: int | None = None):
+    def __init__(self, factors, damping: Mapping[str, float] | Callable[[Any], float], keep: int | None = None):
         self.strategy = get_strategy(factors.strategy)
         self.factors = factors
         # The top-``keep`` eigen-coordinates per layer (largest Lambda): deterministic, and measured far
         # better than a random projection, or than picking coordinates by the queries' expected energy
-        # (docs/vector_storage.md). A layer at a time: its damping and its coordinates from one read.
+        # (docs/vector_storage.md). A layer at a time, read once: ``damping`` is lambda per layer name,
+        # or a function of the layer's factors.
         self.damping, self.coordinates = {}, {}
         for name in factors.layers:
             layer = factors.layers[name]
-            self.damping[name] = damping[name] if isinstance(damping, Mapping) else damping(name)
+            self.damping[name] = damping[name] if isinstance(damping, Mapping) else damping(layer)
             self.coordinates[name] = self._kept(layer, self.damping[name], keep)
 
     def _kept(self, lf, damping: float, keep: int | None) -> _Kept:

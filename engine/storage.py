@@ -102,9 +102,7 @@ def encode_vectors(array: np.ndarray, dtype: str) -> np.ndarray:
         bits = array.view(np.uint32)
         rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
         return (rounded >> np.uint32(16)).astype(np.uint16)
-    if dtype == "int4" and array.shape[-1] % 2:
-        raise ValueError(f"int4 packs two numbers a byte: rows of {array.shape[-1]} (odd) cannot be stored; "
-                         "use int8, or an even eigen_dim and projection_dim")
+    check_storable(array.shape[-1], dtype)
     if dtype in ("int8", "int4"):
         levels, block = (127, array.shape[-1]) if dtype == "int8" else (7, INT4_BLOCK)
         blocks = -(-array.shape[-1] // block) if array.shape[-1] else 0
@@ -137,6 +135,13 @@ def decode_vectors(stored: np.ndarray, dtype: str) -> np.ndarray:
         values = codes.astype(np.float32) - 8
         return values * np.repeat(scale, INT4_BLOCK, axis=-1)[..., :dim]
     return np.asarray(stored, dtype=np.float32)
+
+
+def check_storable(dim: int, dtype: str) -> None:
+    """Raise ValueError for rows of ``dim`` numbers that ``dtype`` cannot hold (int4: odd lengths)."""
+    if dtype == "int4" and dim % 2:
+        raise ValueError(f"int4 packs two numbers a byte: rows of {dim} (odd) cannot be stored; "
+                         "use int8, or an even eigen_dim and projection_dim")
 
 
 def _blocks(dim: int, dtype: str) -> int:

@@ -47,7 +47,7 @@ from engine import distributed as dist
 from engine.methods import BASIS_QUERIES, PROBES
 from engine.models import load_causal_lm, load_tokenizer, resolve_device
 from engine.query import index_vectors
-from engine.storage import atomic_path, write_json, write_text
+from engine.storage import atomic_path, check_storable, write_json, write_text
 from engine.study import Stage, StageRun, Study, StudyConfig, build_index, held_precision, layout, run_stages
 from engine.study.vectors import shard_done, write_shard
 
@@ -237,9 +237,8 @@ def _project(study: Study, config: StudyConfig, tokenizer, device: torch.device,
     layers = inf.tracked_layers(model)
     projector = KroneckerProjector.for_layers(layers, inf.projection_dim, seed=inf.seed)
     whitening = inf.whitening(Factors.load(study.path(layout.PT_FACTORS), device=device, cache=False))
-    if inf.vector_dtype == "int4" and (whitening.dim % 2 or projector.dim % 2):
-        raise ValueError(f"vector_dtype int4 packs two numbers a byte, and this model's rows have {whitening.dim} "
-                         f"and {projector.dim}: use int8, or an even eigen_dim and projection_dim")
+    for dim in (whitening.dim, projector.dim):  # before any document is projected
+        check_storable(dim, inf.vector_dtype)
     _fresh_shards(study, {"projector": projector.checksum(), "vector_dtype": inf.vector_dtype,
                           "inputs": study.checksums(layout.PT_FACTORS)})
     texts = _dataset(study, layout.DOCUMENTS)["text"]

@@ -130,7 +130,7 @@ class InfluenceConfig:
     seed: int = 0
     accumulation: str = "float32"  # precision of the factor fit's running sums: float32 | float64
     keep_covariances: bool = False  # store A and S beside their eigendecompositions (twice the files)
-    vector_dtype: str = "float16"  # stored document vectors: float16 | bfloat16 | float32 | int8 (a scale per row)
+    vector_dtype: str = "float16"  # stored document vectors: float16 | bfloat16 | float32 | int8 | int4
     # Both factor sets as the explorer and the index stage hold them (stored float32; preconditioning
     # computes in float32 a layer at a time): bfloat16 halves them, which the paper's case needs to
     # fit an 80 GB GPU (docs/serving_precision.md measures what it costs in scores)
@@ -156,7 +156,7 @@ class InfluenceConfig:
     def whitening(self, pt_factors) -> Whitening:
         """The pretraining-side half-inverse with the damping multi-stage scoring uses."""
         args = self.score_arguments(MULTI_STAGE)
-        return Whitening(pt_factors, lambda name: layer_damping(pt_factors, name, args), keep=self.eigen_dim)
+        return Whitening(pt_factors, lambda layer: layer_damping(pt_factors.strategy, layer, args), keep=self.eigen_dim)
 
 
 @dataclass

@@ -151,7 +151,7 @@ class DocumentVectors:
 
     def kinds(self) -> tuple[str, ...]:
         """The vector kinds the shards hold (older studies also the Kronecker projection)."""
-        return tuple(k for k in ("projected", "whitened") if os.path.exists(self._path(0, k)))
+        return tuple(k for k in KINDS if k != "sq_norms" and os.path.exists(self._path(0, k)))
 
     def dim(self, kind: str) -> int:
         return vector_width(int(self._header(0, "projected" if kind == "raw" else kind).shape[1]), self.dtype)
