@@ -11,7 +11,8 @@ its mean over queries with a 95% bootstrap interval over queries (Park et al. 20
 Methods: multi-stage, pt-inverse-dropped, gradient-dot (documents at theta_pt) and single-stage
 (documents at theta_ft, as benchmarks/fact_tracing.py scores them); the summed normalised scores of
 the default ranking are shown for multi-stage too (a ranking device, not a linear model of removal).
-Each retrain is saved as it finishes (``--work``), so an interrupted run resumes.
+Each retrain is saved as it finishes (``--work``; the demo's are kept in benchmarks/results/lds-demo, so
+a run resumes on any clone), with the queries, recipe and thread count it must match to be reused.
 
     python benchmarks/lds.py --subsets 32                        # studies/demo; ~4 min a retrain here
     python benchmarks/lds.py --study DIR --tiny --subsets 3 --reference-answers --facts 4   # CI smoke
@@ -68,6 +69,8 @@ def predictions(service: QueryEngine, cases, subsets: list[np.ndarray]) -> dict[
 
 def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: int, work: Path,
         threads: int | None = None, part: tuple[int, int] = (0, 1)) -> dict | None:
+    from precompute.demo import recipe_json
+
     service = QueryEngine(open_study(study))
     cases = load_cases(study, facts, reference)
     if not cases:
@@ -76,10 +79,13 @@ def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: in
     threads = threads or build_threads(study)
     work.mkdir(parents=True, exist_ok=True)
     actual = []
+    # what a saved retrain must match to be reused: its half, the queries, and how it was trained
+    setting = {"queries": [[c.question, c.answer] for c in cases], "recipe": recipe_json(recipe), "threads": threads}
     for j, subset in enumerate(chosen):
         saved = work / f"subset-{j:03d}.json"
-        if saved.exists() and json.loads(saved.read_text())["documents"] == subset.tolist():
-            actual.append(json.loads(saved.read_text())["log_likelihood"])
+        record = json.loads(saved.read_text()) if saved.exists() else {}
+        if record.get("documents") == subset.tolist() and all(record.get(k) == v for k, v in setting.items()):
+            actual.append(record["log_likelihood"])
             continue
         if j % part[1] != part[0]:  # another process's retrain
             continue
@@ -87,7 +93,7 @@ def run(study: Path, recipe, subsets: int, facts: int, reference: bool, seed: in
         removed = set(range(len(service.study.documents))) - set(subset.tolist())
         model = retrain(study, recipe, removed, threads)
         actual.append(log_likelihoods(model, service.study, cases))
-        saved.write_text(json.dumps({"documents": subset.tolist(), "log_likelihood": actual[-1],
+        saved.write_text(json.dumps({"documents": subset.tolist(), "log_likelihood": actual[-1], **setting,
                                      "seconds": time.perf_counter() - started}))
         print(f"subset {j + 1}/{subsets} retrained in {time.perf_counter() - started:.0f} s", flush=True)
     if len(actual) < len(chosen):
@@ -131,7 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="training threads (default: the study's, which reproduces it)")
     parser.add_argument("--part", default="0/1", help="I/N: retrain only halves j with j %% N == I (N processes "
                                                      "share the retrains; the last to finish reports)")
-    parser.add_argument("--work", type=Path, help="where retrains are saved (default: runs/lds/<study name>)")
+    parser.add_argument("--work", type=Path, help="where retrains are saved (default: runs/lds/<study name>; "
+                                                  "the demo's: benchmarks/results/lds-demo)")
     parser.add_argument("--out", type=Path, default=Path("docs/lds.md"))
     args = parser.parse_args(argv)
     from precompute.demo import DemoRecipe, recipe_json, tiny_recipe

@@ -2,7 +2,10 @@
 -> exact (and normalised) scores -> token scores.
 
 1. The query gradient: grad L_q(theta_ft) of L_q = -log p(answer | prompt), summed over the answer's
-   tokens (one row per answer token with ``per_token``: their scores add up to the answer's).
+   tokens (one row per answer token with ``per_token``: their scores add up to the answer's). A
+   :class:`Target` narrows it to a span of the answer's tokens, or contrasts it with another answer:
+   L_q = -log p(answer | prompt) + log p(versus | prompt), so a score is the change of
+   log p(answer) - log p(versus) ("why this answer rather than that one").
 2. Preconditioning: the method's inverses (``engine.methods``) turn it into u; a document's
    influence is <u, grad l(z)>, the change in the answer's log-likelihood per unit of upweighting z.
 3. Candidates: an indexed method asks the study's index (``engine.study.index``) for the documents
@@ -22,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .attribution import TokenAttribution, attribute_tokens
 from .baselines import BM25, cosine_similarity, pooled_representations
@@ -32,10 +36,62 @@ from .normalization import DEFAULT, Normalization, NormalizedRanking
 from .projection import KroneckerProjector, Whitening
 from .retrieval import Retrieval, rescore
 from .study import OpenedStudy, StageModel
-from .tasks import LanguageModelingTask
+from .tasks import IGNORE, LanguageModelingTask
 from .text import encode_prompt_answer
 
 TASK = LanguageModelingTask()
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a query's influence is measured on: the answer's log-likelihood, over all its tokens or
+    over the tokens ``span`` = [start, end) (0-based, as :meth:`QueryEngine.answer_tokens` lists them),
+    minus ``versus``'s log-likelihood after the same prompt for a contrastive trace."""
+
+    answer: str
+    versus: str | None = None
+    span: tuple[int, int] | None = None
+
+    @staticmethod
+    def of(value: str | Target) -> Target:
+        return value if isinstance(value, Target) else Target(value)
+
+    def check(self, answer_tokens: int) -> None:
+        """Raise ValueError, saying why, unless this target can be scored (``answer_tokens``: how many
+        tokens the answer has)."""
+        if self.versus is not None:
+            if not self.versus.strip():
+                raise ValueError("the answer to contrast with (versus) is empty")
+            if self.versus.strip() == self.answer.strip():
+                raise ValueError("the answer to contrast with (versus) is the answer itself: every score would be 0")
+        if self.span is None:
+            return
+        if self.versus is not None:
+            raise ValueError("a span scores tokens of one answer; a contrastive trace compares two whole answers: "
+                             "give a span or versus, not both")
+        start, end = self.span
+        if not 0 <= start < end <= answer_tokens:
+            raise ValueError(f"the span {start}:{end} is not a range of the answer's {answer_tokens} tokens "
+                             f"(START:END with 0 <= START < END <= {answer_tokens})")
+
+    @staticmethod
+    def parse_span(text: str) -> tuple[int, int]:
+        """A span of answer tokens written START:END (0-based, END excluded), as URLs and the CLI give it."""
+        try:
+            start, end = (int(x) for x in text.split(":"))
+        except ValueError:
+            raise ValueError(f"span {text!r} is not START:END (answer token positions such as 2:5)") from None
+        if not 0 <= start < end:
+            raise ValueError(f"span {text!r} needs 0 <= START < END")
+        return start, end
+
+    def describe(self) -> str:
+        """What the scores measure, in words."""
+        if self.versus is not None:
+            return "log p(answer) - log p(versus)"
+        if self.span is not None:
+            return f"log p(answer tokens {self.span[0]}:{self.span[1]})"
+        return "log p(answer)"
 
 
 @dataclass
@@ -74,17 +130,49 @@ class QueryEngine:
         self._weights: dict[tuple, np.ndarray | None] = {}
 
     # -- 1-2: the query ---------------------------------------------------------------------------
-    def preconditioned(self, prompts: Sequence[str], answers: Sequence[str], name: str,
+    def preconditioned(self, prompts: Sequence[str], answers: Sequence[str | Target], name: str,
                        per_token: bool = False) -> PreconditionedQuery:
-        """u for each (prompt, answer) (or, with ``per_token``, for each token of a single answer)."""
-        batch = encode_prompt_answer(self.study.tokenizer, list(prompts), list(answers),
-                                     self.study.config.influence.max_length)
-        if per_token:
-            batch, _ = TASK.split_targets(batch)
-        ft = self.study.finetuned
-        return precondition(sequence_gradients(ft.model, TASK, batch, ft.layers),
+        """u for each (prompt, answer or :class:`Target`); with ``per_token``, one row per scored token
+        of a single target (a contrastive target's ``versus`` tokens follow, negated: the rows add up to
+        the target's score)."""
+        return precondition(self.query_gradients(prompts, answers, per_token),
                             self.study.config.influence.score_arguments(name), self.study.pretrained.factors,
-                            ft.factors)
+                            self.study.finetuned.factors)
+
+    def query_gradients(self, prompts: Sequence[str], answers: Sequence[str | Target],
+                        per_token: bool = False) -> dict:
+        """grad L_q(theta_ft) per target (Q, out, in[+1]): the answer's (or its span's) loss gradient,
+        minus the contrasted answer's."""
+        targets = [Target.of(a) for a in answers]
+        batch = self._encode(prompts, [t.answer for t in targets])
+        for row, t in enumerate(targets):
+            t.check(int((batch["labels"][row] != IGNORE).sum()))
+            if t.span is not None:
+                _keep_span(batch["labels"][row], *t.span)
+        contrasted = [i for i, t in enumerate(targets) if t.versus is not None]
+        if per_token:
+            if len(targets) != 1:
+                raise ValueError("per-token rows are for one target at a time")
+            batch, _ = TASK.split_targets(batch)
+        grads = self._gradients(batch)
+        if not contrasted:
+            return grads
+        other = self._encode([prompts[i] for i in contrasted], [targets[i].versus for i in contrasted])
+        if per_token:
+            minus = self._gradients(TASK.split_targets(other)[0])
+            return {k: torch.cat([g, -minus[k]]) for k, g in grads.items()}
+        minus = self._gradients(other)
+        for k, g in grads.items():
+            g[contrasted] -= minus[k]
+        return grads
+
+    def _encode(self, prompts: Sequence[str], answers: Sequence[str]) -> dict:
+        return encode_prompt_answer(self.study.tokenizer, list(prompts), list(answers),
+                                    self.study.config.influence.max_length)
+
+    def _gradients(self, batch: dict) -> dict:
+        ft = self.study.finetuned
+        return sequence_gradients(ft.model, TASK, batch, ft.layers)
 
     def side(self, spec: Method) -> StageModel:
         """The model a method scores documents at: theta_pt, or theta_ft for single-stage."""
@@ -156,15 +244,15 @@ class QueryEngine:
         searched = index_vectors(kind, query, study.whitening, study.projector)
         return study.index.search(kind, searched, pool, self.search_weights(query.method, norm, kind))
 
-    def rank(self, prompts: Sequence[str], answers: Sequence[str], name: str, k: int,
+    def rank(self, prompts: Sequence[str], answers: Sequence[str | Target], name: str, k: int,
              normalization: str | Normalization | None = None, exhaustive: bool = False) -> list[Ranking]:
-        """Each (prompt, answer)'s best ``k`` documents per sign. Indexed methods: one query pass,
-        one index search and one exact re-scoring pass shared by all prompts; others: every document
-        scored exactly (one pass per prompt)."""
+        """Each (prompt, answer or :class:`Target`)'s best ``k`` documents per sign. Indexed methods:
+        one query pass, one index search and one exact re-scoring pass shared by all prompts; others:
+        every document scored exactly (one pass per prompt)."""
         m, norm = method(name), self.normalization(name, normalization)
         k = min(k, len(self.study.documents))
         if m.is_baseline:
-            return [self._baseline(p, a, name, k) for p, a in zip(prompts, answers)]
+            return [self._baseline(p, _plain(a, name), name, k) for p, a in zip(prompts, answers)]
         query = self.preconditioned(prompts, answers, name)
         ranking = self.normalized_ranking(name, norm, exhaustive or not m.indexed)
         if not m.indexed or exhaustive:
@@ -196,7 +284,7 @@ class QueryEngine:
         pool = Side(every, exact, norms=np.sqrt(measured.sq_norms.numpy()) if norms is None else norms)
         return Ranking(query.method, norm, *_best(every, exact, ordered, norms, k, signed=True), pool, query)
 
-    def records(self, prompt: str, answer: str, k: int, normalization: str | Normalization | None = None
+    def records(self, prompt: str, answer: str | Target, k: int, normalization: str | Normalization | None = None
                 ) -> Ranking:
         """The fine-tuning records ranked by single-stage influence on the answer: their gradients at
         theta_ft on the response tokens (as trained), every record scored exactly."""
@@ -259,9 +347,11 @@ class QueryEngine:
                             dict(zip(att.layer_names, att.layer_scores[0, b].double().tolist()))))
         return out
 
-    def answer_token_map(self, prompt: str, answer: str, name: str, doc_id: int) -> tuple[list[int], TokenAttribution]:
+    def answer_token_map(self, prompt: str, answer: str | Target, name: str, doc_id: int
+                         ) -> tuple[list[int], TokenAttribution]:
         """The document's influence on each answer token, per document token: (document token ids,
-        attribution with token_scores (answer tokens, 1, document tokens))."""
+        attribution with token_scores (answer tokens, 1, document tokens)); a contrastive target's
+        ``versus`` tokens follow the answer's, with the sign they carry in the difference."""
         query = self.preconditioned([prompt], [answer], name, per_token=True)
         side = self.side(method(name))
         batch = self.study.document_batches([doc_id])[0]
@@ -271,6 +361,22 @@ class QueryEngine:
         """The answer's token ids as scored (after the prompt)."""
         batch = encode_prompt_answer(self.study.tokenizer, [prompt], [answer], self.study.config.influence.max_length)
         return batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+
+
+def _plain(answer: str | Target, name: str) -> str:
+    """The answer text for a baseline, which ranks by similarity to it: spans and contrasts need influence."""
+    target = Target.of(answer)
+    if target.versus is not None or target.span is not None:
+        raise ValueError(f"{name} ranks by similarity to the prompt and answer; a contrastive trace or an "
+                         "answer span needs an influence method")
+    return target.answer
+
+
+def _keep_span(labels: torch.Tensor, start: int, end: int) -> None:
+    """Score only the answer tokens [start, end) of one row (in place): the others lose their label."""
+    scored = (labels != IGNORE).nonzero().flatten()
+    labels[scored[:start]] = IGNORE
+    labels[scored[end:]] = IGNORE
 
 
 def index_vectors(kind: str, query: PreconditionedQuery, whitening: Whitening, projector: KroneckerProjector):

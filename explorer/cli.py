@@ -65,7 +65,7 @@ def _app(args) -> int:
 def _read_prompts(args) -> list[dict]:
     """The prompts to trace, each with where it came from (for messages), all read before any runs."""
     if args.prompt is not None:
-        return [{"prompt": args.prompt, "answer": args.answer, "where": "--prompt"}]
+        return [{"prompt": args.prompt, "answer": args.answer, "versus": args.versus, "where": "--prompt"}]
     source = args.prompts_file
     try:
         data = source.read_bytes()
@@ -88,10 +88,12 @@ def _read_prompts(args) -> list[dict]:
             raise ValueError(f"{where}: not JSON ({err.msg}, column {err.colno})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f'{where}: expected an object with a "prompt" string, like {{"prompt": "..."}}')
-        answer = row.get("answer", args.answer)
+        answer, versus = row.get("answer", args.answer), row.get("versus", args.versus)
         if answer is not None and not isinstance(answer, str):
             raise ValueError(f'{where}: "answer" must be a string (or left out to let the model answer)')
-        rows.append({"prompt": row["prompt"], "answer": answer, "where": where})
+        if versus is not None and not isinstance(versus, str):
+            raise ValueError(f'{where}: "versus" must be a string (the answer to contrast with)')
+        rows.append({"prompt": row["prompt"], "answer": answer, "versus": versus, "where": where})
     if not rows:
         raise ValueError(f"{source} holds no prompts")
     return rows
@@ -103,18 +105,29 @@ def _query(args) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     prompts = _read_prompts(args)
+    from engine.query import Target
+
+    span = None if args.span is None else Target.parse_span(args.span)
+    if span is not None and (len(prompts) > 1 or prompts[0]["versus"] is not None):
+        raise ValueError("--span picks tokens of one answer: give it with --prompt, without --versus")
     tracer = Tracer.open(args.study, device=args.device, progress=True,  # models load once for all prompts
                          factor_precision=args.factor_precision)
     tracer.engine.normalization(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
     for row in prompts:  # every prompt is checked before the first one runs
         try:
-            tracer.check_request(row["prompt"], row["answer"])
+            tracer.check_request(row["prompt"], row["answer"], versus=row["versus"])
         except ValueError as err:
             raise ValueError(f"{row['where']}: {err}") from None
+    if span is not None:
+        row = prompts[0]
+        trace = tracer.trace(row["prompt"], row["answer"], args.method, args.top_k, exhaustive=args.exhaustive,
+                             normalization=args.normalize, span=span)
+        print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
+        return 0
     # indexed methods: one shared pass per group of prompts (query gradients, index search, re-scoring)
     for start in range(0, len(prompts), QUERY_GROUP):
         group = prompts[start:start + QUERY_GROUP]
-        for trace in tracer.trace_many([(r["prompt"], r["answer"]) for r in group], method=args.method,
+        for trace in tracer.trace_many([(r["prompt"], r["answer"], r["versus"]) for r in group], method=args.method,
                                        top_k=args.top_k, exhaustive=args.exhaustive, normalization=args.normalize):
             print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
     return 0
@@ -129,11 +142,16 @@ def _format_trace(trace) -> str:
     from engine.methods import method
 
     baseline = method(trace.method).is_baseline
-    lines = [f"prompt:  {terminal_safe(trace.prompt)}", f"answer:  {terminal_safe(trace.answer)}",
-             f"method:  {trace.method} ({trace.settings.retrieval}; {trace.timings.total:.2f}s)",
-             "score = similarity to the prompt and answer (a baseline, not influence: it has no sign)" if baseline
-             else "score = exact influence: the change in the answer's log-likelihood per unit of upweighting; "
-                  "positive = raises it"]
+    lines = [f"prompt:  {terminal_safe(trace.prompt)}", f"answer:  {terminal_safe(trace.answer)}"]
+    if trace.versus is not None:
+        lines.append(f"versus:  {terminal_safe(trace.versus)}")
+    if trace.span is not None:
+        lines.append(f"span:    answer tokens {trace.span[0]}:{trace.span[1]} "
+                     f"({terminal_safe(''.join(trace.answer_tokens[trace.span[0]:trace.span[1]]))!r})")
+    lines += [f"method:  {trace.method} ({trace.settings.retrieval}; {trace.timings.total:.2f}s)",
+              "score = similarity to the prompt and answer (a baseline, not influence: it has no sign)" if baseline
+              else f"score = exact influence on {trace.settings.target}: its change per unit of upweighting the "
+                   "document; positive = raises it"]
     normalized = trace.settings.normalization != "none"
     if normalized:
         lines.append(f"ranked by: {trace.settings.ranked_by} ({trace.settings.normalization}; same sign as the score)")
@@ -182,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--prompt", help="one prompt (the instruction)")
     given.add_argument("--prompts-file", type=Path, help='JSONL, one {"prompt": ...} per line')
     query.add_argument("--answer", help="score this answer instead of generating one")
+    query.add_argument("--versus", metavar="TEXT",
+                       help="contrastive trace: rank documents by their influence on log p(answer) - log p(TEXT), "
+                            "why the model gives the answer rather than TEXT (a JSONL row's \"versus\" overrides it)")
+    query.add_argument("--span", metavar="START:END",
+                       help="rank by influence on the answer tokens START to END-1 alone (0-based, as --json's "
+                            "answer_tokens lists them); one --prompt")
     query.add_argument("--method", default=MULTI_STAGE, choices=ALL_METHODS)
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")

@@ -12,7 +12,7 @@ from .heatmap import snippet
 from .results import Trace
 
 COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "normalized_score", "norm", "ranked_by",
-           "projected_score", "top_tokens", "snippet", "prompt", "answer"]
+           "projected_score", "top_tokens", "snippet", "prompt", "answer", "versus", "span", "target"]
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet evaluates a cell starting so
@@ -40,7 +40,9 @@ def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
                          "top_tokens": " | ".join(f"{hit.tokens[i]!r}:{hit.token_scores[i]:+.3g}"
                                                   for i in order[:top_tokens]),
                          "snippet": snippet(hit.text, hit.tokens, hit.token_scores),
-                         "prompt": trace.prompt, "answer": trace.answer})
+                         "prompt": trace.prompt, "answer": trace.answer, "versus": trace.versus,
+                         "span": None if trace.span is None else f"{trace.span[0]}:{trace.span[1]}",
+                         "target": trace.settings.target})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

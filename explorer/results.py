@@ -63,6 +63,7 @@ class TraceSettings:
     context: str
     normalization: str = "none"  # what the ranking divides exact scores by (engine.normalization spec)
     ranked_by: str = "raw influence"  # the same in words
+    target: str = "log p(answer)"  # what the scores are influence on (engine.query.Target.describe)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class Trace:
     pool_ids: list[int] = field(default_factory=list)  # every document scored (the candidate pool, or all)
     pool_scores: list[float] = field(default_factory=list)  # their exact scores
     pool_norms: list[float] = field(default_factory=list)  # their norms n(z) (gradient norms for a raw ranking)
+    versus: str | None = None  # a contrastive trace's other answer: scores are on log p(answer) - log p(versus)
+    versus_tokens: list[str] | None = None  # its tokens as text pieces
+    span: list[int] | None = None  # [start, end): the answer tokens the scores are on (None: all)
 
     def to_json(self, with_text: bool = False) -> dict[str, Any]:
         def hit(h: Hit) -> dict[str, Any]:
@@ -101,10 +105,13 @@ class Trace:
         return {"prompt": self.prompt, "answer": self.answer, "method": self.method,
                 "scores": ("similarity (a baseline; unsigned: 'opponents' are the least similar)"
                            if method_spec(self.method).is_baseline
-                           else "influence: positive raises the answer's log-likelihood"),
+                           else "influence: positive raises the answer's log-likelihood" if self.versus is None
+                           else "influence on log p(answer) - log p(versus): positive makes the answer more likely "
+                                "relative to versus"),
                 "proponents": [hit(h) for h in self.proponents],
                 "opponents": [hit(h) for h in self.opponents],
-                "answer_tokens": self.answer_tokens, "settings": asdict(self.settings),
+                "answer_tokens": self.answer_tokens, "versus": self.versus, "versus_tokens": self.versus_tokens,
+                "span": self.span, "settings": asdict(self.settings),
                 "timings": self.timings.to_json(), "pool_scores": self.pool_scores}
 
 
@@ -115,4 +122,6 @@ class AnswerTokenMap:
 
     answer_tokens: list[str]
     document_tokens: list[str]
-    matrix: np.ndarray  # (answer tokens, document tokens) float64
+    matrix: np.ndarray  # (answer tokens [+ versus tokens], document tokens) float64
+    versus_tokens: list[str] = field(default_factory=list)  # a contrastive trace's other answer: rows after
+    # the answer's, negated (each is minus the document's influence on that token's log-probability)

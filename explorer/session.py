@@ -18,13 +18,15 @@ from engine.console import error_line
 from engine.methods import ALL_METHODS, DEFAULT_NORMALIZATION
 from engine.models import quiet_libraries
 from engine.normalization import Normalization
+from engine.query import Target
 from engine.study import DEFAULT_STUDY, Study, StudyError
 
 from .server import DEVICE_ENV, FACTORS_ENV, STUDY_ENV
 from .tracer import Tracer
 
 # URL query parameter -> session-state key of the widget it fills
-URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "method": "method", "normalize": "normalize"}
+URL_FIELDS = {"prompt": "instruction", "answer": "typed_answer", "versus": "versus", "method": "method",
+              "normalize": "normalize", "span": "span"}
 # the rankings offered in the app: the default first, then raw influence and the other forms measured
 RANKINGS = tuple(dict.fromkeys([DEFAULT_NORMALIZATION, "none", "gradient", "gradient^0.5", "gradient@median",
                                 "whitened", "whitened^0.5", "whitened@median", "metric", "metric^0.5"]))
@@ -88,7 +90,8 @@ def without_paths(message: str, study: Path) -> str:
 
 
 def restore_from_url() -> bool:
-    """Fill the form from ?prompt=&answer=&method= once per session; True if a prompt came in."""
+    """Fill the form from ?prompt=&answer=&versus=&method=&normalize=&span= once per session; True if a
+    prompt came in."""
     if st.session_state.get("_url_restored"):
         return False
     st.session_state["_url_restored"] = True
@@ -105,6 +108,12 @@ def restore_from_url() -> bool:
             st.warning(f"Unknown method {value!r} in the URL: using {st.session_state.get(key, ALL_METHODS[0])}; "
                        f"the methods are {', '.join(ALL_METHODS)}.")
             continue
+        if param == "span":
+            try:
+                value = format_span(Target.parse_span(value))
+            except ValueError as err:
+                st.warning(f"Ignored span={value!r} in the URL: {err}.")
+                continue
         if param == "normalize":
             try:
                 value = str(Normalization.parse(value))
@@ -119,5 +128,16 @@ def restore_from_url() -> bool:
     return bool(params.get("prompt", "").strip())
 
 
-def share_in_url(prompt: str, answer: str, method: str, normalization: str) -> None:
-    st.query_params.from_dict({"prompt": prompt, "answer": answer, "method": method, "normalize": normalization})
+def format_span(span: tuple[int, int] | list[int] | None) -> str:
+    return "" if span is None else f"{span[0]}:{span[1]}"
+
+
+def share_fields(trace) -> dict[str, str]:
+    """The URL parameters that restore ``trace`` (its prompt, answer, contrast, method, ranking, span)."""
+    fields = {"prompt": trace.prompt, "answer": trace.answer, "versus": trace.versus or "", "method": trace.method,
+              "normalize": trace.settings.normalization, "span": format_span(trace.span)}
+    return {k: v for k, v in fields.items() if v or k in ("prompt", "answer")}
+
+
+def share_in_url(trace) -> None:
+    st.query_params.from_dict(share_fields(trace))

@@ -19,7 +19,7 @@ import torch
 from engine.methods import MULTI_STAGE
 from engine.methods import method as method_spec
 from engine.normalization import Normalization
-from engine.query import QueryEngine, Ranking, Side
+from engine.query import QueryEngine, Ranking, Side, Target
 from engine.study import OpenedStudy, open_study
 
 from .results import AnswerTokenMap, DocumentHit, RecordHit, Timings, Trace, TraceSettings
@@ -73,13 +73,20 @@ class Tracer:
         return answer.split("### End")[0].strip()
 
     def check_request(self, instruction: str, answer: str | None = None, context: str = "",
-                      max_new_tokens: int = 48) -> None:
+                      max_new_tokens: int = 48, versus: str | None = None) -> None:
         """Raise ValueError, saying why, unless the request can be traced as it is (nothing is cut)."""
         prompt = self.prompt_for(instruction, context)
         if answer is not None and answer.strip():
             self._check_answer_fits(prompt, answer)
         else:
             self._check_fits(len(self._tokens(prompt)), max_new_tokens, "a generated answer of up to")
+        if versus is not None:
+            self._check_versus(prompt, versus)
+
+    def _check_versus(self, prompt: str, versus: str) -> None:
+        if not versus.strip():
+            raise ValueError("the answer to contrast with (versus) is empty: type the other answer")
+        self._check_fits(len(self._tokens(prompt)), len(self._tokens(versus)), "the contrasted answer's")
 
     def _tokens(self, text: str) -> list[int]:
         return self.study.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -100,19 +107,25 @@ class Tracer:
               top_k: int = 10, context: str = "", heatmaps: bool = True,
               exhaustive: bool = False, on_stage: Callable[[str], None] | None = None,
               max_new_tokens: int = 48, temperature: float = 0.0,
-              normalization: str | Normalization | None = None) -> Trace:
+              normalization: str | Normalization | None = None, versus: str | None = None,
+              span: tuple[int, int] | None = None) -> Trace:
         """Answer (unless ``answer`` is given) and rank documents by ``method``.
 
         Indexed methods retrieve candidates from the study's index and re-score them exactly (the
         candidates can miss true top documents: benchmarks/retrieval.py); ``exhaustive=True`` scores
         every document exactly instead. ``normalization`` (``engine.normalization``; default
         ``engine.methods.DEFAULT_NORMALIZATION``) ranks by score / d(z); every hit keeps its exact
-        score beside the normalised one. ``on_stage`` is told, in words, what starts next.
+        score beside the normalised one. ``versus``: rank by influence on log p(answer) - log p(versus)
+        (why this answer rather than that one); ``span``: on the answer tokens [start, end) alone
+        (``engine.query.Target``). ``on_stage`` is told, in words, what starts next.
         """
         stage = on_stage or (lambda _: None)
         norm = self.engine.normalization(method, normalization)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
+        versus = versus.strip() if versus is not None and versus.strip() else None
+        if versus is not None:
+            self._check_versus(self.prompt_for(instruction, context), versus)
         timings = Timings()
         started = time.perf_counter()
         if answer is None or not answer.strip():
@@ -123,43 +136,49 @@ class Tracer:
             raise ValueError("the model's answer is empty; type an answer to trace")
         prompt = self.prompt_for(instruction, context)
         self._check_answer_fits(prompt, answer)
+        target = Target(answer, versus, None if span is None else (int(span[0]), int(span[1])))
         with self._lock:
             t0 = time.perf_counter()
             stage(f"Ranking documents by {method}")
-            ranking = self.engine.rank([prompt], [answer], method, top_k, norm, exhaustive)[0]
+            ranking = self.engine.rank([prompt], [target], method, top_k, norm, exhaustive)[0]
             timings.rank = time.perf_counter() - t0
             t0 = time.perf_counter()
             if heatmaps and ranking.query is not None:
                 stage("Token heatmaps of the top documents")
-            trace = self._trace(instruction, prompt, context, answer, ranking, timings,
+            trace = self._trace(instruction, prompt, context, target, ranking, timings,
                                 self._retrieval(method, exhaustive), heatmaps, top_k)
             timings.heatmaps = time.perf_counter() - t0
         timings.total = time.perf_counter() - started
         return trace
 
-    def trace_many(self, requests: Sequence[tuple[str, str | None]], method: str = MULTI_STAGE,
-                   top_k: int = 10, heatmaps: bool = True, exhaustive: bool = False,
+    def trace_many(self, requests: Sequence[tuple[str, str | None] | tuple[str, str | None, str | None]],
+                   method: str = MULTI_STAGE, top_k: int = 10, heatmaps: bool = True, exhaustive: bool = False,
                    normalization: str | Normalization | None = None) -> list[Trace]:
-        """Trace several (instruction, answer or None) at once: for indexed methods the prompts share
-        one query pass, one index search and one exact re-scoring pass; others trace one by one."""
+        """Trace several (instruction, answer or None[, versus or None]) at once: for indexed methods
+        the prompts share one query pass, one index search and one exact re-scoring pass; others trace
+        one by one."""
         norm = self.engine.normalization(method, normalization)
+        requests = [(r[0], r[1], r[2] if len(r) > 2 else None) for r in requests]
         if not method_spec(method).indexed or exhaustive or len(requests) < 2:
-            return [self.trace(i, a, method, top_k, heatmaps=heatmaps, exhaustive=exhaustive, normalization=norm)
-                    for i, a in requests]
+            return [self.trace(i, a, method, top_k, heatmaps=heatmaps, exhaustive=exhaustive, normalization=norm,
+                               versus=v) for i, a, v in requests]
         started = time.perf_counter()
-        answers = [a if a and a.strip() else self.generate(i) for i, a in requests]
+        answers = [a if a and a.strip() else self.generate(i) for i, a, _ in requests]
         if not all(a.strip() for a in answers):
             raise ValueError("the model's answer to a prompt is empty; give that prompt an answer to trace")
-        prompts = [self.prompt_for(i) for i, _ in requests]
-        for prompt, answer in zip(prompts, answers):
+        prompts = [self.prompt_for(i) for i, _, _ in requests]
+        for prompt, answer, (_, _, versus) in zip(prompts, answers, requests):
             self._check_answer_fits(prompt, answer)
+            if versus is not None:
+                self._check_versus(prompt, versus)
+        targets = [Target(a, v.strip() if v else None) for a, (_, _, v) in zip(answers, requests)]
         generated = time.perf_counter() - started
         with self._lock:
             t0 = time.perf_counter()
-            rankings = self.engine.rank(prompts, answers, method, top_k, norm)
+            rankings = self.engine.rank(prompts, targets, method, top_k, norm)
             shared = time.perf_counter() - t0
             traces = []
-            for (instruction, _), prompt, answer, ranking in zip(requests, prompts, answers, rankings):
+            for (instruction, _, _), prompt, answer, ranking in zip(requests, prompts, targets, rankings):
                 timings = Timings(generate=generated / len(requests), rank=shared / len(requests))
                 t0 = time.perf_counter()
                 traces.append(self._trace(instruction, prompt, "", answer, ranking, timings,
@@ -169,24 +188,27 @@ class Tracer:
         return traces
 
     def finetune_examples(self, instruction: str, answer: str, top_k: int = 10, context: str = "",
-                          heatmaps: bool = True, normalization: str | Normalization | None = None) -> Trace:
+                          heatmaps: bool = True, normalization: str | Normalization | None = None,
+                          versus: str | None = None, span: tuple[int, int] | None = None) -> Trace:
         """The fine-tuning records most influential on ``answer`` (single-stage influence, every
         record scored exactly at theta_ft on its response tokens, as it was trained), ranked like
-        documents (``normalization``)."""
+        documents (``normalization``), for the same targets as :meth:`trace`."""
         if not answer.strip():
             raise ValueError("there is no answer to trace; trace a prompt first or type an answer")
         prompt = self.prompt_for(instruction, context)
+        target = Target(answer, versus.strip() if versus and versus.strip() else None,
+                        None if span is None else (int(span[0]), int(span[1])))
         started = time.perf_counter()
         with self._lock:
-            ranking = self.engine.records(prompt, answer, top_k, normalization)
-            trace = self._trace(instruction, prompt, context, answer, ranking, Timings(),
+            ranking = self.engine.records(prompt, target, top_k, normalization)
+            trace = self._trace(instruction, prompt, context, target, ranking, Timings(),
                                 f"exact, all {len(self.study.records)} fine-tuning records", heatmaps, top_k,
                                 records=True)
         trace.timings.total = time.perf_counter() - started
         return trace
 
-    def _trace(self, instruction: str, prompt: str, context: str, answer: str, ranking: Ranking, timings: Timings,
-               retrieval: str, heatmaps: bool, top_k: int, records: bool = False) -> Trace:
+    def _trace(self, instruction: str, prompt: str, context: str, target: Target, ranking: Ranking,
+               timings: Timings, retrieval: str, heatmaps: bool, top_k: int, records: bool = False) -> Trace:
         """The typed result of a ranking: hits with titles and texts (and heatmaps), settings."""
         hits = self._record_hits if records else self._document_hits
         pro, opp = hits(ranking.proponents), hits(ranking.opponents)
@@ -198,11 +220,13 @@ class Tracer:
                 hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(ids), scores, layers
         top_k = min(top_k, len(self.study.records if records else self.study.documents))
         settings = TraceSettings(self.study.config.influence.alpha, top_k, query.damping if query is not None else {},
-                                 retrieval, prompt, context, str(norm), norm.describe())
+                                 retrieval, prompt, context, str(norm), norm.describe(), target.describe())
         pool = ranking.pool
-        return Trace(instruction.strip(), answer, ranking.method, pro, opp, self.answer_pieces(prompt, answer),
-                     settings, timings, pool.ids.tolist(), pool.exact.tolist(),
-                     [] if pool.norms is None else pool.norms.tolist())
+        return Trace(instruction.strip(), target.answer, ranking.method, pro, opp,
+                     self.answer_pieces(prompt, target.answer), settings, timings, pool.ids.tolist(),
+                     pool.exact.tolist(), [] if pool.norms is None else pool.norms.tolist(), target.versus,
+                     None if target.versus is None else self.answer_pieces(prompt, target.versus),
+                     None if target.span is None else list(target.span))
 
     def _retrieval(self, method: str, exhaustive: bool = False, shared_by: int = 1) -> str:
         """How a trace's documents were found, in words (its settings' ``retrieval``)."""
@@ -229,12 +253,15 @@ class Tracer:
                                   normalized_score=_at(side.normalized, j), norm=_at(side.norms, j)))
         return hits
 
-    def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int) -> AnswerTokenMap:
-        """Answer-token x document-token influence for one document."""
+    def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int,
+                         versus: str | None = None) -> AnswerTokenMap:
+        """Answer-token x document-token influence for one document (for a contrastive trace, the
+        contrasted answer's tokens follow, negated: the rows add up to the document's score)."""
         with self._lock:
-            doc_ids, att = self.engine.answer_token_map(prompt, answer, method, doc_id)
+            doc_ids, att = self.engine.answer_token_map(prompt, Target(answer, versus), method, doc_id)
         return AnswerTokenMap(self.answer_pieces(prompt, answer), self._pieces(doc_ids),
-                              att.token_scores[:, 0, :].double().numpy())
+                              att.token_scores[:, 0, :].double().numpy(),
+                              [] if versus is None else self.answer_pieces(prompt, versus))
 
     def answer_pieces(self, prompt: str, answer: str) -> list[str]:
         """The answer's tokens as scored (after the prompt), as text pieces."""

@@ -10,7 +10,7 @@ import streamlit as st
 from engine.methods import method as method_spec
 
 from .heatmap import format_score, heatmap_html, legend_html, snippet, symmetric_scale, text_html
-from .results import DocumentHit, Hit
+from .results import DocumentHit, Hit, Trace
 
 POSITION_NOTE = ("A token's colour is the influence credited to the position that *reads* it and "
                  "predicts the next token, so in “born in Ardwick” the town's influence often lights "
@@ -70,10 +70,20 @@ def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) ->
                     st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores)))
 
 
-def ranked_columns(proponents: Sequence[Hit], opponents: Sequence[Hit], method: str, shared_scale: bool) -> None:
-    pro_title, opp_title = (("Most similar", "Least similar") if method_spec(method).is_baseline else
-                            ("Proponents: raise the answer's log-likelihood",
-                             "Opponents: lower it"))
+def side_titles(trace: Trace) -> tuple[str, str] | None:
+    """The columns' titles for what a trace's scores measure (None: the whole answer's log-likelihood)."""
+    if trace.versus is not None:
+        return ("Proponents: make the answer more likely than the other",
+                "Opponents: make the other answer more likely")
+    if trace.span is not None:
+        return ("Proponents: raise the picked tokens' log-likelihood", "Opponents: lower it")
+    return None
+
+
+def ranked_columns(proponents: Sequence[Hit], opponents: Sequence[Hit], method: str, shared_scale: bool,
+                   titles: tuple[str, str] | None = None) -> None:
+    pro_title, opp_title = titles or (("Most similar", "Least similar") if method_spec(method).is_baseline else
+                                      ("Proponents: raise the answer's log-likelihood", "Opponents: lower it"))
     left, right = st.columns(2)
     with left:
         st.subheader(pro_title)

@@ -66,6 +66,21 @@ def lm_batch(n: int, length: int, seed: int, ragged: bool = True, prompt: int = 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def layer_weight_gradients(layers, loss) -> dict:
+    """d loss / d W of each tracked layer from autograd, as (out, in[+1]) with the bias as a last
+    column (the engine's layout): the brute-force reference of every gradient the engine forms."""
+    params = [p for layer in layers for p in (layer.module.weight, layer.module.bias) if p is not None]
+    grads = iter(torch.autograd.grad(loss, params, retain_graph=True))
+    out = {}
+    for layer in layers:
+        w = next(grads)
+        w = w.T if layer.transposed else w
+        if layer.has_bias:
+            w = torch.cat([w, next(grads)[:, None]], dim=1)
+        out[layer.name] = w
+    return out
+
+
 @pytest.fixture(scope="module")
 def pt_model():
     return tiny_neox(seed=0)

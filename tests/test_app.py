@@ -75,6 +75,11 @@ def _bodies(at: AppTest) -> str:
     return "\n".join(h.proto.body for h in at.html)
 
 
+def _texts(at: AppTest) -> str:
+    """Every text the page shows: HTML blocks, Markdown, headers and captions."""
+    return "\n".join([_bodies(at), *(e.value for kind in (at.markdown, at.subheader, at.caption) for e in kind)])
+
+
 def test_trace_shows_ranked_documents_with_the_tracers_scores(app, tracer, question):
     _trace(app, question, "Yvin Marlford was born in Ostgate.")
     trace = app.session_state["trace"]
@@ -287,3 +292,58 @@ def test_concurrent_traces_do_not_mix(tracer, question):
     for i in range(2):
         assert [h.doc_id for h in together[i].proponents] == [h.doc_id for h in alone[i].proponents]
         assert [h.score for h in together[i].opponents] == pytest.approx([h.score for h in alone[i].opponents])
+
+
+VERSUS = "In Brightwater."
+
+
+def test_contrastive_trace_ranks_by_the_difference(app, tracer, question):
+    app.text_area(key="versus").input(VERSUS)
+    _trace(app, question, "Yvin Marlford was born in Ostgate.")
+    trace = app.session_state["trace"]
+    want = tracer.trace(question, "Yvin Marlford was born in Ostgate.", top_k=10, heatmaps=False, versus=VERSUS)
+    assert trace.versus == VERSUS and trace.settings.target == "log p(answer) - log p(versus)"
+    assert [h.doc_id for h in trace.proponents] == [h.doc_id for h in want.proponents]
+    assert [h.score for h in trace.proponents] == pytest.approx([h.score for h in want.proponents], rel=1e-6)
+    page = _texts(app)
+    assert "rather than" in page and "more likely than the other" in page
+    assert app.query_params["versus"] == VERSUS
+    _open_tab(app, "Inspect a document")
+    (key, data), = app.session_state["maps"].items()
+    assert key[4] == VERSUS and data.versus_tokens == trace.versus_tokens
+    hit = (trace.proponents + trace.opponents)[0]
+    assert np.isclose(data.matrix.sum(), hit.score, rtol=1e-4)  # both answers' rows add up to the score
+
+
+def test_picked_answer_tokens_rerank_by_that_span(app, tracer, question):
+    _trace(app, question, "Yvin Marlford was born in Ostgate.")
+    whole = app.session_state["trace"]
+    picks = app.pills(key="span_pick")
+    assert picks.options and len(picks.options) == len(whole.answer_tokens)
+    picks.set_value([5, 3]).run()  # the first and last of a span, in any order
+    app.button(key="rank_span").click().run()
+    assert not app.exception, app.exception
+    trace = app.session_state["trace"]
+    want = tracer.trace(question, whole.answer, top_k=10, heatmaps=False, span=(3, 6))
+    assert trace.span == [3, 6] and trace.answer == whole.answer
+    assert [h.doc_id for h in trace.proponents] == [h.doc_id for h in want.proponents]
+    assert [h.score for h in trace.proponents] == pytest.approx([h.score for h in want.proponents], rel=1e-6)
+    assert app.query_params["span"] == "3:6" and "picked tokens" in _texts(app)
+    app.button(key="whole_answer").click().run()
+    assert app.session_state["trace"].span is None
+
+
+def test_url_restores_contrast_and_span(study, monkeypatch, question):
+    monkeypatch.setenv(STUDY_ENV, str(study))
+    for params, check in (({"versus": VERSUS}, lambda t: t.versus == VERSUS and t.span is None),
+                          ({"span": "1:3"}, lambda t: t.span == [1, 3] and t.versus is None)):
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.query_params.update(prompt=question, answer="In Ostgate.", **params)
+        at.run()
+        assert not at.exception, at.exception
+        assert check(at.session_state["trace"])
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(prompt=question, answer="In Ostgate.", span="x")
+    at.run()
+    assert "Ignored span='x'" in " ".join(w.value for w in at.warning)
+    assert at.session_state["trace"].span is None

@@ -98,3 +98,68 @@ def test_markup_in_documents_and_prompts_renders_as_text(hostile_study, tmp_path
         text = browser.find_element(By.TAG_NAME, "body").text
         assert "onerror" in text and ("<script>" in text or "javascript:" in text)  # shown, as text
         assert "Bold title" in text and "<b" in text
+
+
+def _wait_for(browser, condition, timeout: float = 120.0):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser_harness import RUNNING
+
+    def done(driver):
+        from selenium.webdriver.common.by import By
+
+        return not driver.find_elements(By.CSS_SELECTOR, RUNNING) and condition(driver)
+
+    return WebDriverWait(browser, timeout, poll_frequency=0.5,  # the page re-renders while we look
+                         ignored_exceptions=(StaleElementReferenceException,)).until(done)
+
+
+def _usable(browser, css: str):
+    from selenium.webdriver.common.by import By
+
+    found = browser.find_elements(By.CSS_SELECTOR, css)
+    return found[0] if found and found[0].is_displayed() and found[0].is_enabled() else False
+
+
+def test_contrastive_trace_and_answer_span(tiny_study, tmp_path):
+    """Why this answer rather than that one; then the documents behind two of its tokens alone."""
+    from selenium.webdriver.common.by import By
+
+    from browser_harness import open_app, page_errors
+
+    question = json.loads(Study(tiny_study).path(layout.DEMO_PROMPTS).read_text().splitlines()[0])["prompt"]
+    with running_app(tiny_study, tmp_path / "server.log") as url, chromium() as browser:
+        box = open_app(browser, url)
+        box.send_keys(question)
+        browser.find_element(By.XPATH, "//summary[contains(., 'Context, answer and contrast')]"
+                             ).click()
+        boxes = {a: _wait_for(browser, lambda d, a=a: _usable(d, f'textarea[aria-label^="{a}"]'))
+                 for a in ("Answer to trace", "Rather than")}
+        boxes["Answer to trace"].send_keys("In Ostgate.")
+        boxes["Rather than"].send_keys("In Brightwater.")
+        browser.find_element(By.XPATH, "//button[normalize-space(.)='Trace']").click()
+        _wait_for(browser, lambda d: "versus=" in d.current_url and d.find_elements(By.XPATH, FIRST_RESULT))
+        text = browser.find_element(By.TAG_NAME, "body").text
+        assert "rather than" in text and "In Brightwater." in text and "more likely than the other" in text
+        assert "log p(answer) - log p(versus)" in text and not page_errors(browser)
+        browser.save_screenshot(str(tmp_path / "contrast.png"))
+
+        from selenium.webdriver.common.keys import Keys
+
+        boxes["Rather than"].send_keys(Keys.CONTROL, "a")  # back to one answer: its tokens become buttons
+        boxes["Rather than"].send_keys(Keys.DELETE)
+        browser.find_element(By.XPATH, "//button[normalize-space(.)='Trace']").click()
+        _wait_for(browser, lambda d: "versus=" not in d.current_url
+                  and d.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button'))
+        tokens = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
+        assert len(tokens) >= 3
+        tokens[0].click()
+        _wait_for(browser, lambda d: d.find_element(By.XPATH, "//button[normalize-space(.)='Rank by the picked "
+                                                              "tokens']").is_enabled())
+        browser.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')[2].click()
+        _wait_for(browser, lambda d: True)
+        browser.find_element(By.XPATH, "//button[normalize-space(.)='Rank by the picked tokens']").click()
+        _wait_for(browser, lambda d: "span=0%3A3" in d.current_url and d.find_elements(By.XPATH, FIRST_RESULT))
+        text = browser.find_element(By.TAG_NAME, "body").text
+        assert "picked tokens" in text and "log p(answer tokens 0:3)" in text and not page_errors(browser)

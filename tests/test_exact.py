@@ -30,7 +30,7 @@ from engine import (
 from engine.curvature import get_strategy
 from engine.factors import label_seed
 
-from conftest import lm_batch, tiny_neox
+from conftest import layer_weight_gradients, lm_batch, tiny_neox
 
 TASK = LanguageModelingTask()
 
@@ -44,14 +44,8 @@ def autograd_gradients(model, layers, batch, losses_fn=None):
     out = {layer.name: [] for layer in layers}
     losses = (losses_fn or (lambda: TASK.sequence_losses(model, batch)))()
     for b in range(losses.shape[0]):
-        params = [p for layer in layers for p in (layer.module.weight, layer.module.bias) if p is not None]
-        grads = iter(torch.autograd.grad(losses[b], params, retain_graph=True))
-        for layer in layers:
-            w = next(grads)
-            w = w.T if layer.transposed else w
-            if layer.has_bias:
-                w = torch.cat([w, next(grads)[:, None]], dim=1)
-            out[layer.name].append(w)
+        for name, g in layer_weight_gradients(layers, losses[b]).items():
+            out[name].append(g)
     return {k: torch.stack(v) for k, v in out.items()}
 
 

@@ -8,7 +8,7 @@ from engine.methods import RECORDS_METHOD
 from explorer import charts
 from explorer.results import Trace
 from explorer.session import get_tracer, show_error
-from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
+from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns, side_titles
 
 tracer = get_tracer()
 st.title("Fine-tuning examples behind the answer")
@@ -26,14 +26,19 @@ st.markdown("**Prompt**")
 answer_block(trace.prompt)
 st.markdown("**Answer**")
 answer_block(trace.answer)
+if trace.versus is not None:
+    st.markdown("**…rather than**")
+    answer_block(trace.versus)
+if trace.span is not None:
+    st.caption(f"Scored on answer tokens {trace.span[0]}:{trace.span[1]} alone, as the trace was.")
 
-key = (trace.settings.model_prompt, trace.answer, len(trace.proponents))
+key = (trace.settings.model_prompt, trace.answer, len(trace.proponents), trace.versus, str(trace.span))
 found = st.session_state.get("finetune")
 if found is None or found[0] != key:
     with st.spinner(f"Scoring {len(tracer.study.records)} fine-tuning records…"):
         try:
             result = tracer.finetune_examples(trace.prompt, trace.answer, len(trace.proponents),
-                                              trace.settings.context)
+                                              trace.settings.context, versus=trace.versus, span=trace.span)
         except Exception as err:  # noqa: BLE001 - one line on the page
             show_error(err, "Could not score the fine-tuning records")
             st.stop()
@@ -42,6 +47,6 @@ result: Trace = found[1]
 
 st.caption(f"{result.settings.retrieval} · {result.timings.total:.2f} s · " + POSITION_NOTE)
 ranked_columns(result.proponents, result.opponents, RECORDS_METHOD,
-               st.session_state.get("shared_scale", False))
+               st.session_state.get("shared_scale", False), side_titles(result))
 st.plotly_chart(charts.score_distribution(result.pool_scores, [h.score for h in result.proponents + result.opponents],
                                           "all fine-tuning records"), key="ft-distribution")

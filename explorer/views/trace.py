@@ -9,12 +9,22 @@ import streamlit as st
 
 from engine.methods import ALL_METHODS, COMPARED, DESCRIPTIONS
 from engine.methods import method as method_spec
+from engine.query import Target
 from explorer import charts, export
-from explorer.heatmap import heatmap_html, legend_html, symmetric_scale
+from explorer.heatmap import format_score, heatmap_html, legend_html, symmetric_scale
 from explorer.results import Trace
-from explorer.session import RANKINGS, get_tracer, ranking_label, restore_from_url, share_in_url, show_error
+from explorer.session import (
+    RANKINGS,
+    format_span,
+    get_tracer,
+    ranking_label,
+    restore_from_url,
+    share_fields,
+    share_in_url,
+    show_error,
+)
 from explorer.tracer import MAX_PROMPT_CHARS
-from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
+from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns, side_titles
 
 tracer = get_tracer()
 auto_run = restore_from_url()
@@ -47,26 +57,33 @@ st.caption("Type a prompt for the fine-tuned model. It answers, and the multi-st
 with st.form("ask"):
     instruction = st.text_area("Prompt", key="instruction", max_chars=MAX_PROMPT_CHARS, height=90,
                                placeholder="e.g. Where was Nelel Wexford born?")
-    with st.expander("Context and answer (optional)"):
+    with st.expander("Context, answer and contrast (optional)",
+                     expanded=bool(st.session_state.get("versus") or st.session_state.get("typed_answer"))):
         context = st.text_area("Context (the dolly template's input field)", key="context", height=70)
         typed_answer = st.text_area("Answer to trace (leave empty and the model answers)",
                                     key="typed_answer", height=70)
+        versus = st.text_area("Rather than (optional): another answer, to ask why the model gives its answer "
+                              "rather than this one", key="versus", height=70,
+                              help="Documents are then ranked by their influence on log p(answer) − log p(this "
+                                   "answer): proponents make the model's answer more likely relative to this one.")
     submitted = st.form_submit_button("Trace", type="primary")
 
 with st.expander("The prompt the model sees"):
     st.code(tracer.study.config.template, language=None)
 
 
-def run_trace() -> Trace | None:
+def run_trace(instruction: str, answer: str | None, context: str, versus: str | None,
+              span: tuple[int, int] | None = None) -> Trace | None:
     with st.status("Tracing…", expanded=False) as status:
         def on_stage(message: str) -> None:
             status.update(label=f"{message}…")
             st.write(message)
         try:
-            trace = tracer.trace(instruction, typed_answer or None, method, top_k, context,
+            trace = tracer.trace(instruction, answer or None, method, top_k, context,
                                  exhaustive=exhaustive, on_stage=on_stage,
                                  max_new_tokens=max_new_tokens, temperature=temperature,
-                                 normalization=normalize if method_spec(method).normalizable else None)
+                                 normalization=normalize if method_spec(method).normalizable else None,
+                                 versus=versus or None, span=span)
         except Exception as err:  # noqa: BLE001 - shown as one line; the status must not keep spinning
             status.update(label="Could not trace", state="error", expanded=True)
             show_error(err, "Could not trace")
@@ -75,13 +92,45 @@ def run_trace() -> Trace | None:
     return trace
 
 
+def keep(result: Trace | None) -> None:
+    """A new trace replaces the last one, and the page's address now restores it."""
+    if result is None:
+        return
+    for stale in ("inspect", "maps", "span_pick"):  # per-trace state of the tabs and the answer
+        st.session_state.pop(stale, None)
+    st.session_state["trace"] = result
+    share_in_url(result)
+
+
+def url_span() -> tuple[int, int] | None:
+    text = st.session_state.pop("span", "")
+    return Target.parse_span(text) if text else None
+
+
 if submitted or auto_run:
-    result = run_trace()
-    if result is not None:
-        for stale in ("inspect", "maps"):  # per-trace state of the tabs
-            st.session_state.pop(stale, None)
-        st.session_state["trace"] = result
-        share_in_url(result.prompt, result.answer, result.method, result.settings.normalization)
+    keep(run_trace(instruction, typed_answer, context, versus, url_span() if auto_run else None))
+
+
+def pick_span(trace: Trace) -> None:
+    """The answer's tokens as buttons: pick one, or the first and last of a span, and re-rank the
+    documents by their influence on those tokens alone."""
+    if trace.versus is not None:
+        st.caption("A contrastive trace compares two whole answers; clear “Rather than” to rank by a span of tokens.")
+        return
+    pieces = [p.strip() or repr(p)[1:-1] or "␣" for p in trace.answer_tokens]
+    chosen = list(range(*trace.span)) if trace.span else []
+    picked = st.pills("Answer tokens: pick one, or the first and last of a span, then rank by them",
+                      list(range(len(pieces))), selection_mode="multi", default=chosen,
+                      format_func=lambda i: pieces[i], key="span_pick")
+    left, right = st.columns([1, 3])
+    span = (min(picked), max(picked) + 1) if picked else None
+    if left.button("Rank by the picked tokens", disabled=span is None or span == tuple(trace.span or ()),
+                   key="rank_span"):
+        keep(run_trace(trace.prompt, trace.answer, trace.settings.context, None, span))
+        st.rerun()
+    if trace.span is not None and right.button("Rank by the whole answer", key="whole_answer"):
+        keep(run_trace(trace.prompt, trace.answer, trace.settings.context, None))
+        st.rerun()
 
 
 def inspect_tab(trace: Trace) -> None:
@@ -98,17 +147,24 @@ def inspect_tab(trace: Trace) -> None:
     choice = st.selectbox("Document", range(len(hits)), format_func=lambda i: labels[i], key="inspect")
     hit = hits[choice]
     cache = st.session_state.setdefault("maps", {})
-    key = (trace.settings.model_prompt, trace.answer, trace.method, hit.doc_id)
+    key = (trace.settings.model_prompt, trace.answer, trace.method, hit.doc_id, trace.versus)
     if key not in cache:
         with st.spinner("Splitting the influence over answer tokens…"):
             cache[key] = tracer.answer_token_map(*key)
     data = cache[key]
     matrix = data.matrix
     per_answer_token = matrix.sum(axis=1)
-    st.markdown(f"**Which answer tokens this document supports** (sum {per_answer_token.sum():+.4g}; "
-                f"document score {hit.score:+.4g})")
-    st.html(heatmap_html(data.answer_tokens, per_answer_token.tolist(), label="support"))
-    st.html(legend_html(symmetric_scale(per_answer_token.tolist())))
+    shown = "document score" if trace.span is None else f"its score on tokens {format_span(trace.span)}"
+    st.markdown(f"**Which answer tokens this document supports** (sum {format_score(per_answer_token.sum())}; "
+                f"{shown} {format_score(hit.score)})")
+    n = len(data.answer_tokens)
+    scale = symmetric_scale(per_answer_token.tolist())
+    st.html(heatmap_html(data.answer_tokens, per_answer_token[:n].tolist(), scale, label="support"))
+    if data.versus_tokens:
+        st.markdown("**…rather than** (each token's influence on log p(rather-than answer), negated: it adds to the "
+                    "contrast)")
+        st.html(heatmap_html(data.versus_tokens, per_answer_token[n:].tolist(), scale, label="support"))
+    st.html(legend_html(scale))
     st.markdown("**The document's tokens**")
     st.html(heatmap_html(data.document_tokens, matrix.sum(axis=0).tolist()))
     st.plotly_chart(charts.token_matrix(data.answer_tokens, data.document_tokens, matrix,
@@ -180,17 +236,17 @@ def export_tab(trace: Trace) -> None:
     left.download_button("Download CSV", export.to_csv(trace), f"{stem}.csv", "text/csv", key="csv")
     right.download_button("Download JSON", export.to_json(trace), f"{stem}.json", "application/json",
                           key="json")
-    query = urlencode({"prompt": trace.prompt, "answer": trace.answer, "method": trace.method,
-                       "normalize": trace.settings.normalization})
-    st.markdown("**Share**: this page's address now restores the prompt, answer, method and ranking. "
-                "Relative link:")
+    query = urlencode(share_fields(trace))
+    st.markdown("**Share**: this page's address now restores the prompt, answer, contrast, method, ranking and "
+                "span. Relative link:")
     st.code(f"?{query}", language=None)
-    st.dataframe(export.hits_frame(trace).drop(columns=["prompt", "answer"]), hide_index=True)
+    st.dataframe(export.hits_frame(trace).drop(columns=["prompt", "answer", "versus"]), hide_index=True)
 
 
 def documents_tab(trace: Trace) -> None:
     st.caption(POSITION_NOTE)
-    ranked_columns(trace.proponents, trace.opponents, trace.method, shared_scale)
+    ranked_columns(trace.proponents, trace.opponents, trace.method, shared_scale, side_titles(trace))
+
 
 
 TABS = {"Documents": documents_tab, "Inspect a document": inspect_tab, "Charts": charts_tab,
@@ -200,9 +256,14 @@ trace: Trace | None = st.session_state.get("trace")
 if trace is not None:
     st.subheader("Answer")
     answer_block(trace.answer)
+    if trace.versus is not None:
+        st.markdown("**…rather than**")
+        answer_block(trace.versus)
+    if not method_spec(trace.method).is_baseline:
+        pick_span(trace)
     damping = trace.settings.damping
-    st.caption(f"method **{trace.method}** · ranked by **{trace.settings.ranked_by}** (scores in log-likelihood "
-               "units; normalised ones keep their sign) · "
+    st.caption(f"method **{trace.method}** · scores are influence on **{trace.settings.target}** · ranked by "
+               f"**{trace.settings.ranked_by}** (scores in log-likelihood units; normalised ones keep their sign) · "
                f"{trace.settings.retrieval} · "
                f"{trace.timings.total:.2f} s · α = {trace.settings.alpha:.3g}"
                + (f" · λ from {min(damping.values()):.2g} to {max(damping.values()):.2g}" if damping else ""))
