@@ -114,7 +114,8 @@ class Ranking:
     normalization: Normalization
     proponents: Side  # influence > 0: raise the answer's log-likelihood (baselines: most similar)
     opponents: Side  # influence < 0 (baselines: least similar, unsigned)
-    pool: Side  # every item scored exactly: the candidates, or the whole corpus; norms = n(z) or |grad|
+    pool: Side  # every item scored exactly: the candidates, or the whole corpus; norms = n(z) or |grad|;
+    # normalized = what a normalised ranking ordered them by
     query: PreconditionedQuery | None  # this query's u (None for baselines)
 
 
@@ -274,15 +275,49 @@ class QueryEngine:
     def score_all(self, query: PreconditionedQuery, side: StageModel, batches_for: Callable, count: int,
                   ranking: NormalizedRanking | None, k: int, norm: Normalization) -> Ranking:
         """Every item (documents, or fine-tuning records) scored exactly in one pass, then ranked."""
-        every = np.arange(count)
-        measured = measure_documents(side.model, TASK, batches_for(every), side.layers, query,
-                                     progress=self.progress, metric=ranking.metric if ranking else None)
+        pool = self._measure(query, side, batches_for, np.arange(count), ranking, self.progress)
+        ordered = pool.exact if pool.normalized is None else pool.normalized
+        norms = None if pool.normalized is None else pool.norms
+        return Ranking(query.method, norm, *_best(pool.ids, pool.exact, ordered, norms, k, signed=True), pool, query)
+
+    def score_documents(self, query: PreconditionedQuery, ids: Sequence[int],
+                        normalization: str | Normalization | None = None) -> Side:
+        """Any documents' exact scores for one query row, with what the ranking ``normalization`` orders
+        them by and the norms it divides by (a ranking whose floor needs every document's norm gives
+        the exact scores alone)."""
+        norm = self.normalization(query.method, normalization)
+        try:
+            ranking = self.normalized_ranking(query.method, norm, exhaustive=False)
+        except ValueError:  # metric with a floor: the floor comes from every document
+            ranking = None
+        return self._measure(query, self.side(method(query.method)), self.study.document_batches,
+                             np.asarray(ids, np.int64), ranking, False)
+
+    def _measure(self, query: PreconditionedQuery, side: StageModel, batches_for: Callable, ids: np.ndarray,
+                 ranking: NormalizedRanking | None, progress: bool) -> Side:
+        """Items ``ids`` scored exactly in one pass: exact scores, and the normalised ones with their
+        norms (or, for a raw ranking, the gradient norms)."""
+        measured = measure_documents(side.model, TASK, batches_for(ids), side.layers, query,
+                                     progress=progress, metric=ranking.metric if ranking else None)
         exact = measured.scores[0].numpy()
+        gradient_norms = np.sqrt(measured.sq_norms.numpy())
         if query.normalize_documents:
-            exact = exact / np.sqrt(measured.sq_norms.numpy()).clip(min=1e-30)
-        ordered, norms = ranking.scored(every, measured, exact) if ranking else (exact, None)
-        pool = Side(every, exact, norms=np.sqrt(measured.sq_norms.numpy()) if norms is None else norms)
-        return Ranking(query.method, norm, *_best(every, exact, ordered, norms, k, signed=True), pool, query)
+            exact = exact / gradient_norms.clip(min=1e-30)
+        if ranking is None:
+            return Side(ids, exact, norms=gradient_norms)
+        normalized, norms = ranking.scored(ids, measured, exact)
+        return Side(ids, exact, normalized, norms)
+
+    def find_documents(self, words: str, k: int = 10) -> np.ndarray:
+        """Ids of the ``k`` documents that match ``words`` best by BM25, best first (none: no word matches)."""
+        scores = self._lexical().score([words])[0]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return order[scores[order] > 0]
+
+    def _lexical(self) -> BM25:
+        if self._bm25 is None:
+            self._bm25 = BM25(self.study.documents["text"])
+        return self._bm25
 
     def records(self, prompt: str, answer: str | Target, k: int, normalization: str | Normalization | None = None
                 ) -> Ranking:
@@ -308,9 +343,11 @@ class QueryEngine:
         exact = np.concatenate([found.proponent_exact[0], found.opponent_exact[0]])
         norms = (self.study.index.norms[ids].astype(np.float64) if found.proponent_norms is None
                  else np.concatenate([found.proponent_norms[0], found.opponent_norms[0]]))
+        normalized = (None if found.proponent_normalized is None
+                      else np.concatenate([found.proponent_normalized[0], found.opponent_normalized[0]]))
         ids, first = np.unique(ids, return_index=True)
-        return Ranking(query.method, norm, side("proponent"), side("opponent"), Side(ids, exact[first],
-                       norms=norms[first]), query)
+        pool = Side(ids, exact[first], None if normalized is None else normalized[first], norms[first])
+        return Ranking(query.method, norm, side("proponent"), side("opponent"), pool, query)
 
     def _baseline(self, prompt: str, answer: str, name: str, k: int) -> Ranking:
         scores = self.baseline_scores(prompt, answer, name)
@@ -321,9 +358,7 @@ class QueryEngine:
     def baseline_scores(self, prompt: str, answer: str, name: str) -> np.ndarray:
         """Similarity of every document to the prompt and answer (BM25 or representations)."""
         if method(name).similarity == "lexical":
-            if self._bm25 is None:
-                self._bm25 = BM25(self.study.documents["text"])
-            return self._bm25.score_prompt_answer([prompt], [answer])[0]
+            return self._lexical().score_prompt_answer([prompt], [answer])[0]
         model = self.study.finetuned.model
         if self._representations is None:
             self._representations = pooled_representations(

@@ -105,6 +105,9 @@ def _query(args) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     prompts = _read_prompts(args)
+    if args.viewer is not None and (args.viewer.is_dir() or not args.viewer.parent.is_dir()):
+        why = "is a directory" if args.viewer.is_dir() else "its directory does not exist"
+        raise ValueError(f"--viewer {args.viewer}: {why}; give a file to write")
     from engine.query import Target
 
     span = None if args.span is None else Target.parse_span(args.span)
@@ -113,24 +116,54 @@ def _query(args) -> int:
     tracer = Tracer.open(args.study, device=args.device, progress=True,  # models load once for all prompts
                          factor_precision=args.factor_precision)
     tracer.engine.normalization(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
+    for doc in args.document or ():
+        tracer.check_document(doc)
     for row in prompts:  # every prompt is checked before the first one runs
         try:
             tracer.check_request(row["prompt"], row["answer"], versus=row["versus"])
         except ValueError as err:
             raise ValueError(f"{row['where']}: {err}") from None
+    traces = []
     if span is not None:
         row = prompts[0]
-        trace = tracer.trace(row["prompt"], row["answer"], args.method, args.top_k, exhaustive=args.exhaustive,
-                             normalization=args.normalize, span=span)
-        print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
-        return 0
+        traces.append(tracer.trace(row["prompt"], row["answer"], args.method, args.top_k, exhaustive=args.exhaustive,
+                                   normalization=args.normalize, span=span))
+        _print(tracer, traces[-1], args)
     # indexed methods: one shared pass per group of prompts (query gradients, index search, re-scoring)
-    for start in range(0, len(prompts), QUERY_GROUP):
+    for start in range(0, len(prompts) if span is None else 0, QUERY_GROUP):
         group = prompts[start:start + QUERY_GROUP]
         for trace in tracer.trace_many([(r["prompt"], r["answer"], r["versus"]) for r in group], method=args.method,
                                        top_k=args.top_k, exhaustive=args.exhaustive, normalization=args.normalize):
-            print(json.dumps(trace.to_json()) if args.json else _format_trace(trace), flush=True)
+            traces.append(trace)
+            _print(tracer, trace, args)
+    if args.viewer is not None:
+        from .export import to_viewer_jsonl
+
+        args.viewer.write_bytes(to_viewer_jsonl(traces, args.study.resolve().name))
+        print(f"wrote {len(traces)} queries for the TrackStar viewer to {args.viewer}", file=sys.stderr)
     return 0
+
+
+def _print(tracer, trace, args) -> None:
+    """A trace (and the documents asked for with --document) as text or one JSON line."""
+    lookups = [tracer.document(trace, doc, heatmap=args.json) for doc in args.document or ()]
+    if args.json:
+        print(json.dumps({**trace.to_json(), **({"documents": [f.to_json() for f in lookups]} if lookups else {})}),
+              flush=True)
+        return
+    print(_format_trace(trace) + "".join("\n" + _format_lookup(f) for f in lookups), flush=True)
+
+
+def _format_lookup(found) -> str:
+    from .heatmap import format_score
+
+    hit = found.hit
+    ranked = "" if hit.normalized_score is None else f"normalised {format_score(hit.normalized_score)}, "
+    where = ("no influence either way" if found.side == "none" else
+             f"#{found.rank} among the {found.side}s" if found.side != "similar" else f"#{found.rank} by similarity")
+    scored = "scored by the trace" if found.in_pool else "not an index candidate; placed among them"
+    return (f"document {hit.doc_id}: {ranked}score {format_score(hit.score, 4)}; ranks {where} of {hit.scored:,} "
+            f"({scored}), percentile {hit.percentile:.1f}  {terminal_safe(' '.join(hit.text.split())[:60])}")
 
 
 FACTOR_HELP = ("hold both factor sets in this precision (default: the study's influence.factor_precision); "
@@ -209,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--method", default=MULTI_STAGE, choices=ALL_METHODS)
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    query.add_argument("--document", type=int, action="append", metavar="ID",
+                       help="also score this document (repeatable): its exact score for the answer and its rank "
+                            "among the scored documents, whether or not the ranking found it")
+    query.add_argument("--viewer", type=Path, metavar="FILE",
+                       help="also write the traces as JSONL for PAIR's TrackStar output viewer "
+                            "(pair-code.github.io/pretraining-tda/demo), one query per line")
     query.add_argument("--normalize", metavar="NORM", default=None,
                        help="rank by influence / a norm of the document: gradient, metric, whitened, with ^POWER "
                             "and @median (a floor), e.g. gradient^0.5; none for raw influence (default: "

@@ -42,8 +42,24 @@ def symmetric_scale(scores: Sequence[float]) -> float:
     return max(finite, default=0.0)
 
 
-def format_score(score: float) -> str:
-    return f"{score:+.3g}"
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def format_score(score: float, digits: int = 3, signed: bool = True) -> str:
+    """A number people read at a glance: ``digits`` significant digits, positional with thousands
+    separators from 0.001 to a million (+3,926, +12.4, -0.0123), else times a power of ten (+3.93×10⁷)."""
+    score = float(score)
+    sign = ("+" if score > 0 else "-" if score < 0 else "") if signed else ("-" if score < 0 else "")
+    size = abs(score)
+    if size == 0 or not math.isfinite(size):
+        return sign + ("0" if size == 0 else str(size))
+    exponent = math.floor(math.log10(size))
+    mantissa = round(size / 10 ** exponent, digits - 1)
+    if mantissa >= 10:  # 9.996 rounds up to the next power
+        exponent, mantissa = exponent + 1, mantissa / 10
+    if -3 <= exponent < 6:
+        return sign + f"{size:,.{max(0, digits - 1 - exponent)}f}"
+    return sign + f"{mantissa:.{digits - 1}f}×10" + str(exponent).translate(_SUPERSCRIPT)
 
 
 def token_spans(tokens: Sequence[str], scores: Sequence[float], scale: float | None = None,

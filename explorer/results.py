@@ -24,6 +24,8 @@ class DocumentHit:
     projected_score: float | None = None  # the index's estimate, when retrieval used one
     normalized_score: float | None = None  # score / d(z) when the ranking is normalised (what it is ranked by)
     norm: float | None = None  # n(z), the document's norm the normalised score divides by
+    percentile: float | None = None  # share of the scored items ranked at or below it (100 = the top)
+    scored: int | None = None  # how many items were scored (the candidate pool, or every one)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +45,8 @@ class RecordHit:
     layer_scores: dict[str, float] = field(default_factory=dict)
     normalized_score: float | None = None  # score / d(z) when the ranking is normalised
     norm: float | None = None  # n(z)
+    percentile: float | None = None  # share of the scored items ranked at or below it (100 = the top)
+    scored: int | None = None  # how many items were scored (the candidate pool, or every one)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +96,7 @@ class Trace:
     pool_ids: list[int] = field(default_factory=list)  # every document scored (the candidate pool, or all)
     pool_scores: list[float] = field(default_factory=list)  # their exact scores
     pool_norms: list[float] = field(default_factory=list)  # their norms n(z) (gradient norms for a raw ranking)
+    pool_ranked: list[float] = field(default_factory=list)  # what the ranking orders them by (= pool_scores when raw)
     versus: str | None = None  # a contrastive trace's other answer: scores are on log p(answer) - log p(versus)
     versus_tokens: list[str] | None = None  # its tokens as text pieces
     span: list[int] | None = None  # [start, end): the answer tokens the scores are on (None: all)
@@ -113,6 +118,22 @@ class Trace:
                 "answer_tokens": self.answer_tokens, "versus": self.versus, "versus_tokens": self.versus_tokens,
                 "span": self.span, "settings": asdict(self.settings),
                 "timings": self.timings.to_json(), "pool_scores": self.pool_scores}
+
+
+@dataclass
+class DocumentLookup:
+    """Any document asked for by id, scored for a trace's answer, and where it stands among the trace's
+    scored documents (itself included)."""
+
+    hit: DocumentHit  # its exact score (and normalised one), heatmap and percentile
+    rank: int  # 1 = first on its side (proponents for a positive score, opponents for a negative one)
+    side: str  # "proponent", "opponent" (or a baseline's "similar"), "none" for a score of 0
+    in_pool: bool  # whether the trace scored it (an index candidate, or every document exhaustively)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hit"].pop("text")
+        return data
 
 
 @dataclass

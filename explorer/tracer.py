@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from engine.methods import MULTI_STAGE
@@ -22,7 +23,7 @@ from engine.normalization import Normalization
 from engine.query import QueryEngine, Ranking, Side, Target
 from engine.study import OpenedStudy, open_study
 
-from .results import AnswerTokenMap, DocumentHit, RecordHit, Timings, Trace, TraceSettings
+from .results import AnswerTokenMap, DocumentHit, DocumentLookup, RecordHit, Timings, Trace, TraceSettings
 
 MAX_PROMPT_CHARS = 8000
 
@@ -212,6 +213,7 @@ class Tracer:
         """The typed result of a ranking: hits with titles and texts (and heatmaps), settings."""
         hits = self._record_hits if records else self._document_hits
         pro, opp = hits(ranking.proponents), hits(ranking.opponents)
+        _percentiles(pro + opp, ranking.pool)
         query, norm = ranking.query, ranking.normalization
         if heatmaps and query is not None:
             shown = pro + opp
@@ -224,7 +226,8 @@ class Tracer:
         pool = ranking.pool
         return Trace(instruction.strip(), target.answer, ranking.method, pro, opp,
                      self.answer_pieces(prompt, target.answer), settings, timings, pool.ids.tolist(),
-                     pool.exact.tolist(), [] if pool.norms is None else pool.norms.tolist(), target.versus,
+                     pool.exact.tolist(), [] if pool.norms is None else pool.norms.tolist(),
+                     (pool.exact if pool.normalized is None else pool.normalized).tolist(), target.versus,
                      None if target.versus is None else self.answer_pieces(prompt, target.versus),
                      None if target.span is None else list(target.span))
 
@@ -253,6 +256,42 @@ class Tracer:
                                   normalized_score=_at(side.normalized, j), norm=_at(side.norms, j)))
         return hits
 
+    # -- any document ---------------------------------------------------------------------------
+    def find_documents(self, words: str, k: int = 10) -> list[int]:
+        """Document ids for words typed by a user: a number is that document, other words are
+        matched by BM25 over the corpus (best first)."""
+        words = words.strip()
+        if words.isdigit():
+            self.check_document(int(words))
+            return [int(words)]
+        if not words:
+            raise ValueError("type words from the document, or its id")
+        return [int(i) for i in self.engine.find_documents(words, k)]
+
+    def check_document(self, doc_id: int) -> None:
+        if not 0 <= doc_id < len(self.study.documents):
+            raise ValueError(f"there is no document {doc_id}: the study's documents are 0 to "
+                             f"{len(self.study.documents) - 1}")
+
+    def document(self, trace: Trace, doc_id: int, heatmap: bool = True) -> DocumentLookup:
+        """Any document's exact score for ``trace``'s answer (its target: contrast and span included)
+        under its method and ranking, its token heatmap, and its rank among the trace's scored documents."""
+        self.check_document(doc_id)
+        spec = method_spec(trace.method)
+        with self._lock:
+            if spec.is_baseline:
+                score = self.engine.baseline_scores(trace.settings.model_prompt, trace.answer, trace.method)[doc_id]
+                side = Side(np.array([doc_id]), np.array([score]))
+            else:
+                target = Target(trace.answer, trace.versus, None if trace.span is None else tuple(trace.span))
+                query = self.engine.preconditioned([trace.settings.model_prompt], [target], trace.method)
+                side = self.engine.score_documents(query, [doc_id], trace.settings.normalization)
+            hit = self._document_hits(side)[0]
+            if heatmap and not spec.is_baseline:
+                (ids, scores, layers), = self.engine.token_scores(query, [doc_id])
+                hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(ids), scores, layers
+        return _place(hit, trace, spec.is_baseline)
+
     def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int,
                          versus: str | None = None) -> AnswerTokenMap:
         """Answer-token x document-token influence for one document (for a contrastive trace, the
@@ -269,6 +308,31 @@ class Tracer:
 
     def _pieces(self, ids) -> list[str]:
         return [self.study.tokenizer.decode([int(i)]) for i in ids]
+
+
+def _place(hit: DocumentHit, trace: Trace, baseline: bool) -> DocumentLookup:
+    """Where a looked-up document stands among the trace's scored documents (itself included)."""
+    value = hit.score if hit.normalized_score is None else hit.normalized_score
+    others = np.array([v for d, v in zip(trace.pool_ids, trace.pool_ranked) if d != hit.doc_id])
+    values = np.sort(np.append(others, value))
+    hit.percentile = 100.0 * np.searchsorted(values, value, side="right") / len(values)
+    hit.scored = len(values)
+    if baseline or value > 0:
+        return DocumentLookup(hit, 1 + int((others > value).sum()), "similar" if baseline else "proponent",
+                              hit.doc_id in trace.pool_ids)
+    if value < 0:
+        return DocumentLookup(hit, 1 + int((others < value).sum()), "opponent", hit.doc_id in trace.pool_ids)
+    return DocumentLookup(hit, 0, "none", hit.doc_id in trace.pool_ids)
+
+
+def _percentiles(hits, pool: Side) -> None:
+    """Each hit's percentile among the scored items by what the ranking orders by: the share of the
+    pool ranked at or below it (100 = the highest of them)."""
+    values = np.sort(pool.exact if pool.normalized is None else pool.normalized)
+    for hit in hits:
+        shown = hit.score if hit.normalized_score is None else hit.normalized_score
+        hit.percentile = 100.0 * np.searchsorted(values, shown, side="right") / len(values)
+        hit.scored = len(values)
 
 
 def _at(values, j: int) -> float | None:

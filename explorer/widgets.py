@@ -48,11 +48,13 @@ def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) ->
             shown = hit.score if hit.normalized_score is None else hit.normalized_score
             st.markdown(f"**#{rank}** · `{format_score(shown)}` · {plain(title or '(untitled)')} "
                         f"· {unit} {number}")
-            meta = [f"exact influence {hit.score:+.6g}"]
+            baseline = method_spec(method).is_baseline
+            meta = [f"{'similarity' if baseline else 'exact influence'} {format_score(hit.score, 4)}"]
             if hit.normalized_score is not None:
-                meta = [f"normalised {hit.normalized_score:+.4g}", *meta, f"norm {hit.norm:.4g}"]
-            if isinstance(hit, DocumentHit) and hit.projected_score is not None:
-                meta.append(f"index estimate {hit.projected_score:+.3g}")
+                meta = [f"normalised {format_score(hit.normalized_score)}", *meta,
+                        f"norm {format_score(hit.norm, signed=False)}"]
+            if hit.percentile is not None:
+                meta.append(f"percentile {hit.percentile:.1f} of {hit.scored:,} scored")
             if hit.tokens:
                 meta.append(f"{len(hit.tokens)} tokens")
             st.caption(" · ".join(meta) + "  \n" + plain(snippet(hit.text, hit.tokens, hit.token_scores), 400))

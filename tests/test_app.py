@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine.methods import DEFAULT_NORMALIZATION
 from engine.study import Study, layout
-from explorer.heatmap import snippet
+from explorer.heatmap import format_score, snippet
 from explorer.server import STUDY_ENV
 from explorer.tracer import Tracer
 from explorer.widgets import plain
@@ -99,7 +99,7 @@ def test_trace_shows_ranked_documents_with_the_tracers_scores(app, tracer, quest
     # the #1 of each side is open: one span per token, each with its exact value on hover
     opened = [hits[0] for hits in (trace.proponents, trace.opponents) if hits]
     assert bodies.count('class="msif-tok"') == sum(len(h.tokens) for h in opened)
-    assert f"influence {first.token_scores[0]:+.3g}" in bodies
+    assert html_escaped(f"influence {format_score(first.token_scores[0])}") in bodies
     # opening another document's expander builds its heatmap
     second = (trace.proponents or trace.opponents)[1]
     app.session_state[f"doc-{'proponents' if trace.proponents else 'opponents'}-2"] = True
@@ -147,7 +147,13 @@ def test_rank_by_a_normalised_score_shows_it_beside_the_exact_one(app, tracer, q
     first = trace.proponents[0]
     assert first.normalized_score == pytest.approx(first.score / first.norm)
     captions = " ".join(c.value for c in app.caption)
-    assert f"normalised {first.normalized_score:+.4g}" in captions and f"exact influence {first.score:+.6g}" in captions
+    assert f"normalised {format_score(first.normalized_score)}" in captions
+    assert f"exact influence {format_score(first.score, 4)}" in captions
+    pool = np.array(trace.pool_scores) / np.array(trace.pool_norms)  # what the ranking orders by
+    assert first.scored == len(pool) and first.percentile == pytest.approx(100 * np.mean(pool <= first.normalized_score
+                                                                                           * (1 + 1e-12)))
+    assert f"percentile {first.percentile:.1f} of {len(pool):,} scored" in captions
+    assert "one more copy of it among N documents" in captions  # what a unit of the raw score means
     assert "ranked by **influence divided by the gradient norm" in captions
     assert app.query_params["normalize"] == "gradient"
     app.selectbox(key="method").set_value("bm25")
@@ -215,7 +221,9 @@ def test_export_matches_the_trace(app, question):
     frame = export.hits_frame(trace)
     assert list(frame["score"]) == [h.score for h in trace.proponents + trace.opponents]
     _open_tab(app, "Export & share")
-    assert len(app.get("download_button")) == 2
+    assert len(app.get("download_button")) == 3  # CSV, JSON, and JSONL for the TrackStar viewer
+    viewer = json.loads(export.to_viewer_jsonl([trace]))
+    assert viewer["proponent_ids"] == [str(h.doc_id) for h in trace.proponents]
     shown = app.dataframe[0].value
     assert list(shown["doc_id"]) == list(frame["doc_id"]) and np.allclose(shown["score"], frame["score"])
 
@@ -347,3 +355,23 @@ def test_url_restores_contrast_and_span(study, monkeypatch, question):
     at.run()
     assert "Ignored span='x'" in " ".join(w.value for w in at.warning)
     assert at.session_state["trace"].span is None
+
+
+def test_find_any_document_by_words_or_id(app, tracer, question):
+    _trace(app, question, "Yvin Marlford was born in Ostgate.")
+    trace = app.session_state["trace"]
+    _open_tab(app, "Find any document")
+    outside = next((d for d in range(len(tracer.study.documents)) if d not in trace.pool_ids), 5)
+    app.text_input(key="find").input(str(outside)).run()
+    assert not app.exception, app.exception
+    found = app.session_state["lookups"][outside]
+    want = tracer.document(trace, outside)
+    assert found.hit.score == pytest.approx(want.hit.score, rel=1e-6) and found.rank == want.rank
+    page = _texts(app)
+    assert f"doc {outside}" in page and f"percentile {want.hit.percentile:.1f}" in page
+    assert html_escaped(f"influence {format_score(want.hit.token_scores[0])}") in _bodies(app)  # its heatmap
+    title = tracer.study.documents[3]["title"]
+    app.text_input(key="find").input(title).run()
+    assert app.selectbox(key="found").options[0].startswith("doc 3 ·")  # BM25 finds it by its title
+    app.text_input(key="find").input("99999999").run()
+    assert any("there is no document 99999999" in e.value for e in app.error)

@@ -13,7 +13,7 @@ import torch
 
 from engine import Factors, LayerFactors
 from explorer import charts, export
-from explorer.heatmap import colour, heatmap_html, peak_window, snippet, symmetric_scale, token_spans
+from explorer.heatmap import colour, format_score, heatmap_html, peak_window, snippet, symmetric_scale, token_spans
 from explorer.results import DocumentHit, Timings, Trace, TraceSettings
 
 SPAN = re.compile(r'<span class="msif-tok" style="background:([^"]+)" title="([^"]*)">(.*?)</span>', re.S)
@@ -34,7 +34,7 @@ def test_every_token_is_escaped_and_carries_its_value():
     assert "<script>" not in token_spans(tokens, scores)
     for (_background, title, body), token, score in zip(spans, tokens, scores):
         assert html.unescape(body) == token
-        assert html.unescape(title).endswith(f"influence {score:+.3g}")
+        assert html.unescape(title).endswith(f"influence {format_score(score)}")
         assert '"' not in title and "<" not in title
     assert spans[0][0] == colour(0.5, 0.5) and spans[1][0] == colour(-0.25, 0.5)
 
@@ -112,3 +112,12 @@ def test_spectrum_is_the_sorted_eigenvalues():
     assert list(ranks) == [1, 2, 6]  # log-spaced: 1, sqrt(6), 6
     assert values[0] == 9.0 and values[-1] == 0.0 and np.all(np.diff(values) <= 0)
     assert list(values) == [sorted(lam.flatten().tolist(), reverse=True)[int(r) - 1] for r in ranks]
+
+
+@pytest.mark.parametrize("value, digits, shown", [
+    (3926.08, 3, "+3,926"), (-3926.08, 4, "-3,926"), (0.01234, 3, "+0.0123"), (12.34, 3, "+12.3"),
+    (3.93e7, 3, "+3.93×10⁷"), (-1.2e-5, 3, "-1.20×10⁻⁵"), (9.996, 3, "+10.0"), (999999.6, 3, "+1.00×10⁶"),
+    (0.0, 3, "0"), (float("nan"), 3, "nan"),
+])
+def test_scores_read_at_a_glance(value, digits, shown):
+    assert format_score(value, digits) == shown

@@ -162,3 +162,116 @@ def test_query_cli_versus_and_span(tiny_study, tmp_path, capsys):
         assert main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+VIEWER_FIELDS = ("example_id", "inputs_plaintext", "targets_plaintext")  # what the viewer's index and header read
+
+
+def _check_viewer_record(record: dict, trace, baseline: bool) -> None:
+    """A line as PAIR's TDA output viewer reads it: strings, and per side parallel lists of passage
+    texts, string ids and numeric scores (it calls toFixed on each)."""
+    assert all(isinstance(record[f], str) for f in VIEWER_FIELDS)
+    assert (record["inputs_plaintext"], record["targets_plaintext"]) == (trace.prompt, trace.answer)
+    for name, hits in (("proponent", trace.proponents), ("opponent", trace.opponents)):
+        if baseline and name == "opponent":
+            assert "opponents" not in record  # similarities have no opponents
+            continue
+        texts, ids, scores = record[f"{name}s"], record[f"{name}_ids"], record[f"{name}_scores"]
+        assert len(texts) == len(ids) == len(scores) == len(hits)
+        assert all(isinstance(t, str) for t in texts) and all(isinstance(i, str) for i in ids)
+        assert all(isinstance(x, float) and np.isfinite(x) for x in scores)
+        assert ids == [str(h.doc_id) for h in hits] and texts == [h.text for h in hits]
+        ranked = [h.score if h.normalized_score is None else h.normalized_score for h in hits]
+        assert scores == pytest.approx(ranked) and record[f"{name}_influence"] == pytest.approx([h.score for h in hits])
+        if name == "proponent":
+            assert scores == sorted(scores, reverse=True) and all(x > 0 for x in scores)
+
+
+@pytest.mark.parametrize("method", ["multi-stage", "bm25"])
+def test_viewer_jsonl_loads_back_with_the_fields_the_viewer_reads(tracer, method):
+    traces = [tracer.trace(QUESTION, ANSWER, method, top_k=4, heatmaps=False),
+              tracer.trace(QUESTION, ANSWER, method, top_k=3, heatmaps=False,
+                           versus=VERSUS if method == "multi-stage" else None)]
+    lines = export.to_viewer_jsonl(traces, "demo").decode("utf-8").splitlines()
+    assert len(lines) == 2
+    records = [json.loads(line) for line in lines]
+    assert [r["example_id"] for r in records] == ["demo-0", "demo-1"]
+    for record, trace in zip(records, traces):
+        _check_viewer_record(record, trace, method == "bm25")
+        assert record["method"] == method and record["versus"] == trace.versus
+
+
+def test_query_cli_writes_viewer_jsonl(tiny_study, tmp_path, capsys):
+    from explorer.cli import main
+
+    out = tmp_path / "viewer.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": QUESTION, "answer": a}) + "\n" for a in (ANSWER, VERSUS)))
+    assert main(["query", "--study", str(tiny_study), "--prompts-file", str(prompts), "--top-k", "3", "--json",
+                 "--viewer", str(out)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["targets_plaintext"] for r in records] == [ANSWER, VERSUS]
+    for record, shown in zip(records, printed):
+        assert record["proponent_ids"] == [str(h["doc_id"]) for h in shown["proponents"]]
+    assert main(["query", "--study", str(tiny_study), "--prompt", QUESTION, "--viewer", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, spec, versus", [("multi-stage", "gradient", None), ("multi-stage", "none", VERSUS),
+                                                  ("single-stage", "metric", None), ("bm25", "none", None)])
+def test_any_document_gets_its_exact_score_and_its_place(tracer, method, spec, versus):
+    """Looked up by id, a document has the score, normalised score and rank the exhaustive trace gives it."""
+    full = tracer.trace(QUESTION, ANSWER, method, top_k=3, exhaustive=True, heatmaps=False, normalization=spec,
+                        versus=versus)
+    ranked = np.array(full.pool_ranked)
+    tolerance = 1e-5 * np.abs(full.pool_scores).max()  # float32 sums, batched otherwise
+    for doc in (int(np.argsort(-ranked)[7]), int(np.argsort(ranked)[4])):
+        found = tracer.document(full, doc)
+        assert found.in_pool and found.hit.doc_id == doc
+        assert found.hit.score == pytest.approx(full.pool_scores[doc], rel=1e-4, abs=tolerance)
+        value = ranked[doc]
+        if spec != "none":
+            assert found.hit.normalized_score == pytest.approx(value, rel=1e-4)
+        if method == "bm25" or value > 0:
+            assert (found.side, found.rank) == ("similar" if method == "bm25" else "proponent",
+                                                1 + int((ranked > value).sum()))
+        elif value < 0:
+            assert (found.side, found.rank) == ("opponent", 1 + int((ranked < value).sum()))
+        assert found.hit.percentile == pytest.approx(100 * np.mean(ranked <= value))
+        if method != "bm25":  # its heatmap adds up to its score
+            assert sum(found.hit.token_scores) == pytest.approx(found.hit.score, rel=1e-4, abs=1e-9)
+
+
+def test_a_document_outside_the_candidates_is_placed_among_them(tracer):
+    served = tracer.trace(QUESTION, ANSWER, top_k=3, heatmaps=False)
+    exhaustive = tracer.trace(QUESTION, ANSWER, top_k=3, heatmaps=False, exhaustive=True)
+    outside = next(d for d in np.argsort(exhaustive.pool_ranked) if int(d) not in served.pool_ids)
+    found = tracer.document(served, int(outside))
+    assert not found.in_pool and found.hit.scored == len(served.pool_ids) + 1
+    assert found.hit.score == pytest.approx(exhaustive.pool_scores[int(outside)], rel=1e-4)
+
+
+def test_documents_are_found_by_words_or_id(tracer):
+    docs = tracer.study.documents
+    title = docs[17]["title"]
+    assert 17 in tracer.find_documents(f"{title} {docs[17]['text'][:60]}")[:3]
+    assert tracer.find_documents(" 17 ") == [17]
+    assert tracer.find_documents("qqqzzz xxyyq") == []
+    for bad, says in (("999999", "there is no document 999999"), ("  ", "type words")):
+        with pytest.raises(ValueError, match=says):
+            tracer.find_documents(bad)
+
+
+def test_query_cli_scores_any_document(tiny_study, capsys):
+    from explorer.cli import main
+
+    base = ["query", "--study", str(tiny_study), "--prompt", QUESTION, "--answer", ANSWER, "--top-k", "2"]
+    assert main([*base, "--document", "5", "--document", "7", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [d["hit"]["doc_id"] for d in result["documents"]] == [5, 7]
+    assert all(d["side"] in ("proponent", "opponent", "none") and d["hit"]["scored"] > 0 for d in result["documents"])
+    assert main([*base, "--document", "5"]) == 0
+    assert "document 5: " in capsys.readouterr().out
+    assert main([*base, "--document", "100000"]) == 2
+    assert "there is no document 100000" in capsys.readouterr().err

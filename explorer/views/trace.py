@@ -24,7 +24,7 @@ from explorer.session import (
     show_error,
 )
 from explorer.tracer import MAX_PROMPT_CHARS
-from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns, side_titles
+from explorer.widgets import POSITION_NOTE, answer_block, plain, ranked_columns, side_titles
 
 tracer = get_tracer()
 auto_run = restore_from_url()
@@ -96,7 +96,7 @@ def keep(result: Trace | None) -> None:
     """A new trace replaces the last one, and the page's address now restores it."""
     if result is None:
         return
-    for stale in ("inspect", "maps", "span_pick"):  # per-trace state of the tabs and the answer
+    for stale in ("inspect", "maps", "span_pick", "lookups"):  # per-trace state of the tabs and the answer
         st.session_state.pop(stale, None)
     st.session_state["trace"] = result
     share_in_url(result)
@@ -232,15 +232,66 @@ def compare_tab(trace: Trace) -> None:
 
 def export_tab(trace: Trace) -> None:
     stem = f"msif-{trace.method}"
-    left, right = st.columns(2)
+    left, middle, right = st.columns(3)
     left.download_button("Download CSV", export.to_csv(trace), f"{stem}.csv", "text/csv", key="csv")
-    right.download_button("Download JSON", export.to_json(trace), f"{stem}.json", "application/json",
-                          key="json")
+    middle.download_button("Download JSON", export.to_json(trace), f"{stem}.json", "application/json",
+                           key="json")
+    right.download_button("Download JSONL for the TrackStar viewer", export.to_viewer_jsonl([trace]),
+                          f"{stem}.jsonl", "application/jsonl", key="jsonl",
+                          help="One query per line in the format of PAIR's TDA output viewer "
+                               "(pair-code.github.io/pretraining-tda/demo): load the file there to browse it.")
     query = urlencode(share_fields(trace))
     st.markdown("**Share**: this page's address now restores the prompt, answer, contrast, method, ranking and "
                 "span. Relative link:")
     st.code(f"?{query}", language=None)
     st.dataframe(export.hits_frame(trace).drop(columns=["prompt", "answer", "versus"]), hide_index=True)
+
+
+def find_tab(trace: Trace) -> None:
+    st.caption("Any document, for this answer: type words from it (BM25 over the corpus) or its id, and see its exact "
+               "score, where it ranks among the scored documents, and its token heatmap.")
+    words = st.text_input("Words from a document, or its id", key="find", placeholder="e.g. Ostgate market, or 17")
+    if not words.strip():
+        return
+    try:
+        ids = tracer.find_documents(words)
+    except ValueError as err:
+        show_error(err, "Could not look it up")
+        return
+    if not ids:
+        st.info("No document holds any of these words.")
+        return
+    documents = tracer.study.documents
+    doc = st.selectbox("Document", ids, key="found",
+                       format_func=lambda d: f"doc {d} · {documents[int(d)]['title'][:70]}")
+    cache = st.session_state.setdefault("lookups", {})
+    if doc not in cache:
+        with st.spinner(f"Scoring document {doc}…"):
+            try:
+                cache[doc] = tracer.document(trace, int(doc))
+            except Exception as err:  # noqa: BLE001 - one line on the page
+                show_error(err, "Could not score the document")
+                return
+    found = cache[doc]
+    hit = found.hit
+    ranked = hit.score if hit.normalized_score is None else hit.normalized_score
+    where = {"proponent": f"#{found.rank} among the proponents", "opponent": f"#{found.rank} among the opponents",
+             "similar": f"#{found.rank} by similarity", "none": "no influence either way"}[found.side]
+    pool = ("one of the documents this trace scored" if found.in_pool else
+            "not among the index's candidates: placed among them by its exact score")
+    st.markdown(f"**doc {hit.doc_id} · {plain(hit.title or '(untitled)')}** · ranks {where} of {hit.scored:,} "
+                f"({pool}) · `{format_score(ranked)}`")
+    kind = "similarity" if method_spec(trace.method).is_baseline else "exact influence"
+    meta = [f"{kind} {format_score(hit.score, 4)}",
+            f"percentile {hit.percentile:.1f}"]
+    if hit.normalized_score is not None:
+        meta.insert(0, f"normalised {format_score(hit.normalized_score)} (norm {format_score(hit.norm, signed=False)})")
+    st.caption(" · ".join(meta))
+    if hit.tokens:
+        st.html(heatmap_html(hit.tokens, hit.token_scores))
+        st.html(legend_html(symmetric_scale(hit.token_scores)))
+    else:
+        st.text(hit.text)
 
 
 def documents_tab(trace: Trace) -> None:
@@ -249,8 +300,8 @@ def documents_tab(trace: Trace) -> None:
 
 
 
-TABS = {"Documents": documents_tab, "Inspect a document": inspect_tab, "Charts": charts_tab,
-        "Compare methods": compare_tab, "Export & share": export_tab}
+TABS = {"Documents": documents_tab, "Inspect a document": inspect_tab, "Find any document": find_tab,
+        "Charts": charts_tab, "Compare methods": compare_tab, "Export & share": export_tab}
 
 trace: Trace | None = st.session_state.get("trace")
 if trace is not None:
@@ -267,6 +318,10 @@ if trace is not None:
                f"{trace.settings.retrieval} · "
                f"{trace.timings.total:.2f} s · α = {trace.settings.alpha:.3g}"
                + (f" · λ from {min(damping.values()):.2g} to {max(damping.values()):.2g}" if damping else ""))
+    if not method_spec(trace.method).is_baseline:
+        st.caption(f"A raw score S is the first-order change in {trace.settings.target} (in nats) per unit of "
+                   "upweighting the document in its training loss, the mean over the corpus: one more copy of it "
+                   "among N documents is about 1/N of a unit, so it moves that log-likelihood by about S/N.")
     # Only the open tab runs (on_change="rerun"): the documents come first and fast.
     tabs = st.tabs(list(TABS), key="view", on_change="rerun")
     for tab, render in zip(tabs, TABS.values()):
