@@ -174,6 +174,8 @@ QUERY_GROUP = 16  # prompts traced together: bounds the memory of one stacked qu
 def _format_trace(trace) -> str:
     from engine.methods import method
 
+    from .heatmap import format_score
+
     baseline = method(trace.method).is_baseline
     lines = [f"prompt:  {terminal_safe(trace.prompt)}", f"answer:  {terminal_safe(trace.answer)}"]
     if trace.versus is not None:
@@ -190,11 +192,13 @@ def _format_trace(trace) -> str:
         lines.append(f"ranked by: {trace.settings.ranked_by} ({trace.settings.normalization}; same sign as the score)")
     sides = (("most similar", "least similar") if baseline else ("proponents", "opponents"))
     for label, hits in zip(sides, (trace.proponents, trace.opponents)):
-        lines.append(f"{label}:" + ("  rank by normalised, then exact score" if normalized else ""))
+        lines.append(f"{label}:" + ("  normalised score (ranked by), exact score," if normalized else "  exact score,")
+                     + f" percentile among the {len(trace.pool_ids):,} scored")
         for rank, hit in enumerate(hits, 1):
-            snippet = terminal_safe(" ".join(hit.text.split())[:80])
-            ranked = f"{hit.normalized_score:+.3e}  " if normalized else ""
-            lines.append(f"  {rank:>3}. {ranked}{hit.score:+.4e}  doc {hit.doc_id:<6} {snippet}")
+            snippet = terminal_safe(" ".join(hit.text.split())[:72])
+            ranked = f"{format_score(hit.normalized_score):>10}  " if normalized else ""
+            place = "" if hit.percentile is None else f"p{hit.percentile:<5.1f} "
+            lines.append(f"  {rank:>3}. {ranked}{format_score(hit.score, 4):>11}  {place}doc {hit.doc_id:<6} {snippet}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,8 @@ def _heading(hit: Hit) -> tuple[str, str, int]:
     return hit.instruction, "record", hit.record_id
 
 
-def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) -> None:
+def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool,
+             lowers: str = "lowers the answer's log-likelihood") -> None:
     """Ranked hits: rank, score, title, metadata and a snippet around the heatmap's peak, then the
     token heatmap in an expander."""
     if not hits:
@@ -69,7 +70,16 @@ def hit_list(hits: Sequence[Hit], kind: str, method: str, shared_scale: bool) ->
             if box.open:
                 with box:
                     st.html(heatmap_html(hit.tokens, hit.token_scores, scale))
-                    st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores)))
+                    st.html(legend_html(scale if scale is not None else symmetric_scale(hit.token_scores), lowers))
+
+
+def measured(trace: Trace) -> str:
+    """What a trace's influence scores are on, in words."""
+    if trace.versus is not None:
+        return "the answer's log-likelihood relative to the other's"
+    if trace.span is not None:
+        return "the picked tokens' log-likelihood"
+    return "the answer's log-likelihood"
 
 
 def side_titles(trace: Trace) -> tuple[str, str] | None:
@@ -83,13 +93,16 @@ def side_titles(trace: Trace) -> tuple[str, str] | None:
 
 
 def ranked_columns(proponents: Sequence[Hit], opponents: Sequence[Hit], method: str, shared_scale: bool,
-                   titles: tuple[str, str] | None = None) -> None:
+                   trace: Trace | None = None) -> None:
+    """Proponents and opponents side by side, titled by what ``trace``'s scores measure."""
+    titles = None if trace is None else side_titles(trace)
+    lowers = "lowers " + (measured(trace) if trace is not None else "the answer's log-likelihood")
     pro_title, opp_title = titles or (("Most similar", "Least similar") if method_spec(method).is_baseline else
                                       ("Proponents: raise the answer's log-likelihood", "Opponents: lower it"))
     left, right = st.columns(2)
     with left:
         st.subheader(pro_title)
-        hit_list(proponents, "proponents", method, shared_scale)
+        hit_list(proponents, "proponents", method, shared_scale, lowers)
     with right:
         st.subheader(opp_title)
-        hit_list(opponents, "opponents", method, shared_scale)
+        hit_list(opponents, "opponents", method, shared_scale, lowers)

@@ -8,7 +8,7 @@ from engine.methods import RECORDS_METHOD
 from explorer import charts
 from explorer.results import Trace
 from explorer.session import get_tracer, show_error
-from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns, side_titles
+from explorer.widgets import POSITION_NOTE, answer_block, ranked_columns
 
 tracer = get_tracer()
 st.title("Fine-tuning examples behind the answer")
@@ -47,6 +47,6 @@ result: Trace = found[1]
 
 st.caption(f"{result.settings.retrieval} · {result.timings.total:.2f} s · " + POSITION_NOTE)
 ranked_columns(result.proponents, result.opponents, RECORDS_METHOD,
-               st.session_state.get("shared_scale", False), side_titles(result))
+               st.session_state.get("shared_scale", False), result)
 st.plotly_chart(charts.score_distribution(result.pool_scores, [h.score for h in result.proponents + result.opponents],
                                           "all fine-tuning records"), key="ft-distribution")

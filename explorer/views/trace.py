@@ -24,7 +24,7 @@ from explorer.session import (
     show_error,
 )
 from explorer.tracer import MAX_PROMPT_CHARS
-from explorer.widgets import POSITION_NOTE, answer_block, plain, ranked_columns, side_titles
+from explorer.widgets import POSITION_NOTE, answer_block, plain, ranked_columns
 
 tracer = get_tracer()
 auto_run = restore_from_url()
@@ -296,7 +296,7 @@ def find_tab(trace: Trace) -> None:
 
 def documents_tab(trace: Trace) -> None:
     st.caption(POSITION_NOTE)
-    ranked_columns(trace.proponents, trace.opponents, trace.method, shared_scale, side_titles(trace))
+    ranked_columns(trace.proponents, trace.opponents, trace.method, shared_scale, trace)
 
 
 
