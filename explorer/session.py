@@ -108,24 +108,25 @@ def restore_from_url() -> bool:
             st.warning(f"Unknown method {value!r} in the URL: using {st.session_state.get(key, ALL_METHODS[0])}; "
                        f"the methods are {', '.join(ALL_METHODS)}.")
             continue
-        if param == "span":
+        if param in URL_PARSERS:
             try:
-                value = format_span(Target.parse_span(value))
+                value = URL_PARSERS[param](value)
             except ValueError as err:
-                st.warning(f"Ignored span={value!r} in the URL: {err}.")
-                continue
-        if param == "normalize":
-            try:
-                value = str(Normalization.parse(value))
-            except ValueError as err:
-                st.warning(f"Ignored normalize={value!r} in the URL: {err}.")
-                continue
-            if value not in RANKINGS:
-                st.warning(f"normalize={value!r} in the URL is not offered here; the choices are "
-                           f"{', '.join(RANKINGS)}.")
+                st.warning(f"Ignored {param}={value!r} in the URL: {err}.")
                 continue
         st.session_state[key] = value
     return bool(params.get("prompt", "").strip())
+
+
+def _offered_ranking(value: str) -> str:
+    spec = str(Normalization.parse(value))
+    if spec not in RANKINGS:
+        raise ValueError(f"it is not offered here; the choices are {', '.join(RANKINGS)}")
+    return spec
+
+
+# URL parameters checked (and written canonically) before they fill the form; a ValueError says why not
+URL_PARSERS = {"span": lambda value: format_span(Target.parse_span(value)), "normalize": _offered_ranking}
 
 
 def format_span(span: tuple[int, int] | list[int] | None) -> str:
