@@ -101,6 +101,23 @@ class Trace:
     versus_tokens: list[str] | None = None  # its tokens as text pieces
     span: list[int] | None = None  # [start, end): the answer tokens the scores are on (None: all)
 
+    def place(self, hit: Hit) -> tuple[int, str]:
+        """Where ``hit`` stands among this trace's scored items, itself included whether or not it was
+        one of them: sets its percentile (the share ranked at or below it by what the ranking orders
+        by; 100 = the top) and returns (its rank on its side, the side: "proponent", "opponent",
+        "similar" for a baseline, "none" for a score of 0)."""
+        value = hit.score if hit.normalized_score is None else hit.normalized_score
+        own = hit.doc_id if isinstance(hit, DocumentHit) else hit.record_id
+        others = np.array([v for i, v in zip(self.pool_ids, self.pool_ranked) if i != own], dtype=np.float64)
+        hit.percentile = 100.0 * (int((others <= value).sum()) + 1) / (len(others) + 1)
+        hit.scored = len(others) + 1
+        if method_spec(self.method).is_baseline:
+            return 1 + int((others > value).sum()), "similar"
+        if value == 0:
+            return 0, "none"
+        return (1 + int((others > value).sum()), "proponent") if value > 0 else (1 + int((others < value).sum()),
+                                                                                  "opponent")
+
     def to_json(self, with_text: bool = False) -> dict[str, Any]:
         def hit(h: Hit) -> dict[str, Any]:
             data = h.to_json()

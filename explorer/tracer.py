@@ -213,7 +213,6 @@ class Tracer:
         """The typed result of a ranking: hits with titles and texts (and heatmaps), settings."""
         hits = self._record_hits if records else self._document_hits
         pro, opp = hits(ranking.proponents), hits(ranking.opponents)
-        _percentiles(pro + opp, ranking.pool)
         query, norm = ranking.query, ranking.normalization
         if heatmaps and query is not None:
             shown = pro + opp
@@ -224,12 +223,15 @@ class Tracer:
         settings = TraceSettings(self.study.config.influence.alpha, top_k, query.damping if query is not None else {},
                                  retrieval, prompt, context, str(norm), norm.describe(), target.describe())
         pool = ranking.pool
-        return Trace(instruction.strip(), target.answer, ranking.method, pro, opp,
-                     self.answer_pieces(prompt, target.answer), settings, timings, pool.ids.tolist(),
-                     pool.exact.tolist(), [] if pool.norms is None else pool.norms.tolist(),
-                     (pool.exact if pool.normalized is None else pool.normalized).tolist(), target.versus,
-                     None if target.versus is None else self.answer_pieces(prompt, target.versus),
-                     None if target.span is None else list(target.span))
+        trace = Trace(instruction.strip(), target.answer, ranking.method, pro, opp,
+                      self.answer_pieces(prompt, target.answer), settings, timings, pool.ids.tolist(),
+                      pool.exact.tolist(), [] if pool.norms is None else pool.norms.tolist(),
+                      (pool.exact if pool.normalized is None else pool.normalized).tolist(), target.versus,
+                      None if target.versus is None else self.answer_pieces(prompt, target.versus),
+                      None if target.span is None else list(target.span))
+        for hit in pro + opp:
+            trace.place(hit)
+        return trace
 
     def _retrieval(self, method: str, exhaustive: bool = False, shared_by: int = 1) -> str:
         """How a trace's documents were found, in words (its settings' ``retrieval``)."""
@@ -290,7 +292,8 @@ class Tracer:
             if heatmap and not spec.is_baseline:
                 (ids, scores, layers), = self.engine.token_scores(query, [doc_id])
                 hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(ids), scores, layers
-        return _place(hit, trace, spec.is_baseline)
+        rank, side = trace.place(hit)
+        return DocumentLookup(hit, rank, side, doc_id in trace.pool_ids)
 
     def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int,
                          versus: str | None = None) -> AnswerTokenMap:
@@ -308,31 +311,6 @@ class Tracer:
 
     def _pieces(self, ids) -> list[str]:
         return [self.study.tokenizer.decode([int(i)]) for i in ids]
-
-
-def _place(hit: DocumentHit, trace: Trace, baseline: bool) -> DocumentLookup:
-    """Where a looked-up document stands among the trace's scored documents (itself included)."""
-    value = hit.score if hit.normalized_score is None else hit.normalized_score
-    others = np.array([v for d, v in zip(trace.pool_ids, trace.pool_ranked) if d != hit.doc_id])
-    values = np.sort(np.append(others, value))
-    hit.percentile = 100.0 * np.searchsorted(values, value, side="right") / len(values)
-    hit.scored = len(values)
-    if baseline or value > 0:
-        return DocumentLookup(hit, 1 + int((others > value).sum()), "similar" if baseline else "proponent",
-                              hit.doc_id in trace.pool_ids)
-    if value < 0:
-        return DocumentLookup(hit, 1 + int((others < value).sum()), "opponent", hit.doc_id in trace.pool_ids)
-    return DocumentLookup(hit, 0, "none", hit.doc_id in trace.pool_ids)
-
-
-def _percentiles(hits, pool: Side) -> None:
-    """Each hit's percentile among the scored items by what the ranking orders by: the share of the
-    pool ranked at or below it (100 = the highest of them)."""
-    values = np.sort(pool.exact if pool.normalized is None else pool.normalized)
-    for hit in hits:
-        shown = hit.score if hit.normalized_score is None else hit.normalized_score
-        hit.percentile = 100.0 * np.searchsorted(values, shown, side="right") / len(values)
-        hit.scored = len(values)
 
 
 def _at(values, j: int) -> float | None:
