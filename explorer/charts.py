@@ -1,4 +1,5 @@
-"""Plotly figures for the explorer. Pure functions of plain data (no Streamlit, no engine).
+"""Plotly figures for the explorer. Pure functions of plain data (no Streamlit, no engine); numbers in
+hovers read as everywhere else in the app (``heatmap.format_score``).
 
 Plotly reads a few HTML tags in text (<b>, <br>, <a>), so every label that comes from a
 document, a token or a title is escaped first.
@@ -13,6 +14,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from .heatmap import format_score
 
 DIVERGING = "RdBu"  # red = negative (opponent), blue = positive (proponent), as in the heatmaps
 LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10))
@@ -38,13 +41,15 @@ def score_against_norm(norms: Sequence[float], scores: Sequence[float], shown: S
     norms, scores = np.asarray(norms, float), np.asarray(scores, float)
     marked = np.zeros(len(norms), bool)
     marked[list(shown)] = True
+    hover = np.array([f"norm {format_score(n, signed=False)}<br>score {format_score(v)}"
+                      for n, v in zip(norms, scores)], dtype=object)
     fig = go.Figure()
     fig.add_scattergl(x=norms[~marked], y=scores[~marked], mode="markers", name=pool_label,
-                      marker=dict(size=4, color="#9aa7b4", opacity=0.6),
-                      hovertemplate="norm %{x:.3g}<br>score %{y:.3g}<extra></extra>")
+                      marker=dict(size=4, color="#9aa7b4", opacity=0.6), text=list(hover[~marked]),
+                      hovertemplate="%{text}<extra></extra>")
     fig.add_scattergl(x=norms[marked], y=scores[marked], mode="markers", name="shown documents",
                       marker=dict(size=9, color=["#2166ac" if v > 0 else "#b2182b" for v in scores[marked]]),
-                      hovertemplate="norm %{x:.3g}<br>score %{y:.3g}<extra></extra>")
+                      text=list(hover[marked]), hovertemplate="%{text}<extra></extra>")
     fig.add_hline(y=0, line_dash="dot", line_color="#666")
     fig.update_layout(title="Score against document norm", xaxis_title=norm_label, xaxis_type="log",
                       yaxis_title="exact influence", **LAYOUT)
@@ -56,9 +61,9 @@ def layer_contributions(labels: Sequence[str], layer_names: Sequence[str], value
     values = np.asarray(values, dtype=float)
     bound = float(np.abs(values).max()) if values.size else 1.0
     fig = go.Figure(go.Heatmap(z=values, x=list(layer_names), y=[html.escape(label) for label in labels],
-                               colorscale=DIVERGING,
+                               colorscale=DIVERGING, text=[[format_score(v) for v in row] for row in values],
                                zmid=0, zmin=-bound, zmax=bound, colorbar=dict(title="score"),
-                               hovertemplate="%{y}<br>%{x}: %{z:.3g}<extra></extra>"))
+                               hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>"))
     fig.update_layout(title="Per-layer contribution of the top documents", xaxis_tickangle=-45,
                       yaxis_autorange="reversed", height=max(300, 28 * len(labels) + 160), **LAYOUT)
     return fig
@@ -100,9 +105,10 @@ def token_matrix(row_tokens: Sequence[str], col_tokens: Sequence[str], matrix: n
     bound = float(np.abs(matrix).max()) if matrix.size else 1.0
     rows = [html.escape(f"{i}: {t!r}") for i, t in enumerate(row_tokens)]
     cols = [html.escape(f"{j}: {t!r}") for j, t in enumerate(col_tokens)]
-    hover = [[f"answer {r}<br>document {c}" for c in cols] for r in rows]
+    hover = [[f"answer {r}<br>document {c}<br>{format_score(v)}" for c, v in zip(cols, values)]
+             for r, values in zip(rows, matrix)]
     fig = go.Figure(go.Heatmap(z=matrix, colorscale=DIVERGING, zmid=0, zmin=-bound, zmax=bound,
-                               text=hover, hovertemplate="%{text}<br>%{z:.3g}<extra></extra>",
+                               text=hover, hovertemplate="%{text}<extra></extra>",
                                colorbar=dict(title="score")))
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(cols))),
                      ticktext=[_tick(t) for t in col_tokens], tickangle=-60, tickfont_size=9)

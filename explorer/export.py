@@ -10,7 +10,7 @@ import pandas as pd
 
 from engine.methods import method as method_spec
 
-from .heatmap import snippet
+from .heatmap import format_score, snippet
 from .results import DocumentHit, Hit, Trace
 
 COLUMNS = ["method", "sign", "rank", "doc_id", "title", "score", "normalized_score", "norm", "ranked_by",
@@ -39,7 +39,7 @@ def hits_frame(trace: Trace, top_tokens: int = 5) -> pd.DataFrame:
                          "title": hit.title, "score": hit.score, "normalized_score": hit.normalized_score,
                          "norm": hit.norm, "ranked_by": trace.settings.normalization,
                          "projected_score": hit.projected_score,
-                         "top_tokens": " | ".join(f"{hit.tokens[i]!r}:{hit.token_scores[i]:+.3g}"
+                         "top_tokens": " | ".join(f"{hit.tokens[i]!r}:{format_score(hit.token_scores[i])}"
                                                   for i in order[:top_tokens]),
                          "snippet": snippet(hit.text, hit.tokens, hit.token_scores),
                          "prompt": trace.prompt, "answer": trace.answer, "versus": trace.versus,
