@@ -1,10 +1,11 @@
-"""Factors held in 16 bits for serving: how much the explorer's scores move against float32 factors.
+"""Factors held in less memory for serving: how much the explorer's scores move against float32 factors.
 
 The explorer keeps both factor sets on the device; at the paper's scale (Pythia-2.8B -> dolly-v2-3b)
 that is 90 GiB in float32 (``msif plan``). Holding them in bfloat16 or float16 halves that (the
 preconditioning still computes in float32, upcasting one layer at a time). For each precision, the
 multi-stage scores of every document are compared with those of float32 factors, for raw influence
-and for normalised rankings:
+and for normalised rankings; so are truncated eigenbases (each Kronecker factor's top
+share of eigenvectors kept exactly, damping alone on the rest: ``Factors.truncated``), on both settings:
 
     rel. error   max |s16 - s32| / max |s32| over all (query, document) pairs
     Spearman     rank correlation of one query's scores, mean over queries
@@ -42,6 +43,8 @@ from engine.study import DEFAULT_STUDY, open_study
 
 TASK = LanguageModelingTask()
 PRECISIONS = ("bfloat16", "float16")
+# truncated eigenbases (``Factors.truncated``): each Kronecker factor's top share of eigenvectors, damping on the rest
+TRUNCATIONS = (0.5, 0.25)
 RANKINGS = ("none", "gradient", "gradient^0.5")
 MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
 
@@ -88,7 +91,14 @@ def on_study(path: Path, questions: int) -> dict:
         held = open_study(path, device="cpu", factor_precision=precision)
         results[precision] = compare(base, scores(pt.model, pt.layers, docs, grads, args, held.pretrained.factors,
                                                   held.finetuned.factors)[0], norms)
+    for keep in TRUNCATIONS:
+        cut = [f.truncated(keep) for f in (pt.factors, ft.factors)]
+        results[truncation(keep)] = compare(base, scores(pt.model, pt.layers, docs, grads, args, *cut)[0], norms)
     return {"setting": f"`{path}` ({len(reference.documents):,} documents, {len(facts)} questions)", **results}
+
+
+def truncation(keep: float) -> str:
+    return f"float32, top {keep:.0%} of eigenvectors"
 
 
 def on_shape(shape: str, documents: int, queries: int, length: int, seed: int = 0) -> dict:
@@ -128,6 +138,9 @@ def on_shape(shape: str, documents: int, queries: int, length: int, seed: int = 
             dtype = getattr(torch, precision)
             low = [Factors.load(Path(tmp) / side, dtype=dtype) for side in ("pt", "ft")]
             results[precision] = compare(base, scores(pt, pt_layers, docs, grads, args, *low)[0], norms)
+        for keep in TRUNCATIONS:
+            cut = [f.truncated(keep) for f in (pt_f, ft_f)]
+            results[truncation(keep)] = compare(base, scores(pt, pt_layers, docs, grads, args, *cut)[0], norms)
     return {"setting": f"random-weight {shape} ({documents} random documents of {length} tokens, {queries} queries)",
             **results}
 
@@ -136,9 +149,9 @@ def report(rows: list[dict]) -> str:
     lines = ["| setting | factors | ranking | rel. error | Spearman | top-10 overlap |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
     for row in rows:
-        for precision in PRECISIONS:
-            for spec, r in row[precision].items():
-                lines.append(f"| {row['setting']} | {precision} | {spec} | {r['relative_error']:.2e} | "
+        for choice in [c for c in row if c != "setting"]:
+            for spec, r in row[choice].items():
+                lines.append(f"| {row['setting']} | {choice} | {spec} | {r['relative_error']:.2e} | "
                              f"{r['spearman']:.5f} | {r['top10']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -157,7 +170,7 @@ def main(argv=None) -> int:
     rows = [on_study(args.study, args.questions)]
     if args.shape != "none":
         rows.append(on_shape(args.shape, args.documents, 8, args.length))
-    text = ("# Factors in 16 bits for serving, against float32\n\n`python benchmarks/serving_precision.py "
+    text = ("# Factors held in less memory for serving, against float32\n\n`python benchmarks/serving_precision.py "
             f"{' '.join(argv if argv is not None else [])}`: multi-stage scores of every document.\n\n" + report(rows))
     print(text)
     if args.out:

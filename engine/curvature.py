@@ -7,6 +7,7 @@ gradient-shaped matrix V (..., out, in[+1]). Adding a strategy is adding one cla
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ class LayerFactors:
     gradient_eigenvalues: torch.Tensor | None = None
     corrected_eigenvalues: torch.Tensor | None = None
     diagonal: torch.Tensor | None = None
+    # a truncated eigenbasis (``Curvature.truncate``) keeps the whole spectrum's mean (0-d), so that
+    # relative damping stays that of the full factors
+    mean_eigenvalue: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -63,6 +67,10 @@ class Curvature(ABC):
         """(Q_S, Q_A) with ``to_eigenbasis(V) = Q_S^T V Q_A``; None stands for the identity."""
         return None, None
 
+    def truncate(self, f: LayerFactors, keep: float) -> LayerFactors:
+        """Factors holding less: only Kronecker-factored strategies have an eigenbasis to truncate."""
+        raise ValueError(f"{self.name} has no eigenbasis to truncate")
+
 
 class EKFAC(Curvature):
     """H = (Q_A x Q_S) diag(Lambda) (Q_A x Q_S)^T with Lambda fitted per sequence (George et al.)."""
@@ -82,7 +90,29 @@ class EKFAC(Curvature):
         q_s = f.gradient_eigenvectors.to(v)
         q_a = f.activation_eigenvectors.to(v)
         lam = self.eigenvalues(f).to(v)
-        return _unrotate(_rotate(v, q_s, q_a) / (lam + damping), q_s, q_a)
+        rotated = _rotate(v, q_s, q_a)
+        if q_s.shape[0] == q_s.shape[1] and q_a.shape[0] == q_a.shape[1]:
+            return _unrotate(rotated / (lam + damping), q_s, q_a)
+        # truncated: 1/d outside the kept pairs, 1/(Lambda + d) on them (1/(Lambda+d) - 1/d added back)
+        return v / damping - _unrotate(rotated * lam / (damping * (lam + damping)), q_s, q_a)
+
+    def truncate(self, f, keep):
+        """The eigenvectors of each Kronecker factor with its largest ``keep`` share of eigenvalues,
+        exactly, with the eigenvalues of the kept pairs; the directions outside them get damping
+        alone ((H + d I)^-1 = 1/d there, as if their eigenvalues were 0). Holds about ``keep``^2 of
+        the eigenvalues and ``keep`` of the eigenvectors."""
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep a share of the eigenvectors in (0, 1], got {keep}")
+        s = _top(f.gradient_eigenvalues, keep)
+        a = _top(f.activation_eigenvalues, keep)
+        corrected = f.corrected_eigenvalues
+        mean = f.mean_eigenvalue if f.mean_eigenvalue is not None else self.eigenvalues(f).double().mean()
+        return LayerFactors(activation_eigenvectors=f.activation_eigenvectors[:, a],
+                            activation_eigenvalues=f.activation_eigenvalues[a],
+                            gradient_eigenvectors=f.gradient_eigenvectors[:, s],
+                            gradient_eigenvalues=f.gradient_eigenvalues[s],
+                            corrected_eigenvalues=None if corrected is None else corrected[s][:, a],
+                            mean_eigenvalue=mean.reshape(()))
 
 
 class KFAC(EKFAC):
@@ -130,6 +160,15 @@ def get_strategy(name: str) -> Curvature:
 
 
 def relative_damping(strategy: Curvature, f: LayerFactors, factor: float) -> float:
-    """lambda = factor * mean eigenvalue of the layer's approximate Fisher."""
+    """lambda = factor * mean eigenvalue of the layer's approximate Fisher (of the full spectrum, for a
+    truncated eigenbasis)."""
+    if f.mean_eigenvalue is not None:
+        return float(factor * f.mean_eigenvalue.double())
     lam = strategy.eigenvalues(f)
     return float(factor * (lam.double().mean() if lam is not None else 1.0))
+
+
+def _top(eigenvalues: torch.Tensor, keep: float) -> torch.Tensor:
+    """Indices of the largest ``keep`` share of ``eigenvalues`` (at least one), in their stored order."""
+    count = max(1, math.ceil(keep * len(eigenvalues)))
+    return torch.sort(torch.topk(eigenvalues.double(), count).indices).values

@@ -194,6 +194,13 @@ class Factors:
             return self
         return replace(self, layers=_AsStored(self.layers))
 
+    def truncated(self, keep: float) -> Factors:
+        """Each layer's eigenbasis cut to the eigenvectors of its factors' largest ``keep`` share of
+        eigenvalues (``Curvature.truncate``: damping alone on the rest), held in memory."""
+        strategy = get_strategy(self.strategy)
+        return replace(self, layers={name: strategy.truncate(self.layers[name], keep) for name in self.layers},
+                       arguments={**self.arguments, "truncated_to": keep})
+
     def check_compatible(self, model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
         """Raise :class:`FactorMismatchError` unless these factors were fitted on ``model``."""
         found = model_fingerprint(model, layers)

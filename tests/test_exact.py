@@ -7,6 +7,7 @@ torch autograd on one sequence at a time and their own forward hooks, never the 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from engine import (
     score_gradients,
     sequence_gradients,
 )
-from engine.curvature import get_strategy
+from engine.curvature import get_strategy, relative_damping
 from engine.factors import label_seed
 
 from conftest import layer_weight_gradients, lm_batch, tiny_neox
@@ -192,6 +193,34 @@ def test_inverse_hvp_equals_explicit_solve(pt_model, layers, strategy):
         lf = factors.layers[layers[0].name]
         torch.testing.assert_close(kron_matrix(lf, "kfac"),
                                    torch.kron(lf.gradient_covariance, lf.activation_covariance))
+
+
+@pytest.mark.parametrize("strategy, keep", [("ekfac", 0.5), ("ekfac", 0.3), ("kfac", 0.5), ("ekfac", 1.0)])
+def test_truncated_eigenbasis_is_the_explicit_solve_with_the_kept_pairs(pt_model, layers, strategy, keep):
+    """Keeping each factor's top eigenvectors: (H_K + d I)^-1 with H_K the kept Kronecker pairs' part of
+    H (1/d on every other direction), at the damping of the full factors."""
+    factors = fit_factors(pt_model, TASK, loader(), layers,
+                          FactorArguments(strategy=strategy, fisher="empirical", progress=False))
+    rule = get_strategy(strategy)
+    cut = factors.truncated(keep)
+    torch.manual_seed(0)
+    for layer in layers:
+        full, lf = factors.layers[layer.name], cut.layers[layer.name]
+        n_s, n_a = full.gradient_eigenvectors.shape[0], full.activation_eigenvectors.shape[0]
+        assert lf.gradient_eigenvectors.shape == (n_s, math.ceil(keep * n_s))
+        assert lf.activation_eigenvectors.shape == (n_a, math.ceil(keep * n_a))
+        s = torch.topk(full.gradient_eigenvalues, lf.gradient_eigenvectors.shape[1]).indices
+        a = torch.topk(full.activation_eigenvalues, lf.activation_eigenvectors.shape[1]).indices
+        basis = torch.kron(full.gradient_eigenvectors[:, s], full.activation_eigenvectors[:, a])
+        lam = rule.eigenvalues(full)[s][:, a].flatten()
+        h = basis @ torch.diag(lam) @ basis.T
+        damping = relative_damping(rule, full, 0.1)
+        assert relative_damping(rule, lf, 0.1) == pytest.approx(damping, rel=1e-12)
+        v = torch.randn(*layer.gradient_shape, dtype=torch.float64)
+        expected = torch.linalg.solve(h + damping * torch.eye(len(h), dtype=h.dtype), v.flatten())
+        torch.testing.assert_close(rule.precondition(lf, v, damping).flatten(), expected)
+    with pytest.raises(ValueError, match="no eigenbasis to truncate"):
+        get_strategy("diagonal").truncate(factors.layers[layers[0].name], 0.5)
 
 
 def test_per_head_output_blocks(pt_model, layers):
