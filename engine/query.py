@@ -152,8 +152,8 @@ class QueryEngine:
                 _keep_span(batch["labels"][row], *t.span)
         contrasted = [i for i, t in enumerate(targets) if t.versus is not None]
         if per_token:
-            if len(targets) != 1:
-                raise ValueError("per-token rows are for one target at a time")
+            if contrasted and len(targets) != 1:
+                raise ValueError("per-token rows of a contrastive target are for one target at a time")
             batch, _ = TASK.split_targets(batch)
         grads = self._gradients(batch)
         if not contrasted:
