@@ -56,6 +56,12 @@ class Target:
     def of(value: str | Target) -> Target:
         return value if isinstance(value, Target) else Target(value)
 
+    @staticmethod
+    def make(answer: str, versus: str | None = None, span: Sequence[int] | None = None) -> Target:
+        """A target from a request's fields: a blank ``versus`` is no contrast; ``span`` as (start, end)."""
+        return Target(answer, versus.strip() if versus is not None and versus.strip() else None,
+                      None if span is None else (int(span[0]), int(span[1])))
+
     def check(self, answer_tokens: int) -> None:
         """Raise ValueError, saying why, unless this target can be scored (``answer_tokens``: how many
         tokens the answer has)."""

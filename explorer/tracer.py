@@ -124,8 +124,7 @@ class Tracer:
         norm = self.engine.normalization(method, normalization)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
-        versus = versus.strip() if versus is not None and versus.strip() else None
-        if versus is not None:
+        if versus is not None and versus.strip():  # blank: no contrast
             self._check_versus(self.prompt_for(instruction, context), versus)
         timings = Timings()
         started = time.perf_counter()
@@ -137,7 +136,7 @@ class Tracer:
             raise ValueError("the model's answer is empty; type an answer to trace")
         prompt = self.prompt_for(instruction, context)
         self._check_answer_fits(prompt, answer)
-        target = Target(answer, versus, None if span is None else (int(span[0]), int(span[1])))
+        target = Target.make(answer, versus, span)
         with self._lock:
             t0 = time.perf_counter()
             stage(f"Ranking documents by {method}")
@@ -172,7 +171,7 @@ class Tracer:
             self._check_answer_fits(prompt, answer)
             if versus is not None:
                 self._check_versus(prompt, versus)
-        targets = [Target(a, v.strip() if v else None) for a, (_, _, v) in zip(answers, requests)]
+        targets = [Target.make(a, v) for a, (_, _, v) in zip(answers, requests)]
         generated = time.perf_counter() - started
         with self._lock:
             t0 = time.perf_counter()
@@ -197,8 +196,7 @@ class Tracer:
         if not answer.strip():
             raise ValueError("there is no answer to trace; trace a prompt first or type an answer")
         prompt = self.prompt_for(instruction, context)
-        target = Target(answer, versus.strip() if versus and versus.strip() else None,
-                        None if span is None else (int(span[0]), int(span[1])))
+        target = Target.make(answer, versus, span)
         started = time.perf_counter()
         with self._lock:
             ranking = self.engine.records(prompt, target, top_k, normalization)
@@ -285,7 +283,7 @@ class Tracer:
                 score = self.engine.baseline_scores(trace.settings.model_prompt, trace.answer, trace.method)[doc_id]
                 side = Side(np.array([doc_id]), np.array([score]))
             else:
-                target = Target(trace.answer, trace.versus, None if trace.span is None else tuple(trace.span))
+                target = Target.make(trace.answer, trace.versus, trace.span)
                 query = self.engine.preconditioned([trace.settings.model_prompt], [target], trace.method)
                 side = self.engine.score_documents(query, [doc_id], trace.settings.normalization)
             hit = self._document_hits(side)[0]
