@@ -159,11 +159,10 @@ def _format_lookup(found) -> str:
 
     hit = found.hit
     ranked = "" if hit.normalized_score is None else f"normalised {format_score(hit.normalized_score)}, "
-    where = ("no influence either way" if found.side == "none" else
-             f"#{found.rank} among the {found.side}s" if found.side != "similar" else f"#{found.rank} by similarity")
     scored = "scored by the trace" if found.in_pool else "not an index candidate; placed among them"
-    return (f"document {hit.doc_id}: {ranked}score {format_score(hit.score, 4)}; ranks {where} of {hit.scored:,} "
-            f"({scored}), percentile {hit.percentile:.1f}  {terminal_safe(' '.join(hit.text.split())[:60])}")
+    snippet = terminal_safe(" ".join(hit.text.split())[:60])
+    return (f"document {hit.doc_id}: {ranked}score {format_score(hit.score, 4)}; ranks {found.where()} of "
+            f"{hit.scored:,} ({scored}), percentile {hit.percentile:.1f}  {snippet}")
 
 
 FACTOR_HELP = ("hold both factor sets in this precision (default: the study's influence.factor_precision); "

@@ -108,7 +108,7 @@ class Trace:
         "similar" for a baseline, "none" for a score of 0)."""
         value = hit.score if hit.normalized_score is None else hit.normalized_score
         own = hit.doc_id if isinstance(hit, DocumentHit) else hit.record_id
-        others = np.array([v for i, v in zip(self.pool_ids, self.pool_ranked) if i != own], dtype=np.float64)
+        others = np.asarray(self.pool_ranked, np.float64)[np.asarray(self.pool_ids) != own]
         hit.percentile = 100.0 * (int((others <= value).sum()) + 1) / (len(others) + 1)
         hit.scored = len(others) + 1
         if method_spec(self.method).is_baseline:
@@ -146,6 +146,12 @@ class DocumentLookup:
     rank: int  # 1 = first on its side (proponents for a positive score, opponents for a negative one)
     side: str  # "proponent", "opponent" (or a baseline's "similar"), "none" for a score of 0
     in_pool: bool  # whether the trace scored it (an index candidate, or every document exhaustively)
+
+    def where(self) -> str:
+        """Its place in words: "#3 among the proponents", "#1 by similarity", "no influence either way"."""
+        if self.side == "none":
+            return "no influence either way"
+        return f"#{self.rank} by similarity" if self.side == "similar" else f"#{self.rank} among the {self.side}s"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

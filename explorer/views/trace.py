@@ -275,11 +275,9 @@ def find_tab(trace: Trace) -> None:
     found = cache[doc]
     hit = found.hit
     ranked = hit.score if hit.normalized_score is None else hit.normalized_score
-    where = {"proponent": f"#{found.rank} among the proponents", "opponent": f"#{found.rank} among the opponents",
-             "similar": f"#{found.rank} by similarity", "none": "no influence either way"}[found.side]
     pool = ("one of the documents this trace scored" if found.in_pool else
             "not among the index's candidates: placed among them by its exact score")
-    st.markdown(f"**doc {hit.doc_id} · {plain(hit.title or '(untitled)')}** · ranks {where} of {hit.scored:,} "
+    st.markdown(f"**doc {hit.doc_id} · {plain(hit.title or '(untitled)')}** · ranks {found.where()} of {hit.scored:,} "
                 f"({pool}) · `{format_score(ranked)}`")
     kind = "similarity" if method_spec(trace.method).is_baseline else "exact influence"
     meta = [f"{kind} {format_score(hit.score, 4)}",
