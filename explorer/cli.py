@@ -146,7 +146,7 @@ def _query(args) -> int:
 
 def _print(tracer, trace, args) -> None:
     """A trace (and the documents asked for with --document) as text or one JSON line."""
-    lookups = [tracer.document(trace, doc, heatmap=args.json) for doc in args.document or ()]
+    lookups = tracer.documents(trace, args.document, heatmap=args.json) if args.document else []
     if args.json:
         print(json.dumps({**trace.to_json(), **({"documents": [f.to_json() for f in lookups]} if lookups else {})}),
               flush=True)

@@ -213,10 +213,7 @@ class Tracer:
         pro, opp = hits(ranking.proponents), hits(ranking.opponents)
         query, norm = ranking.query, ranking.normalization
         if heatmaps and query is not None:
-            shown = pro + opp
-            for hit, (ids, scores, layers) in zip(shown, self.engine.token_scores(
-                    query, [h.record_id if records else h.doc_id for h in shown], records)):
-                hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(ids), scores, layers
+            self._heatmaps(pro + opp, query, records)
         top_k = min(top_k, len(self.study.records if records else self.study.documents))
         settings = TraceSettings(self.study.config.influence.alpha, top_k, query.damping if query is not None else {},
                                  retrieval, prompt, context, str(norm), norm.describe(), target.describe())
@@ -276,22 +273,30 @@ class Tracer:
     def document(self, trace: Trace, doc_id: int, heatmap: bool = True) -> DocumentLookup:
         """Any document's exact score for ``trace``'s answer (its target: contrast and span included)
         under its method and ranking, its token heatmap, and its rank among the trace's scored documents."""
-        self.check_document(doc_id)
-        spec = method_spec(trace.method)
+        return self.documents(trace, [doc_id], heatmap)[0]
+
+    def documents(self, trace: Trace, doc_ids: Sequence[int], heatmap: bool = True) -> list[DocumentLookup]:
+        """:meth:`document` for several documents: one query pass and one scoring pass for all."""
+        for doc_id in doc_ids:
+            self.check_document(doc_id)
+        ids = np.asarray(doc_ids, np.int64)
         with self._lock:
-            if spec.is_baseline:
-                score = self.engine.baseline_scores(trace.settings.model_prompt, trace.answer, trace.method)[doc_id]
-                side = Side(np.array([doc_id]), np.array([score]))
+            if method_spec(trace.method).is_baseline:
+                scores = self.engine.baseline_scores(trace.settings.model_prompt, trace.answer, trace.method)
+                hits = self._document_hits(Side(ids, scores[ids]))
             else:
                 target = Target.make(trace.answer, trace.versus, trace.span)
                 query = self.engine.preconditioned([trace.settings.model_prompt], [target], trace.method)
-                side = self.engine.score_documents(query, [doc_id], trace.settings.normalization)
-            hit = self._document_hits(side)[0]
-            if heatmap and not spec.is_baseline:
-                (ids, scores, layers), = self.engine.token_scores(query, [doc_id])
-                hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(ids), scores, layers
-        rank, side = trace.place(hit)
-        return DocumentLookup(hit, rank, side, doc_id in trace.pool_ids)
+                hits = self._document_hits(self.engine.score_documents(query, ids, trace.settings.normalization))
+                if heatmap:
+                    self._heatmaps(hits, query)
+        return [DocumentLookup(hit, *trace.place(hit), hit.doc_id in trace.pool_ids) for hit in hits]
+
+    def _heatmaps(self, hits, query, records: bool = False) -> None:
+        """Each hit's token heatmap and per-layer scores for ``query`` (one pass over their texts)."""
+        ids = [h.record_id if records else h.doc_id for h in hits]
+        for hit, (tokens, scores, layers) in zip(hits, self.engine.token_scores(query, ids, records)):
+            hit.tokens, hit.token_scores, hit.layer_scores = self._pieces(tokens), scores, layers
 
     def answer_token_map(self, prompt: str, answer: str, method: str, doc_id: int,
                          versus: str | None = None) -> AnswerTokenMap:
