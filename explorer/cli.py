@@ -124,24 +124,29 @@ def _query(args) -> int:
         except ValueError as err:
             raise ValueError(f"{row['where']}: {err}") from None
     traces = []
-    if span is not None:
-        row = prompts[0]
-        traces.append(tracer.trace(row["prompt"], row["answer"], args.method, args.top_k, exhaustive=args.exhaustive,
-                                   normalization=args.normalize, span=span))
-        _print(tracer, traces[-1], args)
-    # indexed methods: one shared pass per group of prompts (query gradients, index search, re-scoring)
-    for start in range(0, len(prompts) if span is None else 0, QUERY_GROUP):
-        group = prompts[start:start + QUERY_GROUP]
-        for trace in tracer.trace_many([(r["prompt"], r["answer"], r["versus"]) for r in group], method=args.method,
-                                       top_k=args.top_k, exhaustive=args.exhaustive, normalization=args.normalize):
-            traces.append(trace)
-            _print(tracer, trace, args)
+    for trace in _traces(tracer, prompts, span, args):
+        traces.append(trace)
+        _print(tracer, trace, args)
     if args.viewer is not None:
         from .export import to_viewer_jsonl
 
         args.viewer.write_bytes(to_viewer_jsonl(traces, args.study.resolve().name))
         print(f"wrote {len(traces)} queries for the TrackStar viewer to {args.viewer}", file=sys.stderr)
     return 0
+
+
+def _traces(tracer, prompts: list[dict], span: tuple[int, int] | None, args):
+    """The traces, in the prompts' order: a --span trace alone, or, for indexed methods, one shared pass
+    per group of prompts (query gradients, index search, re-scoring)."""
+    if span is not None:
+        row = prompts[0]
+        yield tracer.trace(row["prompt"], row["answer"], args.method, args.top_k, exhaustive=args.exhaustive,
+                           normalization=args.normalize, span=span)
+        return
+    for start in range(0, len(prompts), QUERY_GROUP):
+        group = prompts[start:start + QUERY_GROUP]
+        yield from tracer.trace_many([(r["prompt"], r["answer"], r["versus"]) for r in group], method=args.method,
+                                     top_k=args.top_k, exhaustive=args.exhaustive, normalization=args.normalize)
 
 
 def _print(tracer, trace, args) -> None:
