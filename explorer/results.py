@@ -169,3 +169,8 @@ class AnswerTokenMap:
     matrix: np.ndarray  # (answer tokens [+ versus tokens], document tokens) float64
     versus_tokens: list[str] = field(default_factory=list)  # a contrastive trace's other answer: rows after
     # the answer's, negated (each is minus the document's influence on that token's log-probability)
+
+    @property
+    def row_tokens(self) -> list[str]:
+        """A label per row of ``matrix``: the answer's tokens, then the contrasted answer's marked "vs"."""
+        return self.answer_tokens + [f"vs {t}" for t in self.versus_tokens]

@@ -321,6 +321,10 @@ def test_contrastive_trace_ranks_by_the_difference(app, tracer, question):
     assert key[4] == VERSUS and data.versus_tokens == trace.versus_tokens
     hit = (trace.proponents + trace.opponents)[0]
     assert np.isclose(data.matrix.sum(), hit.score, rtol=1e-4)  # both answers' rows add up to the score
+    matrix_chart = next(json.loads(c.proto.spec) for c in app.get("plotly_chart")
+                        if "document token influence" in c.proto.spec)
+    ticks = matrix_chart["layout"]["yaxis"]["ticktext"]  # a label for every row, the contrasted answer's too
+    assert len(ticks) == data.matrix.shape[0] == len(trace.answer_tokens) + len(trace.versus_tokens)
 
 
 def test_picked_answer_tokens_rerank_by_that_span(app, tracer, question):

@@ -167,7 +167,7 @@ def inspect_tab(trace: Trace) -> None:
     st.html(legend_html(scale))
     st.markdown("**The document's tokens**")
     st.html(heatmap_html(data.document_tokens, matrix.sum(axis=0).tolist()))
-    st.plotly_chart(charts.token_matrix(data.answer_tokens, data.document_tokens, matrix,
+    st.plotly_chart(charts.token_matrix(data.row_tokens, data.document_tokens, matrix,
                                         "Answer token × document token influence"),
                     key=f"matrix-{hit.doc_id}")
     st.caption("Each row is the influence of this document on one answer token's log-probability; "
