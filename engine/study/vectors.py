@@ -120,25 +120,26 @@ class DocumentVectors:
 
     def gather(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """float32 rows of ``kind`` ("projected" or "whitened") for sorted document ids: runs of
-        consecutive rows read with one ``pread`` each, several shards at once."""
+        consecutive rows read with one ``pread`` each, several shards at once, then decoded in one
+        call on this thread (torch ops on the reader threads would start a thread team per reader)."""
         ids = np.asarray(ids, np.int64)
-        out = np.empty((len(ids), self.dim(kind)), np.float32)
         shard_of = ids // self.shard_size
         shards = [int(s) for s in np.unique(shard_of)]
         headers = {s: self._header(s, kind) for s in shards}
+        first = headers[shards[0]] if shards else self._header(0, kind)
+        stored = np.empty((len(ids), *first.shape[1:]), first.dtype)  # sorted ids: a shard's rows are one slice
 
         def read(s: int) -> None:
             where = np.flatnonzero(shard_of == s)
-            rows = ids[where] - s * self.shard_size
-            header = headers[s]
+            rows, header = ids[where] - s * self.shard_size, headers[s]
             width = int(np.prod(header.shape[1:])) * header.dtype.itemsize
             breaks = np.flatnonzero(np.diff(rows) != 1) + 1
             fd = os.open(self._path(s, kind), os.O_RDONLY)
             try:
                 for run_where, run in zip(np.split(where, breaks), np.split(rows, breaks)):
-                    data = os.pread(fd, width * len(run), header.offset + int(run[0]) * width)
-                    stored = np.frombuffer(data, header.dtype).reshape(len(run), *header.shape[1:])
-                    out[run_where] = decode_vectors(stored, self.dtype)
+                    into = stored[run_where[0]:run_where[-1] + 1]
+                    if os.preadv(fd, [into], header.offset + int(run[0]) * width) != into.nbytes:
+                        raise OSError(f"{self._path(s, kind)}: shorter than its header says")
             finally:
                 os.close(fd)
 
@@ -147,7 +148,7 @@ class DocumentVectors:
                 read(s)
         else:
             list(_readers().map(read, shards))
-        return out
+        return decode_vectors(stored, self.dtype)
 
     def kinds(self) -> tuple[str, ...]:
         """The vector kinds the shards hold (older studies also the Kronecker projection)."""
