@@ -45,12 +45,13 @@ import torch
 from engine.methods import DEFAULT_NORMALIZATION, MULTI_STAGE
 from engine.normalization import Normalization
 from engine.query import QueryEngine
-from engine.search import Band, IVFLists, PCABasis, TopK
+from engine.search import Band, CodeScan, IVFLists, PCABasis, TopK
 from engine.study import IndexSettings, open_study
 from engine.study.index import document_sample
 from engine.study.vectors import DocumentVectors
 
 BLOCK = 65_536  # synthetic documents drawn and added at a time
+PATHS = ("lists", "scan")  # the coarse stages measured: the inverted lists, the default ranking's code scan
 
 
 def real_statistics(study, records: int) -> tuple[PCABasis, np.ndarray, dict[str, np.ndarray]]:
@@ -136,37 +137,57 @@ class Reference:
 
 
 def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse: np.ndarray, offset: np.ndarray,
-            noise: float, seed: int, rankings: list[str], rerank: int, visits: list[int]) -> dict:
+            noise: float, seed: int, rankings: list[str], rerank: int, visits: list[int],
+            paths: tuple[str, ...] = PATHS) -> dict:
     settings = IndexSettings("ivf")
-    sample = np.concatenate([rows for _, rows, _, _ in synthetic(coordinates, norms, settings.training_documents(n),
-                                                                  noise, seed + 1)])
+    drawn = list(synthetic(coordinates, norms, settings.training_documents(n), noise, seed + 1))
+    sample = np.concatenate([rows for _, rows, _, _ in drawn])
     references = [Reference(spec, norms, coarse, offset, settings.band) for spec in rankings]
     weights = {spec: np.empty(n, np.float32) for spec in rankings if not Normalization.parse(spec).is_raw}
+    default = next(r for r in references if r.spec == DEFAULT_NORMALIZATION)
+    sample_weights = np.concatenate([default.weigh(g, w) for _, _, g, w in drawn])
+    del drawn
     whitened = np.empty(n, np.float32)
+    started = time.perf_counter()
+    codes = CodeScan.train(sample * sample_weights[:, None], weights[DEFAULT_NORMALIZATION], seed) \
+        if "scan" in paths else None  # weights: filled as the blocks are drawn
+    scan_s = [time.perf_counter() - started]
 
-    def blocks():
+    def blocks():  # one pass draws the corpus for the references, the lists and the scan
         for start, rows, g, w in synthetic(coordinates, norms, n, noise, seed):
             whitened[start:start + len(rows)] = w
             for reference in references:
                 block = reference.add(start, rows, g, w)
                 if block is not None:
                     weights[reference.spec][start:start + len(rows)] = block
+            if codes is not None:
+                t0 = time.perf_counter()
+                codes.add(start, rows)
+                scan_s[0] += time.perf_counter() - t0
             yield start, rows
 
+    out = {"documents": n, "training": len(sample), "visits": {}}
     nlist = settings.lists(n, len(sample))
     built = workdir / "build.json"  # lists kept by an earlier run (--keep): only the references are redrawn
-    if built.exists():
-        build_s = json.loads(built.read_text())["build_s"]
+    if "lists" in paths and not built.exists():
+        started, encoding = time.perf_counter(), scan_s[0]
+        IVFLists.build(workdir / "ivf", sample, blocks(), nlist, settings.probes(n, nlist), seed)
+        build_s = time.perf_counter() - started - (scan_s[0] - encoding)  # the lists' own time
+        built.write_text(json.dumps({"build_s": build_s}))
+    else:
         for _ in blocks():
             pass
-    else:
+    if codes is not None:
         started = time.perf_counter()
-        IVFLists.build(workdir / "ivf", sample, blocks(), nlist, settings.probes(n, nlist), seed)
-        build_s = time.perf_counter() - started
-        built.write_text(json.dumps({"build_s": build_s}))
+        codes.save(workdir / "scan.faiss")
+        out["scan"] = search_scan(workdir / "scan.faiss", codes.digest, scan_s[0] + time.perf_counter() - started,
+                                  default, coarse, offset, rerank)
+        del codes
+    if "lists" not in paths:
+        return out
+    build_s = json.loads(built.read_text())["build_s"]
     disk = sum(f.stat().st_size for f in (workdir / "ivf").iterdir())
-    out = {"documents": n, "nlist": nlist, "build_s": build_s, "disk_bytes": disk, "training": len(sample),
-           "visits": {}}
+    out.update(nlist=nlist, build_s=build_s, disk_bytes=disk)
     sizes = {}  # per ranking, each list's largest weight x norm (computed once, as VectorSearch.ranking does)
     for visit in visits:
         nprobe = IndexSettings("ivf", visit=visit).probes(n, nlist)
@@ -196,6 +217,26 @@ def measure(workdir: Path, coordinates: np.ndarray, norms: dict, n: int, coarse:
     return out
 
 
+def search_scan(path: Path, digest: str, build_s: float, reference: Reference, coarse: np.ndarray,
+                offset: np.ndarray, rerank: int) -> dict:
+    """The default ranking's code scan (``engine.search.CodeScan``, built as the index stage builds it:
+    codebooks trained on the weighted sample, every document encoded in the one pass) read back and
+    searched as a study serves it: both signs, ``rerank`` candidates each."""
+    scan = CodeScan.load(path, digest)
+    seconds, among, top = [], [], []
+    truth = reference.top.result()
+    for i in range(len(coarse)):
+        t0 = time.perf_counter()
+        found = scan.search(coarse[i:i + 1], offset[i:i + 1], rerank)
+        seconds.append(time.perf_counter() - t0)
+        among.append(len(set(truth.proponent_ids[i].tolist()) & set(found.proponent_ids[0].tolist())) / 10)
+        top.append(len(set(truth.opponent_ids[i].tolist()) & set(found.opponent_ids[0].tolist())) / 10)
+    return {"build_s": build_s, "disk_bytes": path.stat().st_size,
+            "search_p50": statistics.median(seconds), "search_p95": float(np.percentile(seconds, 95)),
+            "recall_among_candidates": float(np.mean(among)), "opponents_among_candidates": float(np.mean(top)),
+            "rss": _rss()}
+
+
 def _rss() -> dict[str, int]:
     """Resident memory now: the process's own (anonymous) and the memory-mapped files' pages."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
@@ -215,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the synthetic lists go (default: a temporary directory)")
     parser.add_argument("--keep", type=Path, help="keep each size's lists here and reuse them in a later run "
                         "(the synthetic corpus is redrawn for the exhaustive reference; the build is not redone)")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="coarse stages to build and measure (the 10^7 lists take an hour to build)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -234,7 +277,7 @@ def main(argv=None) -> int:
             workdir = Path(tempfile.mkdtemp(prefix="msif-ivf-", dir=args.workdir))
         try:
             rows.append(measure(workdir, coordinates, norms, n, coarse, offset, args.noise, args.seed, rankings,
-                                rerank, args.visits))
+                                rerank, args.visits, tuple(args.paths)))
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -266,6 +309,20 @@ def report(args, study, rows: list[dict], rankings: list[str], rerank: int, real
                              f"{row['disk_bytes'] / 2**30:.2f} | {int(visit):,} ({served['nprobe']}) | {spec} | "
                              f"{r['search_p50']:.3f} | {r['search_p95']:.3f} | {r['recall_among_candidates']:.3f} | "
                              f"{r['recall_top10']:.3f} | {rss['RssAnon'] / 2**30:.2f} + {rss['RssFile'] / 2**30:.2f} |")
+    scanned = [row for row in rows if "scan" in row]
+    if scanned:
+        lines += ["", f"The default ranking ({DEFAULT_NORMALIZATION}) served by its code scan instead "
+                  "(`engine.search.CodeScan`: every document's coordinates times the ranking's weights, 4 bits a "
+                  "coordinate, scanned whole; both signs per query):", "",
+                  "| documents | build s | disk GiB | search p50 s | p95 s | scan top-10 among candidates (proponents) "
+                  "| (opponents) | serving RSS GiB (own + mapped) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in scanned:
+            r = row["scan"]
+            lines.append(f"| {row['documents']:,} | {r['build_s']:.0f} | {r['disk_bytes'] / 2**30:.2f} | "
+                         f"{r['search_p50']:.3f} | {r['search_p95']:.3f} | {r['recall_among_candidates']:.3f} | "
+                         f"{r['opponents_among_candidates']:.3f} | {r['rss']['RssAnon'] / 2**30:.2f} + "
+                         f"{r['rss']['RssFile'] / 2**30:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .methods import DEFAULT_NORMALIZATION
+from .methods import DEFAULT_NORMALIZATION, Method
 
 NORMS = ("gradient", "metric", "whitened")
 TINY = 1e-6  # d(z) >= TINY x the corpus median norm: no division by zero, no blow-up of a tiny norm
@@ -125,3 +125,24 @@ class NormalizedRanking:
         """(normalised scores, n(z)) of documents ``ids`` whose raw ``scores`` (..., ids) were measured."""
         norms = np.asarray(self.norms(np.asarray(ids), measured), np.float64)
         return self.normalization.apply(scores, norms, self.reference), norms
+
+
+def search_weights(m: Method, norm: Normalization, vectors: str, gradient_norms: np.ndarray,
+                   whitened_norms: np.ndarray) -> np.ndarray | None:
+    """Per-document weights (float32) of the index's scores of ``vectors`` for method ``m`` ranked by
+    ``norm``, from every document's exact gradient norm and whitened norm: projected rows are
+    unit-scale (times the exact norm for raw gradients); a normalised ranking divides by the index's
+    estimate of d(z). None: unweighted. The index stage folds its default ranking's into a code scan."""
+    gradient = np.asarray(gradient_norms).astype(np.float64)
+    # whitened rows are raw-scale: cosine divides by the exact norm; projected rows (an ablation)
+    # are stored unit-scale: raw scores multiply by it
+    if vectors == "projected":
+        scale = None if m.unit else gradient
+    else:
+        scale = 1.0 / np.maximum(gradient, 1e-30) if m.unit else None
+    if norm.is_raw:
+        return None if scale is None else scale.astype(np.float32)
+    whitened = norm.norm == "whitened" or (norm.norm == "metric" and m.metric_is_pretrained)
+    estimate = np.asarray(whitened_norms).astype(np.float64) if whitened else gradient
+    weights = 1.0 / norm.divisors(estimate, estimate)
+    return (weights if scale is None else scale * weights).astype(np.float32)

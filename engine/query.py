@@ -32,7 +32,7 @@ from .baselines import BM25, cosine_similarity, pooled_representations
 from .gradients import sequence_gradients
 from .influence import PreconditionedQuery, document_metric, measure_documents, precondition
 from .methods import FINETUNED, PRETRAINED, RECORDS_METHOD, Method, method
-from .normalization import DEFAULT, Normalization, NormalizedRanking
+from .normalization import DEFAULT, Normalization, NormalizedRanking, search_weights
 from .projection import KroneckerProjector, Whitening
 from .retrieval import Retrieval, rescore
 from .study import OpenedStudy, StageModel
@@ -229,19 +229,8 @@ class QueryEngine:
         return self._weights[key]
 
     def _search_weights(self, name: str, norm: Normalization, vectors: str) -> np.ndarray | None:
-        m, index = method(name), self.study.index
-        # whitened rows are raw-scale: cosine divides by the exact norm; projected rows (an ablation)
-        # are stored unit-scale: raw scores multiply by it
-        if vectors == "projected":
-            scale = None if m.unit else index.norms.astype(np.float64)
-        else:
-            scale = 1.0 / np.maximum(index.norms.astype(np.float64), 1e-30) if m.unit else None
-        if norm.is_raw:
-            return None if scale is None else scale.astype(np.float32)
-        whitened = norm.norm == "whitened" or (norm.norm == "metric" and m.metric_is_pretrained)
-        estimate = (index.whitened_norms if whitened else index.norms).astype(np.float64)
-        weights = 1.0 / norm.divisors(estimate, estimate)
-        return (weights if scale is None else scale * weights).astype(np.float32)
+        index = self.study.index
+        return search_weights(method(name), norm, vectors, index.norms, index.whitened_norms)
 
     def candidates(self, query: PreconditionedQuery, pool: int, norm: Normalization,
                    vectors: str | None = None) -> Retrieval:

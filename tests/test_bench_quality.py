@@ -173,9 +173,13 @@ def test_ivf_scale_smoke(tiny_haystack, tmp_path):
     run = ["--study", str(tiny_haystack), "--sizes", "3000", "--queries", "4", "--threads", "1",
            "--visits", "65536", "300", "--keep", str(tmp_path / "kept"), "--out", str(out)]
     assert bench.main(run) == 0
-    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
+    table = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
+    rows = [row for row in table if len(row) == 13]  # the lists' rows; the code scan's row has 8 columns
+    (scan_row,) = [row for row in table if len(row) == 10]
+    assert float(scan_row[6]) >= 0.9 and float(scan_row[7]) >= 0.9, scan_row  # both signs found among candidates
     assert bench.main(run) == 0  # the kept lists are searched again, not rebuilt: the same build and recall
-    again = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000")]
+    again = [row for row in (line.split("|") for line in out.read_text().splitlines() if line.startswith("| 3,000"))
+             if len(row) == 13]
     assert [r[:7] + r[9:11] for r in again] == [r[:7] + r[9:11] for r in rows]
     assert len(rows) == 4  # two rankings at each of two visit budgets
     lists = int(rows[0][2].replace(",", ""))

@@ -14,7 +14,11 @@ corpus size:
           read per sign, whatever the corpus size; lists ranked by their centroid's alignment with
           the query times their largest weight x row norm), plus the ``band`` documents with the
           largest weight times row norm for the ranking at hand, and the best ``rerank`` per sign are
-          re-scored with their full rows read from the shards
+          re-scored with their full rows read from the shards. The default ranking (multi-stage,
+          ``engine.methods.DEFAULT_NORMALIZATION``) also gets a code scan (``engine.search.CodeScan``:
+          the coordinates times its weights, 4 bits a coordinate, every document scanned), which serves it in
+          place of the lists wherever a query would visit only a share of them: a normalised ranking's
+          best documents lie in many lists
 
 Cosine and dot scores share one set of files: the norms are stored, not a second index. The index
 stage also stores every document's whitened norm (normalised rankings) and, for ivf, the projected
@@ -30,8 +34,10 @@ from functools import partial
 
 import numpy as np
 
+from ..methods import MULTI_STAGE, method
+from ..normalization import DEFAULT, search_weights
 from ..retrieval import Retrieval
-from ..search import Band, IVFLists, PCABasis, scan, staged_search, unit_rows
+from ..search import Band, CodeScan, IVFLists, PCABasis, scan, staged_search, unit_rows
 from ..storage import save_npy
 from . import layout
 from .manifest import Study, StudyError
@@ -42,6 +48,7 @@ INDEX_KINDS = ("auto", "flat", "ivf")
 HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
 FIT = "query basis, spherical k-means"  # how an ivf index's basis and lists are fit (older ones: rebuild)
+SCAN_MIN_SAMPLE = 16 * 39  # sampled documents the code scan's codebooks (16 codes each) need; fewer: no scan
 
 
 @dataclass(frozen=True)
@@ -107,27 +114,29 @@ def build_index(study: Study, settings: IndexSettings, queries: dict[str, np.nda
     kind = settings.resolved(vectors.documents)
     record = {**asdict(settings), "configured": settings.kind, "kind": kind, "documents": vectors.documents,
               "whitened_norms": layout.INDEX_NORMS.path}
-    files = [_save_row_norms(study, vectors)]
+    whitened_norms = _save_row_norms(study, vectors)
+    files = [layout.INDEX_NORMS.path]
     if kind == "ivf":
         missing = [name for name in VECTOR_KINDS if queries is None or len(queries.get(name, ())) == 0]
         if missing:
             raise ValueError(f"an ivf index fits its basis on query vectors; none given for {', '.join(missing)}")
         for name in VECTOR_KINDS:
-            record[name] = _build_ivf(study, vectors, name, queries[name], settings, progress)
+            record[name] = _build_ivf(study, vectors, name, queries[name], settings, whitened_norms, progress)
             files += [layout.index_file(name, "basis"), *study.files_under(layout.index_file(name, "ivf"))]
+            files += [layout.index_file(name, "scan")] if record[name]["scan"] else []
     if probes and kind == "ivf":  # a flat index is the scan itself
         index = StudyIndex(study, record)
         record["recall"] = {name: index.measure(name, q) for name, q in probes.items()}
     return files, record
 
 
-def _save_row_norms(study: Study, vectors: DocumentVectors) -> str:
+def _save_row_norms(study: Study, vectors: DocumentVectors) -> np.ndarray:
     """Every document's whitened row norm, a shard at a time (4 bytes a document)."""
     norms = np.empty(vectors.documents, np.float32)
     for start, rows in vectors.numbered_chunks("whitened"):
         norms[start:start + len(rows)] = np.sqrt(np.square(rows, dtype=np.float64).sum(1))
     save_npy(study.path(layout.INDEX_NORMS), norms)
-    return layout.INDEX_NORMS.path
+    return norms
 
 
 def sample_shards(vectors: DocumentVectors, size: int) -> list[int]:
@@ -142,7 +151,7 @@ def document_sample(vectors: DocumentVectors, name: str, size: int) -> np.ndarra
 
 
 def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.ndarray, settings: IndexSettings,
-               progress: bool) -> dict:
+               whitened_norms: np.ndarray, progress: bool) -> dict:
     """Fit the coarse basis on the query vectors (``PCABasis.fit_queries``: the coarse score
     <V^T q, V^T w> misses only the part of q outside the basis; the documents of whole, evenly spread
     shards fill the dimensions the queries leave), train the inverted lists' centroids on the
@@ -159,16 +168,36 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
     queries_kept = float(np.square(unit_rows(queries) @ basis.components, dtype=np.float64).sum(1).mean())
     basis.save(study.path(layout.index_file(name, "basis")))
     picked = sample_shards(vectors, settings.training_documents(vectors.documents))
-    coordinates = np.concatenate([basis.transform(rows) for _, rows in vectors.numbered_chunks(name, picked)])
+    sampled = [(start, basis.transform(rows)) for start, rows in vectors.numbered_chunks(name, picked)]
+    coordinates = np.concatenate([rows for _, rows in sampled])
+    weights = search_weights(method(MULTI_STAGE), DEFAULT, name, np.sqrt(vectors.sq_norms()).astype(np.float32),
+                             whitened_norms)
+    code_scan = None
+    if weights is not None and len(coordinates) >= SCAN_MIN_SAMPLE:
+        weighted = [rows * weights[start:start + len(rows), None] for start, rows in sampled]
+        code_scan = CodeScan.train(np.concatenate(weighted), weights, settings.seed)
+    del sampled
     nlist = settings.lists(vectors.documents, len(coordinates))
     shards = tqdm(vectors.numbered_chunks(name), total=vectors.shards, disable=not progress,
                   desc=f"index ({name})", unit="shard")
-    lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates,
-                           ((start, basis.transform(rows)) for start, rows in shards), nlist,
+
+    def blocks():  # one pass over the shards fills the lists and the scan
+        for start, rows in shards:
+            coarse = basis.transform(rows)
+            if code_scan is not None:
+                code_scan.add(start, coarse)
+            yield start, coarse
+
+    lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates, blocks(), nlist,
                            settings.probes(vectors.documents, nlist), settings.seed)
-    return {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "queries": int(len(queries)),
-            "query_energy_kept": queries_kept, "document_energy_kept": documents_kept,
-            "nlist": lists.nlist, "nprobe": lists.nprobe, "fit": FIT}
+    record = {"dims": basis.dims, "sampled_documents": int(len(coordinates)), "queries": int(len(queries)),
+              "query_energy_kept": queries_kept, "document_energy_kept": documents_kept,
+              "nlist": lists.nlist, "nprobe": lists.nprobe, "fit": FIT, "scan": None}
+    if code_scan is not None:
+        code_scan.save(study.path(layout.index_file(name, "scan")))
+        record["scan"] = {"ranking": str(DEFAULT), "weights_sha256": code_scan.digest,
+                          "bytes_per_document": CodeScan.subquantizers(basis.dims) // 2}
+    return record
 
 
 class VectorSearch:
@@ -178,11 +207,13 @@ class VectorSearch:
 
     def __init__(self, vectors: DocumentVectors, name: str, kind: str, rerank: int,
                  lists: IVFLists | None = None, basis: PCABasis | None = None,
-                 row_norms: np.ndarray | None = None, band: int = 0):
+                 row_norms: np.ndarray | None = None, band: int = 0, code_scan: CodeScan | None = None):
         self.vectors, self.name, self.kind, self.rerank = vectors, name, kind, rerank
         self.lists, self.basis, self.row_norms, self.band_size = lists, basis, row_norms, band
+        self.code_scan = code_scan
         self._held: np.ndarray | None = None
         self._rankings: list[tuple[np.ndarray | None, Band | None, np.ndarray]] = []
+        self._scanned: list[tuple[np.ndarray | None, bool]] = []  # weights seen; whether the scan serves them
 
     @property
     def dim(self) -> int:
@@ -193,9 +224,26 @@ class VectorSearch:
         k = min(int(k), self.vectors.documents)
         if self.kind == "flat":
             return self.scan(queries, k, weights)
+        if self.scans(weights):
+            return staged_search(self.code_scan, self.basis, partial(self.vectors.gather, self.name), queries, k,
+                                 self.rerank, weights, clock)
         band, list_sizes = self.ranking(weights)
         return staged_search(self.lists, self.basis, partial(self.vectors.gather, self.name), queries, k,
                              self.rerank, weights, clock, band, list_sizes)
+
+    def scans(self, weights: np.ndarray | None) -> bool:
+        """Whether the code scan serves this ranking: its weights are the ones folded into the codes
+        (checked by digest once per weights array; the caller keeps one array per ranking), and a query
+        would not visit every list (where it would, the lists' exact coordinates beat the codes at the
+        same cost: a 32k corpus at the default ``visit``)."""
+        if self.code_scan is None or weights is None or self.lists.nprobe >= self.lists.nlist:
+            return False
+        for kept, serves in self._scanned:
+            if kept is weights:
+                return serves
+        serves = CodeScan.weights_digest(weights) == self.code_scan.digest
+        self._scanned = [(weights, serves), *self._scanned[:self.RANKINGS_KEPT - 1]]
+        return serves
 
     def ranking(self, weights: np.ndarray | None) -> tuple[Band | None, np.ndarray]:
         """What the coarse stage needs for one ranking, computed once: the ``band`` documents of
@@ -245,8 +293,11 @@ class StudyIndex:
             return VectorSearch(self.vectors, name, self.kind, self.record["rerank"])
         lists = IVFLists.load(self.study.path(layout.index_file(name, "ivf")), self.record[name]["nprobe"])
         basis = PCABasis.load(self.study.path(layout.index_file(name, "basis")))
+        scanned = self.record[name].get("scan")  # older indexes have none: their lists serve every ranking
+        code_scan = None if not scanned else CodeScan.load(self.study.path(layout.index_file(name, "scan")),
+                                                           scanned["weights_sha256"])
         return VectorSearch(self.vectors, name, self.kind, self.record["rerank"], lists, basis,
-                            self.whitened_norms, self.record["band"])
+                            self.whitened_norms, self.record["band"], code_scan)
 
     @classmethod
     def of(cls, study: Study) -> StudyIndex:

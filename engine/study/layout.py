@@ -100,6 +100,9 @@ INDEX_DIR = Artifact("index", Stage.INDEX, "the search index of the whitened vec
 INDEX_NORMS = Artifact("index/whitened-norms.npy", Stage.INDEX,
                        "(documents,) float32 norm of each whitened row: the index's estimate of a document's "
                        "norm in the (H_pt + lambda I)^-1 metric, for normalised multi-stage rankings")
+INDEX_SCAN = Artifact("index/*-scan.faiss", Stage.INDEX,
+                      "every document's principal coordinates times the default ranking's weights, product-"
+                      "quantised (faiss IndexPQFastScan, 4 bits a coordinate): that ranking's coarse stage")
 INDEX_IVF = Artifact("index/*-ivf", Stage.INDEX,
                      "a faiss inverted file of every document's principal coordinates (index.faiss: the trained "
                      "lists; lists.ivfdata: the rows, on disk and memory-mapped)")
@@ -108,7 +111,7 @@ INDEX_BASIS = Artifact("index/*-basis.safetensors", Stage.INDEX,
 
 LAYOUT = (MANIFEST, WORLD_DIR, WORLD_DOCUMENTS, WORLD_RECORDS, FACTS, WORLD_INFO, TOKENIZER_DIR,
           PRETRAINED_DIR, FINETUNED_DIR, QA_REPORT, DEMO_PROMPTS, HAYSTACK, DOCUMENTS, RECORDS, PT_FACTORS,
-          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_NORMS,
+          FT_FACTORS, PROJECTOR, SHARDS, PROJECTED, WHITENED, SQ_NORMS, SHARD_TEXTS, INDEX_DIR, INDEX_NORMS, INDEX_SCAN,
           INDEX_IVF, INDEX_BASIS)
 SHARD_KINDS = {"projected": PROJECTED, "whitened": WHITENED, "sq_norms": SQ_NORMS}
 
@@ -127,8 +130,10 @@ def shard_digest_file(index: int) -> str:
 
 
 def index_file(kind: str, part: str) -> str:
-    """``index/{kind}-ivf`` (a directory) or ``index/{kind}-basis.safetensors`` (kind: whitened)."""
-    return f"{INDEX_DIR.path}/{kind}-ivf" if part == "ivf" else f"{INDEX_DIR.path}/{kind}-basis.safetensors"
+    """``index/{kind}-ivf`` (a directory), ``index/{kind}-scan.faiss`` (the default ranking's code scan)
+    or ``index/{kind}-basis.safetensors`` (kind: whitened)."""
+    names = {"ivf": f"{kind}-ivf", "scan": f"{kind}-scan.faiss", "basis": f"{kind}-basis.safetensors"}
+    return f"{INDEX_DIR.path}/{names[part]}"
 
 
 def describe() -> str:
