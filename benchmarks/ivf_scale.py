@@ -297,10 +297,11 @@ def report(args, study, rows: list[dict], rankings: list[str], rerank: int, real
              "multi-stage, whitened). Coarse "
              f"stage only (faiss inverted lists on disk, memory-mapped; {rerank:,} candidates per sign handed to "
              f"the re-rank, the band of {IndexSettings().band:,} always among them); recall against an exhaustive "
-             "scan of the same coordinates with the same weights.", "",
-             "| documents | lists | build s | disk GiB | documents read per sign (lists) | ranking | search p50 s | "
-             "p95 s | scan top-10 among candidates | top-10 overlap | serving RSS GiB (own + mapped) |",
-             "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "scan of the same coordinates with the same weights."]
+    if any(row["visits"] for row in rows):
+        lines += ["", "| documents | lists | build s | disk GiB | documents read per sign (lists) | ranking | search "
+                  "p50 s | p95 s | scan top-10 among candidates | top-10 overlap | serving RSS GiB (own + mapped) |",
+                  "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         for visit, served in row["visits"].items():
             for spec in rankings:
