@@ -242,7 +242,8 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
     an ivf index first makes the query vectors its basis is fit on (``queries``: the fine-tuned model,
     both factor sets and a batch's capture on the device, freed after), then holds a document sample
     (float32) and writes (documents, index_dims) float32 coordinates of the whitened vectors into
-    inverted lists on disk, memory-mapped when served."""
+    inverted lists on disk, memory-mapped when served, and the default ranking's code scan (4 bits a
+    coordinate, held in memory when served)."""
     kind = inf.index_settings().resolved(documents)
     if kind == "flat":
         shard = min(documents, SHARD_ROWS) * dims[0] * 4
@@ -250,11 +251,13 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
                          {"one shard": shard})
     sample = min(documents, inf.index_sample) * dims[0] * 4
     training = inf.index_settings().training_documents(documents) * inf.index_dims * 4
-    files = documents * inf.index_dims * 4
-    peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * dims[0] * 4)
-    return StagePlan("index", max(peak, queries) if cpu else queries, peak, files, 0.0,
+    lists = documents * inf.index_dims * 4
+    codes = documents * inf.index_dims / 2  # the code scan: encoded as the lists fill, written at the end
+    peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * dims[0] * 4) + codes
+    return StagePlan("index", max(peak, queries) if cpu else queries, peak, lists + codes, 0.0,
                      {"record queries (model, both factor sets)": queries, "document sample": sample,
-                      "centroid training coordinates": training, "inverted lists": files})
+                      "centroid training coordinates": training, "inverted lists": lists,
+                      "code scan (default ranking)": codes})
 
 
 def plan_study(config, device: str = "h200", gpus: int = 1, device_memory: float | None = None,

@@ -58,6 +58,10 @@ class StudySummary:
                     f"of {lists.get('nlist', '?')} lists on disk, {lists.get('nprobe', '?')} of them visited per sign, "
                     f"plus the {s.get('band', 0):,} documents of largest weight times norm for the ranking, the best "
                     f"{s['rerank']:,} per sign re-scored with their full vectors")
+            scan = lists.get("scan")
+            if scan and lists.get("nprobe", 0) < lists.get("nlist", 0):
+                text += (f"; the default ranking ({scan['ranking']}) comes from a code scan of every document "
+                         f"instead ({scan['bytes_per_document']} bytes each): its best documents lie in many lists")
         text += f", then {self.candidates_per_sign} per sign re-scored exactly."
         for name, r in s.get("recall", {}).items():
             cosine = f", cosine ranking {r['cosine_at_10']:.3f}" if "cosine_at_10" in r else ""

@@ -395,3 +395,16 @@ def test_batched_prompts_trace_as_one_by_one(staged):
         assert [h.doc_id for h in trace.opponents] == [h.doc_id for h in alone.opponents]
         assert np.allclose([h.score for h in trace.proponents], [h.score for h in alone.proponents], rtol=1e-4)
         assert "shared by 3 prompts" in trace.settings.retrieval
+
+
+def test_the_study_page_says_when_a_code_scan_serves_the_default_ranking(staged):
+    from explorer.overview import summarize
+
+    study, _ = staged
+    summary = summarize(open_study(study.root))
+    assert "code scan" not in summary.search_text()  # this corpus's lists are visited whole
+    search = copy.deepcopy(summary.search)
+    search["whitened"]["nprobe"] = 4
+    text = replace(summary, search=search).search_text()
+    assert "4 of them visited per sign" in text
+    assert "the default ranking (gradient) comes from a code scan of every document instead (64 bytes each)" in text
