@@ -124,19 +124,11 @@ class Tracer:
         norm = self.engine.normalization(method, normalization)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
-        if versus is not None and versus.strip():  # blank: no contrast
-            self._check_versus(self.prompt_for(instruction, context), versus)
         timings = Timings()
         started = time.perf_counter()
+        prompt, target = self._prepare(instruction, answer, context, versus, span, max_new_tokens, temperature, stage)
         if answer is None or not answer.strip():
-            stage("The fine-tuned model is answering")
-            answer = self.generate(instruction, context, max_new_tokens, temperature)
             timings.generate = time.perf_counter() - started
-        if not answer.strip():
-            raise ValueError("the model's answer is empty; type an answer to trace")
-        prompt = self.prompt_for(instruction, context)
-        self._check_answer_fits(prompt, answer)
-        target = Target.make(answer, versus, span)
         with self._lock:
             t0 = time.perf_counter()
             stage(f"Ranking documents by {method}")
@@ -151,6 +143,22 @@ class Tracer:
         timings.total = time.perf_counter() - started
         return trace
 
+    def _prepare(self, instruction: str, answer: str | None, context: str = "", versus: str | None = None,
+                 span: tuple[int, int] | None = None, max_new_tokens: int = 48, temperature: float = 0.0,
+                 stage: Callable[[str], None] = lambda _: None) -> tuple[str, Target]:
+        """The model's prompt and the checked target of one request: the fine-tuned model answers
+        unless ``answer`` is given; a prompt and answer that do not fit are refused, never cut."""
+        prompt = self.prompt_for(instruction, context)
+        if versus is not None and versus.strip():  # blank: no contrast
+            self._check_versus(prompt, versus)
+        if answer is None or not answer.strip():
+            stage("The fine-tuned model is answering")
+            answer = self.generate(instruction, context, max_new_tokens, temperature)
+        if not answer.strip():
+            raise ValueError(f"the model's answer to {instruction.strip()[:60]!r} is empty; type an answer to trace")
+        self._check_answer_fits(prompt, answer)
+        return prompt, Target.make(answer, versus, span)
+
     def trace_many(self, requests: Sequence[tuple[str, str | None] | tuple[str, str | None, str | None]],
                    method: str = MULTI_STAGE, top_k: int = 10, heatmaps: bool = True, exhaustive: bool = False,
                    normalization: str | Normalization | None = None) -> list[Trace]:
@@ -163,15 +171,7 @@ class Tracer:
             return [self.trace(i, a, method, top_k, heatmaps=heatmaps, exhaustive=exhaustive, normalization=norm,
                                versus=v) for i, a, v in requests]
         started = time.perf_counter()
-        answers = [a if a and a.strip() else self.generate(i) for i, a, _ in requests]
-        if not all(a.strip() for a in answers):
-            raise ValueError("the model's answer to a prompt is empty; give that prompt an answer to trace")
-        prompts = [self.prompt_for(i) for i, _, _ in requests]
-        for prompt, answer, (_, _, versus) in zip(prompts, answers, requests):
-            self._check_answer_fits(prompt, answer)
-            if versus is not None:
-                self._check_versus(prompt, versus)
-        targets = [Target.make(a, v) for a, (_, _, v) in zip(answers, requests)]
+        prompts, targets = zip(*(self._prepare(i, a, versus=v) for i, a, v in requests))
         generated = time.perf_counter() - started
         with self._lock:
             t0 = time.perf_counter()
