@@ -282,7 +282,8 @@ class CodeScan:
         from .storage import atomic_path
 
         if self.weights is None or self.index.ntotal != len(self.weights):
-            raise ValueError(f"{self.index.ntotal} documents encoded for {len(self.weights or ())} weights")
+            weighed = 0 if self.weights is None else len(self.weights)  # an array has no truth value
+            raise ValueError(f"{self.index.ntotal} documents encoded for {weighed} weights")
         self.digest = self.weights_digest(self.weights)
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
