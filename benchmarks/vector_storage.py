@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import PreconditionedQuery
+from engine import PreconditionedQuery, iter_projected_documents
 from engine.methods import DEFAULT_NORMALIZATION
 from engine.normalization import Normalization
-from engine.query import index_vectors
+from engine.projection import Whitening
+from engine.query import TASK, index_vectors
 from engine.storage import decode_vectors, encode_vectors, vector_bytes
 from explorer.tracer import Tracer
 
@@ -42,9 +43,9 @@ STORAGES = ("float16", "int8", "int4")
 FEWER = 1008  # coordinates a layer in the paper's config (int4 scales fit in 64 KiB beside them)
 
 
-def kept_prefix(study, per_layer: int) -> np.ndarray:
+def kept_prefix(whitening: Whitening, per_layer: int) -> np.ndarray:
     """Columns of the whitened row holding each layer's first ``per_layer`` kept coordinates (largest Lambda)."""
-    sizes = [len(k.flat) for k in study.whitening.coordinates.values()]
+    sizes = [len(k.flat) for k in whitening.coordinates.values()]
     starts = np.cumsum([0, *sizes[:-1]])
     return np.concatenate([np.arange(s, s + min(per_layer, n)) for s, n in zip(starts, sizes)])
 
@@ -63,13 +64,36 @@ def served(estimates: np.ndarray, exact: np.ndarray, divisor: np.ndarray, docs: 
     return np.array(rows)
 
 
+def wider_estimates(study, queries: dict[str, PreconditionedQuery], keeps: list[int]
+                    ) -> tuple[dict[tuple, np.ndarray], dict[int, int]]:
+    """Each method's estimates of every document's score from whitened rows that keep ``keeps``
+    coordinates a layer (each stored as every storage would hold it), recomputed from the documents in
+    one gradient pass at the largest keep: a layer's kept coordinates are in decreasing order of
+    Lambda, so a smaller keep is a prefix of each layer's. Also: each keep's row length."""
+    wide = Whitening(study.whitening.factors, study.whitening.damping, keep=max(keeps))
+    q = {m: wide.query_vectors(query.vectors).numpy() for m, query in queries.items()}
+    prefixes = {p: kept_prefix(wide, p) for p in keeps}
+    out = {(m, storage, p): np.zeros((len(v), len(study.documents))) for m, v in q.items()
+           for storage in STORAGES for p in keeps}
+    pt = study.pretrained
+    batches = study.document_batches(range(len(study.documents)))
+    for part in iter_projected_documents(pt.model, TASK, batches, pt.layers, study.projector, whitening=wide,
+                                         progress=True):
+        for p, columns in prefixes.items():
+            for storage in STORAGES:
+                rows = decode_vectors(encode_vectors(even(part.whitened[:, columns]), storage), storage)
+                for m, v in q.items():
+                    out[m, storage, p][:, part.positions] = even(v[:, columns]) @ rows.T
+    return out, {p: len(columns) for p, columns in prefixes.items()}
+
+
 def even(rows: np.ndarray) -> np.ndarray:
     """int4 packs two numbers a byte: an odd row gets a zero column (no inner product changes)."""
     return rows if rows.shape[1] % 2 == 0 else np.pad(rows, ((0, 0), (0, 1)))
 
 
 def run_seed(haystack: Path, plain: Path, scores: Path, pool: int, threads: int, limit: int | None,
-             reference: bool = False) -> dict:
+             reference: bool = False, keeps: list[int] | None = None) -> dict:
     torch.set_num_threads(threads)
     tracer, world = Tracer.open(haystack), len(Tracer.open(plain).study.documents)
     study, engine = tracer.study, tracer.engine
@@ -77,7 +101,7 @@ def run_seed(haystack: Path, plain: Path, scores: Path, pool: int, threads: int,
     measured = cached_pass(engine, cases, world, scores)
     vectors = study.index.vectors
     stored = even(np.concatenate(list(vectors.chunks("whitened"))))
-    fewer = kept_prefix(study, FEWER)
+    fewer = kept_prefix(study.whitening, FEWER)
     rows = {name: decode_vectors(encode_vectors(stored, name), name) for name in STORAGES}
     rows[f"int4, {FEWER} a layer"] = decode_vectors(encode_vectors(even(stored[:, fewer]), "int4"), "int4")
     projected = np.concatenate(list(vectors.chunks("projected"))) if "projected" in vectors.kinds() else None
@@ -85,9 +109,10 @@ def run_seed(haystack: Path, plain: Path, scores: Path, pool: int, threads: int,
     settings = {"plain": np.arange(world), "haystack": np.arange(vectors.documents)}
     out = {"haystack": str(haystack), "seed": study.manifest["demo"]["seed"], "facts": len(cases), "pool": pool,
            "normalization": str(norm), "whitened_dim": int(stored.shape[1]), "results": []}
-    for method in METHODS:
-        args = study.config.influence.score_arguments(method)
-        query = PreconditionedQuery(query_vectors(engine, cases, args), method)
+    queries = {m: PreconditionedQuery(query_vectors(engine, cases, study.config.influence.score_arguments(m)), m)
+               for m in METHODS}
+    wider, wide_dims = wider_estimates(study, queries, keeps) if keeps else ({}, {})
+    for method, query in queries.items():
         q = even(index_vectors("whitened", query, study.whitening, study.projector).numpy())
         exact = measured["scores"][method]
         divisor = norm.divisors(measured["norms"][method][norm.norm])
@@ -95,6 +120,9 @@ def run_seed(haystack: Path, plain: Path, scores: Path, pool: int, threads: int,
         if projected is not None:  # stored unit-scale: times the exact norm is the raw estimate
             raw = index_vectors("projected", query, study.whitening, study.projector).numpy() @ projected.T
             estimates["projected (float16)"] = raw * measured["norms"][method]["gradient"]
+        for (m, storage, p), estimate in wider.items():
+            if m == method:
+                estimates[f"{storage}, {p} a layer (recomputed)"] = estimate
         for setting, docs in settings.items():
             truth = np.argsort(-(exact[:, docs] / divisor[docs]), axis=1, kind="stable")[:, :K]
             for name, estimate in estimates.items():
@@ -103,6 +131,7 @@ def run_seed(haystack: Path, plain: Path, scores: Path, pool: int, threads: int,
                 out["results"].append({"method": method, "setting": setting, "storage": name,
                                        "recall": agreement, "rr": fact_metrics(top, cases)["rr"]})
     dims = {name: FEWER * len(study.whitening.coordinates) if "a layer" in name else stored.shape[1] for name in rows}
+    dims |= {f"{storage}, {p} a layer (recomputed)": d for storage in STORAGES for p, d in wide_dims.items()}
     out["bytes"] = {name: vector_bytes(d, name.split(",")[0]) for name, d in dims.items()}
     return out
 
@@ -137,13 +166,16 @@ def main(argv=None) -> int:
     run.add_argument("--limit", type=int, help="at most this many facts")
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--reference-answers", action="store_true", help="trace the facts' reference answers")
+    run.add_argument("--eigen-dims", type=lambda text: [int(x) for x in text.split(",")], default=[],
+                     help="also recompute the rows keeping these many coordinates a layer (e.g. 2048,4096): one "
+                          "gradient pass over every document")
     run.add_argument("--out", type=Path, required=True)
     rep = commands.add_parser("report", help="pool the seeds' runs into one table")
     rep.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "run":
         result = run_seed(args.haystack, args.plain, args.scores, args.pool, args.threads, args.limit,
-                          args.reference_answers)
+                          args.reference_answers, args.eigen_dims)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result))
         print(report([result]))

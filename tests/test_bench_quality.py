@@ -125,9 +125,15 @@ def test_vector_storage_smoke(tiny_study, tiny_haystack, tmp_path, capsys):
     out = tmp_path / "seed.json"
     assert bench.main(["run", "--haystack", str(tiny_haystack), "--plain", str(tiny_study), "--limit", "4",
                        "--reference-answers", "--scores", str(tmp_path / "seed.npz"), "--pool", "20",
-                       "--out", str(out)]) == 0
+                       "--eigen-dims", "2,1024", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     got = {(e["method"], e["setting"], e["storage"]) for e in result["results"]}
+    by = {(e["method"], e["setting"], e["storage"]): e for e in result["results"]}
+    for setting in ("plain", "haystack"):  # recomputed at the study's own keep: the stored rows' results
+        stored = by["multi-stage", setting, "float16"]
+        again = by["multi-stage", setting, "float16, 1024 a layer (recomputed)"]
+        assert (stored["rr"], stored["recall"]) == (again["rr"], again["recall"])
+    assert result["bytes"]["int4, 2 a layer (recomputed)"] < result["bytes"]["int4"]
     assert ("gradient-dot", "haystack", "projected (float16)") in got and ("multi-stage", "plain", "int4") in got
     assert all(0 <= v <= 1 for e in result["results"] for v in e["rr"] + e["recall"])
     assert result["bytes"]["int8"] == result["whitened_dim"] + 4 and result["bytes"]["int4"] < result["whitened_dim"]

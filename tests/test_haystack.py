@@ -181,6 +181,11 @@ def test_a_code_scan_finds_the_weighted_top10_of_both_signs(tmp_path):
     assert (found.proponent_projected[:, 0] > 0).all() and (found.opponent_projected[:, 0] < 0).all()
     with pytest.raises(ValueError, match="in order"):
         CodeScan.train(rows[:1000], weights).add(5, rows[:10])
+    half = CodeScan.train(rows[:1000], weights)
+    half.add(0, rows[:10])
+    with pytest.raises(ValueError, match=f"10 documents encoded for {len(weights)} weights"):
+        half.save(tmp_path / "half.faiss")  # a scan missing documents is never written
+    assert not (tmp_path / "half.faiss").exists()
     with pytest.raises(ValueError, match="uncentred"):
         loaded.search(queries, np.ones(8, np.float32), 10)
 

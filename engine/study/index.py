@@ -45,7 +45,7 @@ from .vectors import DocumentVectors
 
 VECTOR_KINDS = ("whitened",)  # the kinds an ivf index is built for; other stored kinds are scanned
 INDEX_KINDS = ("auto", "flat", "ivf")
-HOLD_BYTES = 512 * 2**20  # a scanned kind's float32 rows up to this size are held in memory after first use
+HOLD_BYTES = 2**30  # a scanned kind's float32 rows up to this size are held in memory after first use
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
 FIT = "query basis, spherical k-means"  # how an ivf index's basis and lists are fit (older ones: rebuild)
 SCAN_MIN_SAMPLE = 16 * 39  # sampled documents the code scan's codebooks (16 codes each) need; fewer: no scan
