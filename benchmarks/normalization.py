@@ -114,7 +114,9 @@ def cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path
                  reuse_only: bool = False) -> dict:
     """The exhaustive pass, or what an earlier run of the same seed and facts saved in ``cache`` (so
     that the served rankings can be measured again, e.g. after the index changed, in minutes). With
-    ``reuse_only``, a cache of other facts is an error rather than an hour's pass that replaces it."""
+    ``reuse_only``, a cache of other facts is an error rather than an hour's pass that replaces it. The
+    exact scores and norms do not depend on the stored rows, so a study rebuilt with other rows (e.g.
+    another ``eigen_dim``) may reuse them; the whitened norms are always the study's own."""
     if cache is not None and cache.exists():
         saved = np.load(cache, allow_pickle=False)
         if saved["questions"].tolist() == [c.question for c in cases]:
@@ -123,6 +125,8 @@ def cached_pass(service: QueryEngine, cases: list[Case], world: int, cache: Path
             for key in (k for k in saved.files if k.startswith("norm:")):
                 method, name = key[len("norm:"):].split("/")
                 norms.setdefault(method, {})[name] = saved[key]
+            for method_norms in norms.values():  # the study's, not the cache's: they change with its rows
+                method_norms["whitened"] = service.study.index.whitened_norms.astype(np.float64)
             return {"scores": scores, "norms": norms, "seconds": float(saved["seconds"])}
     if reuse_only:
         raise SystemExit(f"{cache} holds the exact scores of other facts: give --limit and --reference-answers "

@@ -249,7 +249,8 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
         shard = min(documents, SHARD_ROWS) * dims[0] * 4
         return StagePlan("index", PROCESS_BASE + shard if cpu else 0.0, PROCESS_BASE + shard, 0.0, 0.0,
                          {"one shard": shard})
-    sample = min(documents, inf.index_sample) * dims[0] * 4
+    settings = inf.index_settings()
+    sample = min(documents, settings.basis_sample(settings.queries, dims[0])) * dims[0] * 4
     training = inf.index_settings().training_documents(documents) * inf.index_dims * 4
     lists = documents * inf.index_dims * 4
     codes = documents * inf.index_dims / 2  # the code scan: encoded as the lists fill, written at the end

@@ -49,6 +49,7 @@ HOLD_BYTES = 2**30  # a scanned kind's float32 rows up to this size are held in 
 FLAT_LIMIT = 20_000  # documents: up to here an exhaustive scan of the shards is fast enough (auto)
 FIT = "query basis, spherical k-means"  # how an ivf index's basis and lists are fit (older ones: rebuild)
 SCAN_MIN_SAMPLE = 16 * 39  # sampled documents the code scan's codebooks (16 codes each) need; fewer: no scan
+KEPT_SAMPLE = 4096  # documents whose energy in the coarse basis the index record reports
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,12 @@ class IndexSettings:
 
     def wanted_lists(self, documents: int) -> int:
         return max(1, self.nlist or int(round(4 * np.sqrt(documents))))
+
+    def basis_sample(self, queries: int, dim: int) -> int:
+        """Full rows held while the coarse basis is fit: documents fill only the dimensions the
+        ``queries`` leave; where they span the basis, ``KEPT_SAMPLE`` rows measure what it keeps
+        (16,384 rows of 65,536 numbers took 9 GiB to hold)."""
+        return KEPT_SAMPLE if queries >= min(self.dims, dim) else self.sample
 
     def training_documents(self, documents: int) -> int:
         """Documents whose coordinates train the lists' centroids: ``sample``, or 39 a list (faiss's
@@ -159,9 +166,9 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
     of a large model are too big to hold), then fill the lists a shard at a time."""
     from tqdm.auto import tqdm
 
-    sample = document_sample(vectors, name, settings.sample)
+    sample = document_sample(vectors, name, settings.basis_sample(len(queries), vectors.dim(name)))
     basis = PCABasis.fit_queries(queries, sample, settings.dims, settings.seed)
-    every = slice(None, None, max(1, len(sample) // 4096))
+    every = slice(None, None, max(1, len(sample) // KEPT_SAMPLE))
     documents_kept = float(np.square(basis.transform(sample[every]), dtype=np.float64).sum()
                            / np.square(sample[every], dtype=np.float64).sum())
     del sample
