@@ -173,6 +173,27 @@ class QueryEngine:
             g[contrasted] -= minus[k]
         return grads
 
+    def check_fits(self, prompt: str, answer: str | None = None, generated: int = 0,
+                   versus: str | None = None) -> None:
+        """Raise ValueError, saying by how much, unless the model's ``prompt`` followed by ``answer``
+        (or by ``generated`` new tokens) fits the study's context, and followed by ``versus`` too:
+        queries see the whole prompt or nothing, never a cut one."""
+        prompt_tokens = len(self._tokens(prompt))
+        wanted = [("the answer's", len(self._tokens(answer))) if answer is not None
+                  else ("a generated answer of up to", generated)]
+        if versus is not None:
+            wanted.append(("the contrasted answer's", len(self._tokens(versus))))
+        limit = self.study.config.influence.max_length
+        for what, answer_tokens in wanted:
+            if prompt_tokens + answer_tokens > limit:
+                raise ValueError(f"the prompt does not fit the study's context of {limit} tokens "
+                                 f"(influence.max_length): it is {prompt_tokens} tokens with the template, plus "
+                                 f"{what} {answer_tokens}; shorten it by at least "
+                                 f"{prompt_tokens + answer_tokens - limit} tokens")
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.study.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def _encode(self, prompts: Sequence[str], answers: Sequence[str]) -> dict:
         return encode_prompt_answer(self.study.tokenizer, list(prompts), list(answers),
                                     self.study.config.influence.max_length)

@@ -61,8 +61,8 @@ class Tracer:
                  temperature: float = 0.0) -> str:
         tokenizer = self.study.tokenizer
         prompt = self.prompt_for(instruction, context)
+        self.engine.check_fits(prompt, generated=max_new_tokens)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        self._check_fits(ids.shape[1], max_new_tokens, "a generated answer of up to")
         ids = ids.to(self.study.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
             "do_sample": False}
@@ -76,32 +76,10 @@ class Tracer:
     def check_request(self, instruction: str, answer: str | None = None, context: str = "",
                       max_new_tokens: int = 48, versus: str | None = None) -> None:
         """Raise ValueError, saying why, unless the request can be traced as it is (nothing is cut)."""
-        prompt = self.prompt_for(instruction, context)
-        if answer is not None and answer.strip():
-            self._check_answer_fits(prompt, answer)
-        else:
-            self._check_fits(len(self._tokens(prompt)), max_new_tokens, "a generated answer of up to")
-        if versus is not None:
-            self._check_versus(prompt, versus)
-
-    def _check_versus(self, prompt: str, versus: str) -> None:
-        if not versus.strip():
+        if versus is not None and not versus.strip():
             raise ValueError("the answer to contrast with (versus) is empty: type the other answer")
-        self._check_fits(len(self._tokens(prompt)), len(self._tokens(versus)), "the contrasted answer's")
-
-    def _tokens(self, text: str) -> list[int]:
-        return self.study.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _check_answer_fits(self, prompt: str, answer: str) -> None:
-        self._check_fits(len(self._tokens(prompt)), len(self._tokens(answer)), "the answer's")
-
-    def _check_fits(self, prompt_tokens: int, answer_tokens: int, what: str) -> None:
-        """The model sees the whole prompt or nothing: a prompt that does not fit is refused, never cut."""
-        limit = self.study.config.influence.max_length
-        if prompt_tokens + answer_tokens > limit:
-            raise ValueError(f"the prompt does not fit the study's context of {limit} tokens (influence.max_length): "
-                             f"it is {prompt_tokens} tokens with the template, plus {what} {answer_tokens}; "
-                             f"shorten it by at least {prompt_tokens + answer_tokens - limit} tokens")
+        self.engine.check_fits(self.prompt_for(instruction, context), answer if answer and answer.strip() else None,
+                               max_new_tokens, versus)
 
     # -- tracing --------------------------------------------------------------------------------
     def trace(self, instruction: str, answer: str | None = None, method: str = MULTI_STAGE,
@@ -149,14 +127,15 @@ class Tracer:
         """The model's prompt and the checked target of one request: the fine-tuned model answers
         unless ``answer`` is given; a prompt and answer that do not fit are refused, never cut."""
         prompt = self.prompt_for(instruction, context)
-        if versus is not None and versus.strip():  # blank: no contrast
-            self._check_versus(prompt, versus)
+        versus = versus if versus is not None and versus.strip() else None  # blank: no contrast
+        if versus is not None:
+            self.engine.check_fits(prompt, generated=0, versus=versus)
         if answer is None or not answer.strip():
             stage("The fine-tuned model is answering")
             answer = self.generate(instruction, context, max_new_tokens, temperature)
         if not answer.strip():
             raise ValueError(f"the model's answer to {instruction.strip()[:60]!r} is empty; type an answer to trace")
-        self._check_answer_fits(prompt, answer)
+        self.engine.check_fits(prompt, answer)
         return prompt, Target.make(answer, versus, span)
 
     def trace_many(self, requests: Sequence[tuple[str, str | None] | tuple[str, str | None, str | None]],
