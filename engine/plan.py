@@ -251,7 +251,7 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
                          {"one shard": shard})
     settings = inf.index_settings()
     sample = min(documents, settings.basis_sample(settings.queries, dims[0])) * dims[0] * 4
-    training = inf.index_settings().training_documents(documents) * inf.index_dims * 4
+    training = settings.training_documents(documents) * inf.index_dims * 4
     lists = documents * inf.index_dims * 4
     codes = documents * inf.index_dims / 2  # the code scan: encoded as the lists fill, written at the end
     peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * dims[0] * 4) + codes

@@ -173,14 +173,17 @@ class QueryEngine:
             g[contrasted] -= minus[k]
         return grads
 
-    def check_fits(self, prompt: str, answer: str | None = None, generated: int = 0,
+    def check_fits(self, prompt: str, answer: str | None = None, generated: int | None = None,
                    versus: str | None = None) -> None:
         """Raise ValueError, saying by how much, unless the model's ``prompt`` followed by ``answer``
-        (or by ``generated`` new tokens) fits the study's context, and followed by ``versus`` too:
+        (or by ``generated`` new tokens), and followed by ``versus``, fits the study's context:
         queries see the whole prompt or nothing, never a cut one."""
         prompt_tokens = len(self._tokens(prompt))
-        wanted = [("the answer's", len(self._tokens(answer))) if answer is not None
-                  else ("a generated answer of up to", generated)]
+        wanted = []
+        if answer is not None:
+            wanted.append(("the answer's", len(self._tokens(answer))))
+        elif generated is not None:
+            wanted.append(("a generated answer of up to", generated))
         if versus is not None:
             wanted.append(("the contrasted answer's", len(self._tokens(versus))))
         limit = self.study.config.influence.max_length

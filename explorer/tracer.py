@@ -129,7 +129,7 @@ class Tracer:
         prompt = self.prompt_for(instruction, context)
         versus = versus if versus is not None and versus.strip() else None  # blank: no contrast
         if versus is not None:
-            self.engine.check_fits(prompt, generated=0, versus=versus)
+            self.engine.check_fits(prompt, versus=versus)
         if answer is None or not answer.strip():
             stage("The fine-tuned model is answering")
             answer = self.generate(instruction, context, max_new_tokens, temperature)
