@@ -18,7 +18,7 @@ import pytest
 import engine.study.vectors as vectors_module
 from engine.methods import PROBES
 from engine.query import QueryEngine, index_vectors
-from engine.search import RERANK_BLOCK, Band, CodeScan, IVFLists, PCABasis, TopK, scan, staged_search
+from engine.search import Band, CodeScan, IVFLists, PCABasis, TopK, rerank_block, scan, staged_search
 from engine.study import Stage, Study, StudyError, StudyIndex, layout, open_study
 from precompute import haystack
 from precompute.demo import build_demo, tiny_recipe
@@ -360,11 +360,12 @@ def test_an_index_fit_by_an_older_msif_is_refused_with_the_rebuild_command(stage
 
 def test_index_build_reads_one_shard_at_a_time(staged):
     """Scans decode a shard at a time; the recall it measures re-ranks candidates a block at a time
-    (RERANK_BLOCK rows): the build never decodes the corpus whole."""
+    (``rerank_block`` rows, a cache-sized block): the build never decodes the corpus whole."""
     study, decoded = staged
     shard = study.manifest()["stages"][Stage.PROJECTION]["vectors"]["shard_size"]
     documents = study.manifest()["stages"][Stage.INDEX]["search"]["documents"]
-    assert decoded and max(decoded) <= max(shard, RERANK_BLOCK) < documents
+    block = rerank_block(StudyIndex.of(study).searches["whitened"].dim)
+    assert decoded and max(decoded) <= max(shard, block) and max(decoded) < documents, (max(decoded), shard, block)
 
 
 def test_growing_a_study_recomputes_only_new_shards(staged, tmp_path):
