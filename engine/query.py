@@ -327,11 +327,43 @@ class QueryEngine:
         normalized, norms = ranking.scored(ids, measured, exact)
         return Side(ids, exact, normalized, norms)
 
-    def find_documents(self, words: str, k: int = 10) -> np.ndarray:
-        """Ids of the ``k`` documents that match ``words`` best by BM25, best first (none: no word matches)."""
+    def find_documents(self, words: str, k: int = 10) -> list[int]:
+        """Document ids for words typed by a user: a number is that document; other words are matched
+        by BM25 over the corpus, the ``k`` best first (none: no word matches)."""
+        words = words.strip()
+        if words.isdigit():
+            self.check_document(int(words))
+            return [int(words)]
+        if not words:
+            raise ValueError("type words from the document, or its id")
         scores = self._lexical().score([words])[0]
         order = np.argsort(-scores, kind="stable")[:k]
-        return order[scores[order] > 0]
+        return [int(i) for i in order[scores[order] > 0]]
+
+    def check_document(self, doc_id: int) -> None:
+        if not 0 <= doc_id < len(self.study.documents):
+            raise ValueError(f"there is no document {doc_id}: the study's documents are 0 to "
+                             f"{len(self.study.documents) - 1}")
+
+    def lookup(self, prompt: str, answer: str | Target, name: str, ids: Sequence[int],
+               normalization: str | Normalization | None = None) -> tuple[Side, PreconditionedQuery | None]:
+        """Any documents' exact scores under ``name`` and its ranking ``normalization`` (a baseline's
+        similarities), with the query for their token scores (None for a baseline): one query pass
+        and one scoring pass for all."""
+        for doc_id in ids:
+            self.check_document(int(doc_id))
+        ids = np.asarray(ids, np.int64)
+        if method(name).is_baseline:
+            return Side(ids, self.baseline_scores(prompt, _plain(answer, name), name)[ids]), None
+        query = self.preconditioned([prompt], [answer], name)
+        return self.score_documents(query, ids, normalization), query
+
+    def retrieval(self, name: str, exhaustive: bool = False, shared_by: int = 1) -> str:
+        """How a ranking's documents are found, in words."""
+        if not method(name).indexed or exhaustive:
+            return "exact, all documents"
+        text = f"index candidates ({self.study.config.influence.candidates} per sign) re-scored exactly"
+        return text + (f", in one pass shared by {shared_by} prompts" if shared_by > 1 else "")
 
     def _lexical(self) -> BM25:
         if self._bm25 is None:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from engine.methods import MULTI_STAGE
@@ -116,7 +115,7 @@ class Tracer:
             if heatmaps and ranking.query is not None:
                 stage("Token heatmaps of the top documents")
             trace = self._trace(instruction, prompt, context, target, ranking, timings,
-                                self._retrieval(method, exhaustive), heatmaps, top_k)
+                                self.engine.retrieval(method, exhaustive), heatmaps, top_k)
             timings.heatmaps = time.perf_counter() - t0
         timings.total = time.perf_counter() - started
         return trace
@@ -161,7 +160,7 @@ class Tracer:
                 timings = Timings(generate=generated / len(requests), rank=shared / len(requests))
                 t0 = time.perf_counter()
                 traces.append(self._trace(instruction, prompt, "", answer, ranking, timings,
-                                          self._retrieval(method, shared_by=len(requests)), heatmaps, top_k))
+                                          self.engine.retrieval(method, shared_by=len(requests)), heatmaps, top_k))
                 timings.heatmaps = time.perf_counter() - t0
                 timings.total = timings.generate + timings.rank + timings.heatmaps
         return traces
@@ -207,13 +206,6 @@ class Tracer:
             trace.place(hit)
         return trace
 
-    def _retrieval(self, method: str, exhaustive: bool = False, shared_by: int = 1) -> str:
-        """How a trace's documents were found, in words (its settings' ``retrieval``)."""
-        if not method_spec(method).indexed or exhaustive:
-            return "exact, all documents"
-        text = f"index candidates ({self.study.config.influence.candidates} per sign) re-scored exactly"
-        return text + (f", in one pass shared by {shared_by} prompts" if shared_by > 1 else "")
-
     def _document_hits(self, side: Side) -> list[DocumentHit]:
         hits = []
         for j, doc_id in enumerate(int(i) for i in side.ids):
@@ -234,20 +226,11 @@ class Tracer:
 
     # -- any document ---------------------------------------------------------------------------
     def find_documents(self, words: str, k: int = 10) -> list[int]:
-        """Document ids for words typed by a user: a number is that document, other words are
-        matched by BM25 over the corpus (best first)."""
-        words = words.strip()
-        if words.isdigit():
-            self.check_document(int(words))
-            return [int(words)]
-        if not words:
-            raise ValueError("type words from the document, or its id")
-        return [int(i) for i in self.engine.find_documents(words, k)]
+        """Document ids for words typed by a user (``QueryEngine.find_documents``)."""
+        return self.engine.find_documents(words, k)
 
     def check_document(self, doc_id: int) -> None:
-        if not 0 <= doc_id < len(self.study.documents):
-            raise ValueError(f"there is no document {doc_id}: the study's documents are 0 to "
-                             f"{len(self.study.documents) - 1}")
+        self.engine.check_document(doc_id)
 
     def document(self, trace: Trace, doc_id: int, heatmap: bool = True) -> DocumentLookup:
         """Any document's exact score for ``trace``'s answer (its target: contrast and span included)
@@ -256,19 +239,13 @@ class Tracer:
 
     def documents(self, trace: Trace, doc_ids: Sequence[int], heatmap: bool = True) -> list[DocumentLookup]:
         """:meth:`document` for several documents: one query pass and one scoring pass for all."""
-        for doc_id in doc_ids:
-            self.check_document(doc_id)
-        ids = np.asarray(doc_ids, np.int64)
+        target = Target.make(trace.answer, trace.versus, trace.span)
         with self._lock:
-            if method_spec(trace.method).is_baseline:
-                scores = self.engine.baseline_scores(trace.settings.model_prompt, trace.answer, trace.method)
-                hits = self._document_hits(Side(ids, scores[ids]))
-            else:
-                target = Target.make(trace.answer, trace.versus, trace.span)
-                query = self.engine.preconditioned([trace.settings.model_prompt], [target], trace.method)
-                hits = self._document_hits(self.engine.score_documents(query, ids, trace.settings.normalization))
-                if heatmap:
-                    self._heatmaps(hits, query)
+            side, query = self.engine.lookup(trace.settings.model_prompt, target, trace.method, doc_ids,
+                                             trace.settings.normalization)
+            hits = self._document_hits(side)
+            if heatmap and query is not None:
+                self._heatmaps(hits, query)
         return [DocumentLookup(hit, *trace.place(hit), hit.doc_id in trace.pool_ids) for hit in hits]
 
     def _heatmaps(self, hits, query, records: bool = False) -> None:
