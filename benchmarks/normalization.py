@@ -326,7 +326,8 @@ def per_seed_min(groups: list[np.ndarray]) -> float:
 
 def choose_default(runs: list[dict]) -> tuple[str, list[str]]:
     """The variant the targets pick for multi-stage: every seed's served haystack MRR@10 >= 0.85 and
-    recall@10 >= 0.9, no plain seed more than 0.03 below raw, exhaustive plain within 0.03 of raw;
+    recall@10 >= 0.9, no plain seed more than 0.03 below raw, exhaustive plain no more than 0.03 below
+    raw (the target guards the plain world against a loss: a gain over raw is no reason to refuse);
     among those (or, if none passes, among all) the best pooled served haystack MRR@10. Only rankings
     every influence method can use are candidates (a default must serve single-stage, whose documents
     are scored at theta_ft, and fine-tuning records: whitened norms are stored for theta_pt only)."""
@@ -345,8 +346,8 @@ def choose_default(runs: list[dict]) -> tuple[str, list[str]]:
         passes = {"haystack MRR >= 0.85 every seed": per_seed_min(served_h) >= 0.85,
                   "haystack recall >= 0.9 every seed": per_seed_min(served_hr) >= 0.9,
                   "plain loss <= 0.03 every seed": max(losses) <= 0.03,
-                  "exhaustive plain within 0.03 of raw": abs(np.concatenate(ex_plain).mean()
-                                                             - np.concatenate(ex_raw).mean()) <= 0.03}
+                  "exhaustive plain at most 0.03 below raw": (np.concatenate(ex_raw).mean()
+                                                              - np.concatenate(ex_plain).mean()) <= 0.03}
         pooled = float(np.concatenate(served_h).mean())
         scored.append((all(passes.values()), pooled, float(np.concatenate(plain).mean()), spec))
         lines.append(f"| {spec} | {pooled:.3f} | {per_seed_min(served_h):.3f} | {per_seed_min(served_hr):.3f} | "
@@ -395,7 +396,7 @@ def report(runs: list[dict]) -> str:
         f"The code's default ranking is `{DEFAULT_NORMALIZATION}`; the targets below pick `{default}`.",
         "## Choosing the default (multi-stage, served)",
         "\n".join(["| ranking | haystack MRR@10 (pooled) | worst seed | worst seed recall@10 | worst plain loss vs "
-                   "raw | haystack MRR >= 0.85 | recall >= 0.9 | plain loss <= 0.03 | exhaustive plain within 0.03 |",
+                   "raw | haystack MRR >= 0.85 | recall >= 0.9 | plain loss <= 0.03 | exhaustive plain loss <= 0.03 |",
                    "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |", *choice]),
     ]
     rows = ["| method | ranking | plain, exhaustive | plain, served | haystack, exhaustive | haystack, served | "
