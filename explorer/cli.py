@@ -117,7 +117,7 @@ def _query(args) -> int:
                          factor_precision=args.factor_precision)
     tracer.engine.normalization(args.method, args.normalize)  # a bad --normalize is refused before any prompt runs
     for doc in args.document or ():
-        tracer.check_document(doc)
+        tracer.engine.check_document(doc)
     for row in prompts:  # every prompt is checked before the first one runs
         try:
             tracer.check_request(row["prompt"], row["answer"], versus=row["versus"])

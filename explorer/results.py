@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from engine.methods import method as method_spec
+from engine.query import Side
 
 
 @dataclass
@@ -53,6 +54,29 @@ class RecordHit:
 
 
 Hit = DocumentHit | RecordHit
+
+
+def document_hits(side: Side, documents) -> list[DocumentHit]:
+    """One side of a ranking as hits, with the documents' titles and texts."""
+    return [DocumentHit(int(i), float(side.exact[j]), documents[int(i)]["title"], documents[int(i)]["text"],
+                        projected_score=_at(side.projected, j), normalized_score=_at(side.normalized, j),
+                        norm=_at(side.norms, j)) for j, i in enumerate(side.ids)]
+
+
+def record_hits(side: Side, records, prompts) -> list[RecordHit]:
+    """One side of a ranking of fine-tuning records as hits, each with its text as trained on
+    (``prompts``: the study's prompt template)."""
+    hits = []
+    for j, i in enumerate(int(i) for i in side.ids):
+        row = records[i]
+        text = prompts.prompt(row["instruction"], row["context"]) + row["response"]
+        hits.append(RecordHit(i, float(side.exact[j]), row["instruction"], row["category"], text,
+                              normalized_score=_at(side.normalized, j), norm=_at(side.norms, j)))
+    return hits
+
+
+def _at(values, j: int) -> float | None:
+    return None if values is None else float(values[j])
 
 
 @dataclass

@@ -17,12 +17,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from engine.methods import MULTI_STAGE
-from engine.methods import method as method_spec
 from engine.normalization import Normalization
-from engine.query import QueryEngine, Ranking, Side, Target
+from engine.query import QueryEngine, Ranking, Target
 from engine.study import OpenedStudy, open_study
 
-from .results import AnswerTokenMap, DocumentHit, DocumentLookup, RecordHit, Timings, Trace, TraceSettings
+from .results import AnswerTokenMap, DocumentLookup, Timings, Trace, TraceSettings, document_hits, record_hits
 
 MAX_PROMPT_CHARS = 8000
 
@@ -97,28 +96,46 @@ class Tracer:
         (why this answer rather than that one); ``span``: on the answer tokens [start, end) alone
         (``engine.query.Target``). ``on_stage`` is told, in words, what starts next.
         """
-        stage = on_stage or (lambda _: None)
+        return self._traces([(instruction, answer, context, versus, span)], method, top_k, heatmaps, exhaustive,
+                            normalization, on_stage or (lambda _: None), max_new_tokens, temperature)[0]
+
+    def trace_many(self, requests: Sequence[tuple[str, str | None] | tuple[str, str | None, str | None]],
+                   method: str = MULTI_STAGE, top_k: int = 10, heatmaps: bool = True, exhaustive: bool = False,
+                   normalization: str | Normalization | None = None) -> list[Trace]:
+        """Trace several (instruction, answer or None[, versus or None]) at once: the prompts share one
+        query pass, and for indexed methods one index search and one exact re-scoring pass."""
+        return self._traces([(r[0], r[1], "", r[2] if len(r) > 2 else None, None) for r in requests], method,
+                            top_k, heatmaps, exhaustive, normalization)
+
+    def _traces(self, requests: list[tuple], method: str, top_k: int, heatmaps: bool, exhaustive: bool,
+                normalization: str | Normalization | None, stage: Callable[[str], None] = lambda _: None,
+                max_new_tokens: int = 48, temperature: float = 0.0) -> list[Trace]:
+        """Traces of (instruction, answer or None, context, versus, span) requests ranked together; the
+        shared steps' time is split evenly between them."""
         norm = self.engine.normalization(method, normalization)
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
-        timings = Timings()
         started = time.perf_counter()
-        prompt, target = self._prepare(instruction, answer, context, versus, span, max_new_tokens, temperature, stage)
-        if answer is None or not answer.strip():
-            timings.generate = time.perf_counter() - started
+        prepared = [self._prepare(*request, max_new_tokens, temperature, stage) for request in requests]
+        answered = any(a is None or not a.strip() for _, a, *_ in requests)
+        generate = (time.perf_counter() - started) / len(requests) if answered else None
         with self._lock:
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             stage(f"Ranking documents by {method}")
-            ranking = self.engine.rank([prompt], [target], method, top_k, norm, exhaustive)[0]
-            timings.rank = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if heatmaps and ranking.query is not None:
-                stage("Token heatmaps of the top documents")
-            trace = self._trace(instruction, prompt, context, target, ranking, timings,
-                                self.engine.retrieval(method, exhaustive), heatmaps, top_k)
-            timings.heatmaps = time.perf_counter() - t0
-        timings.total = time.perf_counter() - started
-        return trace
+            rankings = self.engine.rank(*zip(*prepared), method, top_k, norm, exhaustive)
+            rank = (time.perf_counter() - started) / len(requests)
+            retrieval = self.engine.retrieval(method, exhaustive, len(requests))
+            traces = []
+            for (instruction, _, context, _, _), (prompt, target), ranking in zip(requests, prepared, rankings):
+                started = time.perf_counter()
+                if heatmaps and ranking.query is not None:
+                    stage("Token heatmaps of the top documents")
+                timings = Timings(generate, rank)
+                traces.append(self._trace(instruction, prompt, context, target, ranking, timings, retrieval,
+                                          heatmaps, top_k))
+                timings.heatmaps = time.perf_counter() - started
+                timings.total = (generate or 0.0) + rank + timings.heatmaps
+        return traces
 
     def _prepare(self, instruction: str, answer: str | None, context: str = "", versus: str | None = None,
                  span: tuple[int, int] | None = None, max_new_tokens: int = 48, temperature: float = 0.0,
@@ -136,34 +153,6 @@ class Tracer:
             raise ValueError(f"the model's answer to {instruction.strip()[:60]!r} is empty; type an answer to trace")
         self.engine.check_fits(prompt, answer)
         return prompt, Target.make(answer, versus, span)
-
-    def trace_many(self, requests: Sequence[tuple[str, str | None] | tuple[str, str | None, str | None]],
-                   method: str = MULTI_STAGE, top_k: int = 10, heatmaps: bool = True, exhaustive: bool = False,
-                   normalization: str | Normalization | None = None) -> list[Trace]:
-        """Trace several (instruction, answer or None[, versus or None]) at once: for indexed methods
-        the prompts share one query pass, one index search and one exact re-scoring pass; others trace
-        one by one."""
-        norm = self.engine.normalization(method, normalization)
-        requests = [(r[0], r[1], r[2] if len(r) > 2 else None) for r in requests]
-        if not method_spec(method).indexed or exhaustive or len(requests) < 2:
-            return [self.trace(i, a, method, top_k, heatmaps=heatmaps, exhaustive=exhaustive, normalization=norm,
-                               versus=v) for i, a, v in requests]
-        started = time.perf_counter()
-        prompts, targets = zip(*(self._prepare(i, a, versus=v) for i, a, v in requests))
-        generated = time.perf_counter() - started
-        with self._lock:
-            t0 = time.perf_counter()
-            rankings = self.engine.rank(prompts, targets, method, top_k, norm)
-            shared = time.perf_counter() - t0
-            traces = []
-            for (instruction, _, _), prompt, answer, ranking in zip(requests, prompts, targets, rankings):
-                timings = Timings(generate=generated / len(requests), rank=shared / len(requests))
-                t0 = time.perf_counter()
-                traces.append(self._trace(instruction, prompt, "", answer, ranking, timings,
-                                          self.engine.retrieval(method, shared_by=len(requests)), heatmaps, top_k))
-                timings.heatmaps = time.perf_counter() - t0
-                timings.total = timings.generate + timings.rank + timings.heatmaps
-        return traces
 
     def finetune_examples(self, instruction: str, answer: str, top_k: int = 10, context: str = "",
                           heatmaps: bool = True, normalization: str | Normalization | None = None,
@@ -187,7 +176,8 @@ class Tracer:
     def _trace(self, instruction: str, prompt: str, context: str, target: Target, ranking: Ranking,
                timings: Timings, retrieval: str, heatmaps: bool, top_k: int, records: bool = False) -> Trace:
         """The typed result of a ranking: hits with titles and texts (and heatmaps), settings."""
-        hits = self._record_hits if records else self._document_hits
+        hits = (lambda side: record_hits(side, self.study.records, self.study.prompts)) if records else (
+            lambda side: document_hits(side, self.study.documents))
         pro, opp = hits(ranking.proponents), hits(ranking.opponents)
         query, norm = ranking.query, ranking.normalization
         if heatmaps and query is not None:
@@ -206,32 +196,7 @@ class Tracer:
             trace.place(hit)
         return trace
 
-    def _document_hits(self, side: Side) -> list[DocumentHit]:
-        hits = []
-        for j, doc_id in enumerate(int(i) for i in side.ids):
-            row = self.study.documents[doc_id]
-            hits.append(DocumentHit(doc_id, float(side.exact[j]), row["title"], row["text"],
-                                    projected_score=_at(side.projected, j), normalized_score=_at(side.normalized, j),
-                                    norm=_at(side.norms, j)))
-        return hits
-
-    def _record_hits(self, side: Side) -> list[RecordHit]:
-        hits = []
-        for j, record_id in enumerate(int(i) for i in side.ids):
-            row = self.study.records[record_id]
-            text = self.study.prompts.prompt(row["instruction"], row["context"]) + row["response"]
-            hits.append(RecordHit(record_id, float(side.exact[j]), row["instruction"], row["category"], text,
-                                  normalized_score=_at(side.normalized, j), norm=_at(side.norms, j)))
-        return hits
-
     # -- any document ---------------------------------------------------------------------------
-    def find_documents(self, words: str, k: int = 10) -> list[int]:
-        """Document ids for words typed by a user (``QueryEngine.find_documents``)."""
-        return self.engine.find_documents(words, k)
-
-    def check_document(self, doc_id: int) -> None:
-        self.engine.check_document(doc_id)
-
     def document(self, trace: Trace, doc_id: int, heatmap: bool = True) -> DocumentLookup:
         """Any document's exact score for ``trace``'s answer (its target: contrast and span included)
         under its method and ranking, its token heatmap, and its rank among the trace's scored documents."""
@@ -243,7 +208,7 @@ class Tracer:
         with self._lock:
             side, query = self.engine.lookup(trace.settings.model_prompt, target, trace.method, doc_ids,
                                              trace.settings.normalization)
-            hits = self._document_hits(side)
+            hits = document_hits(side, self.study.documents)
             if heatmap and query is not None:
                 self._heatmaps(hits, query)
         return [DocumentLookup(hit, *trace.place(hit), hit.doc_id in trace.pool_ids) for hit in hits]
@@ -271,6 +236,3 @@ class Tracer:
     def _pieces(self, ids) -> list[str]:
         return [self.study.tokenizer.decode([int(i)]) for i in ids]
 
-
-def _at(values, j: int) -> float | None:
-    return None if values is None else float(values[j])

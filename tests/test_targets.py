@@ -255,12 +255,12 @@ def test_a_document_outside_the_candidates_is_placed_among_them(tracer):
 def test_documents_are_found_by_words_or_id(tracer):
     docs = tracer.study.documents
     title = docs[17]["title"]
-    assert 17 in tracer.find_documents(f"{title} {docs[17]['text'][:60]}")[:3]
-    assert tracer.find_documents(" 17 ") == [17]
-    assert tracer.find_documents("qqqzzz xxyyq") == []
+    assert 17 in tracer.engine.find_documents(f"{title} {docs[17]['text'][:60]}")[:3]
+    assert tracer.engine.find_documents(" 17 ") == [17]
+    assert tracer.engine.find_documents("qqqzzz xxyyq") == []
     for bad, says in (("999999", "there is no document 999999"), ("  ", "type words")):
         with pytest.raises(ValueError, match=says):
-            tracer.find_documents(bad)
+            tracer.engine.find_documents(bad)
 
 
 def test_query_cli_scores_any_document(tiny_study, capsys):

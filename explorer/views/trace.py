@@ -254,7 +254,7 @@ def find_tab(trace: Trace) -> None:
     if not words.strip():
         return
     try:
-        ids = tracer.find_documents(words)
+        ids = tracer.engine.find_documents(words)
     except ValueError as err:
         show_error(err, "Could not look it up")
         return
