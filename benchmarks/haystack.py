@@ -14,7 +14,9 @@ scan and re-rank), exact re-scoring of the candidates, and a full trace with hea
 recall@10/@100 of the index's ranking against an exhaustive scan of the whitened vectors (one pass
 over the shards for all queries); with ``--exact``, recall@10 of the served top-10 (after exact
 re-scoring) against exhaustive exact multi-stage scores of every document (one stacked pass over
-the corpus for all queries) and the fact-tracing MRR of that exhaustive ranking. Queries are the
+the corpus for all queries) and the fact-tracing MRR of that exhaustive ranking. Every ranking is the
+one `msif query` serves by default (``engine.normalization.DEFAULT``): the index, its scan and the
+exact scores are all divided the same way. Queries are the
 world's pretraining-only facts with their reference answers; a fact's sources are the documents
 that state it (none of the haystack does). MRR of the served ranking counts a source outside the
 served top-100 as not found (reciprocal rank 0); BM25 ranks the full corpus.
@@ -103,18 +105,22 @@ def main(argv=None) -> int:
           f"RSS {rss_open / GIB:.2f} GiB; {len(cases)} queries", flush=True)
 
     pool = opened.config.influence.candidates
+    engine = tracer.engine
+    norm = engine.normalization("multi-stage")  # the default ranking, as msif query serves it
+    weights = engine.search_weights("multi-stage", norm, "whitened")
+    ranking = engine.normalized_ranking("multi-stage", norm, exhaustive=False)
     rows, queries, served, pools = [], [], [], []
     for case in cases:
         prompt = tracer.prompt_for(case["question"])
         t0 = time.perf_counter()
-        query = tracer.engine.preconditioned([prompt], [case["response"]], "multi-stage")
+        query = engine.preconditioned([prompt], [case["response"]], "multi-stage")
         vector = opened.whitening.query_vectors(query.vectors)
         t1 = time.perf_counter()
         clock: dict = {}
-        found = index.search("whitened", vector, pool, clock=clock)
+        found = index.search("whitened", vector, pool, weights, clock=clock)
         t2 = time.perf_counter()
         pt = opened.pretrained
-        rescored = rescore(found, pt.model, TASK, pt.layers, query, opened.document_batches)
+        rescored = rescore(found, pt.model, TASK, pt.layers, query, opened.document_batches, ranking=ranking)
         t3 = time.perf_counter()
         tracer.trace(case["question"], case["response"], method="multi-stage", top_k=10)
         t4 = time.perf_counter()
@@ -128,12 +134,12 @@ def main(argv=None) -> int:
 
     vectors = np.stack([v for _, v in queries])
     t0 = time.perf_counter()
-    truth = index.searches["whitened"].scan(vectors, 100)
+    truth = index.searches["whitened"].scan(vectors, 100, weights)
     scan_s = time.perf_counter() - t0
-    big = index.search("whitened", vectors, 100)
+    big = index.search("whitened", vectors, 100, weights)
     recall = {k: statistics.mean(overlap(a, b, k) for a, b in zip(big.proponent_ids, truth.proponent_ids))
               for k in (10, 100)}
-    sweep = rerank_sweep(index, vectors, truth) if index.kind == "ivf" else []
+    sweep = rerank_sweep(index, vectors, truth, weights) if index.kind == "ivf" else []
     served_top10 = [p.head(10).proponent_ids[0] for p in pools]
     sources = [set(c["doc_ids"]) for c in cases]
     mrr_served = statistics.mean(reciprocal_rank(big.proponent_ids[i], sources[i]) for i in range(len(cases)))
@@ -152,6 +158,7 @@ def main(argv=None) -> int:
         pt = opened.pretrained
         scores = score_documents(pt.model, TASK, _all_batches(opened), pt.layers, stacked,
                                  progress=True).double().numpy()
+        scores = norm.apply(scores, index.norms, index.norms)  # what the exhaustive ranking orders by
         exact = {"seconds": time.perf_counter() - t0,
                  "recall_at_10": statistics.mean(overlap(served_top10[i], np.argsort(-scores[i])[:10], 10)
                                                  for i in range(len(cases))),
@@ -160,14 +167,14 @@ def main(argv=None) -> int:
                  "mrr": statistics.mean(reciprocal_rank(np.argsort(-scores[i])[:100], sources[i])
                                         for i in range(len(cases)))}
     report = render(args, manifest, study_dir, n_docs, index, open_s, rss_open, rss_serving, rows, recall, scan_s,
-                    mrr_served, mrr_pool, mrr_bm25, bm25_build_s, exact, pool, sweep)
+                    mrr_served, mrr_pool, mrr_bm25, bm25_build_s, exact, pool, sweep, norm)
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
     return 0
 
 
-def rerank_sweep(index, vectors: np.ndarray, truth, sizes=(250, 500, 1000, 2000, 4000)) -> list[dict]:
+def rerank_sweep(index, vectors: np.ndarray, truth, weights, sizes=(250, 500, 1000, 2000, 4000)) -> list[dict]:
     """Recall against the scan and search latency (one query at a time) as the re-rank pool grows."""
     search = index.searches["whitened"]
     configured, out = search.rerank, []
@@ -177,7 +184,7 @@ def rerank_sweep(index, vectors: np.ndarray, truth, sizes=(250, 500, 1000, 2000,
             seconds, ids = [], []
             for v in vectors:
                 t0 = time.perf_counter()
-                ids.append(search.search(v[None], 100).proponent_ids[0])
+                ids.append(search.search(v[None], 100, weights).proponent_ids[0])
                 seconds.append(time.perf_counter() - t0)
             out.append({"rerank": size, "search_s": statistics.median(seconds),
                         **{f"at_{k}": statistics.mean(overlap(a, b, k) for a, b in zip(ids, truth.proponent_ids))
@@ -210,7 +217,7 @@ def _p(values, q: float) -> float:
 
 
 def render(args, manifest, study, n_docs, index, open_s, rss_open, rss_serving, rows, recall, scan_s, mrr_served,
-           mrr_pool, mrr_bm25, bm25_build_s, exact, pool, sweep) -> str:
+           mrr_pool, mrr_bm25, bm25_build_s, exact, pool, sweep, norm) -> str:
     stages = manifest["stages"]
     record = stages[Stage.INDEX]["search"]
     lines = [f"# Haystack: {n_docs:,} documents", "",
@@ -219,7 +226,8 @@ def render(args, manifest, study, n_docs, index, open_s, rss_open, rss_serving, 
              + (f" ({record['dims']} coordinates fit on {record['whitened']['queries']:,} fine-tuning records' "
                 f"queries, keeping {record['whitened']['query_energy_kept']:.0%} of their energy; "
                 f"re-rank {record['rerank']:,} per sign with full vectors)" if record["kind"] == "ivf" else "")
-             + f"; {pool} candidates per sign re-scored exactly.", "",
+             + f"; {pool} candidates per sign re-scored exactly. Ranking: the default, `{norm}` "
+             f"({norm.describe()}), in the index, its scan and the exact scores alike.", "",
              "## Build", "", "| stage | seconds | peak host RAM (GiB) |", "| --- | ---: | ---: |"]
     for name in (Stage.HAYSTACK, Stage.CORPUS, Stage.PROJECTION, Stage.INDEX):
         if name in stages:
