@@ -247,12 +247,16 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
 
 
 def pool_sweep(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool, cache: Path,
-               pools: list[int], latency_queries: int) -> list[dict]:
+               pools: list[int], latency_queries: int, rerank: int | None = None) -> list[dict]:
     """Served MRR@10 of multi-stage (raw and the default ranking) when the index proposes ``pool``
     candidates per sign instead of the study's ``candidates``, from the cached exact scores; with
-    ``latency_queries``, the haystack trace's seconds at each pool (``ranking`` "served@POOL")."""
+    ``latency_queries``, the haystack trace's seconds at each pool (``ranking`` "served@POOL"). ``rerank``:
+    serve the haystack as if its index had been built with that many rows re-ranked per sign (the
+    index's structure does not depend on it)."""
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
+    if rerank is not None:
+        big.study.index.searches["whitened"].rerank = rerank
     cases = load_cases(haystack, limit, reference)
     measured = cached_pass(big.engine, cases, len(small.study.documents), cache, reuse_only=True)
     scores, norms = measured["scores"]["multi-stage"], measured["norms"]["multi-stage"]
@@ -265,7 +269,8 @@ def pool_sweep(haystack: Path, plain: Path, limit: int | None, threads: int, ref
                 top = served_top(served_candidates(tracer.engine, cases, "multi-stage", spec, max(K, pool)),
                                  scores, norms, spec, reference_norms)
                 entries.append({"setting": setting, "ranking": f"served@{pool}", "method": "multi-stage",
-                                "normalization": spec, "candidates": pool, **fact_metrics(top, cases)})
+                                "normalization": spec, "candidates": pool, "rerank": rerank,
+                                **fact_metrics(top, cases)})
             if setting == "haystack" and latency_queries:
                 tracer.study.config.influence.candidates = pool
                 timed = latency(tracer, cases, latency_queries, (DEFAULT_NORMALIZATION,))
@@ -495,6 +500,7 @@ def main(argv=None) -> int:
     sweep.add_argument("--pools", type=lambda text: [int(x) for x in text.split(",")], required=True,
                        help="candidates per sign, e.g. 30,50,100,150")
     sweep.add_argument("--latency-queries", type=int, default=0, help="timed traces per pool (haystack)")
+    sweep.add_argument("--rerank", type=int, help="rows re-ranked per sign in the haystack (default: the study's)")
     sweep.add_argument("--out", type=Path, required=True, help="the seed's run (JSON, with its .npz beside it)")
     rep = commands.add_parser("report", help="pool the seeds' measurements into a report")
     rep.add_argument("runs", type=Path, nargs="+")
@@ -515,7 +521,7 @@ def main(argv=None) -> int:
         result = json.loads(args.out.read_text())
         result["results"] = [r for r in result["results"] if not r["ranking"].startswith("served@")]
         result["results"] += pool_sweep(args.haystack, args.plain, args.limit, args.threads, args.reference_answers,
-                                        cache, args.pools, args.latency_queries)
+                                        cache, args.pools, args.latency_queries, args.rerank)
         args.out.write_text(json.dumps(result))
         print(report([result]))
         return 0

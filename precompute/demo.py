@@ -54,7 +54,7 @@ class DemoRecipe:
     # 4,096 whitened coordinates a layer in int4 take the bytes of 1,024 in float16 and serve the
     # haystack's exact top 10 far better (docs/vector_storage.md: 0.93 of it against 0.76, seed 0)
     influence: InfluenceConfig = field(default_factory=lambda: InfluenceConfig(
-        label_samples=2, max_length=256, batch_size=16, projection_dim=256, candidates=150, eigen_dim=4096,
+        label_samples=2, max_length=256, batch_size=16, projection_dim=256, candidates=75, eigen_dim=4096,
         vector_dtype="int4"))
 
 
