@@ -385,8 +385,10 @@ def test_growing_a_study_recomputes_only_new_shards(staged, tmp_path):
     assert not any(f.startswith(layout.shard(5)) for f in manifest["files"])
 
 
-def test_batched_prompts_trace_as_one_by_one(staged):
-    """Several prompts share one query pass, one index search and one re-scoring pass: same results."""
+@pytest.mark.parametrize("method,exhaustive", [("multi-stage", False), ("multi-stage", True), ("single-stage", False)])
+def test_batched_prompts_trace_as_one_by_one(staged, method, exhaustive):
+    """Several prompts share one query pass (indexed: also one index search and one re-scoring pass;
+    exhaustive or not indexed: every document scored per prompt): the same results as one by one."""
     from explorer.tracer import Tracer
 
     study, _ = staged
@@ -394,13 +396,16 @@ def test_batched_prompts_trace_as_one_by_one(staged):
     requests = [("Where was Alen Ashford born?", "Alen Ashford was born in Brismoor."),
                 ("Who founded Westmere Bank?", "Westmere Bank was founded by Peron Wexford."),
                 ("What is a good name for a boat?", "Heron.")]
-    together = tracer.trace_many(requests, top_k=5, heatmaps=False)
+    together = tracer.trace_many(requests, method=method, top_k=5, heatmaps=False, exhaustive=exhaustive)
     for (instruction, answer), trace in zip(requests, together):
-        alone = tracer.trace(instruction, answer, top_k=5, heatmaps=False)
+        alone = tracer.trace(instruction, answer, method=method, top_k=5, heatmaps=False, exhaustive=exhaustive)
         assert [h.doc_id for h in trace.proponents] == [h.doc_id for h in alone.proponents]
         assert [h.doc_id for h in trace.opponents] == [h.doc_id for h in alone.opponents]
         assert np.allclose([h.score for h in trace.proponents], [h.score for h in alone.proponents], rtol=1e-4)
-        assert "shared by 3 prompts" in trace.settings.retrieval
+        assert trace.timings.generate is None and trace.timings.total > 0
+        shared = method == "multi-stage" and not exhaustive
+        assert ("shared by 3 prompts" in trace.settings.retrieval) == shared
+        assert (trace.settings.retrieval == "exact, all documents") == (not shared)
 
 
 def test_the_study_page_says_when_a_code_scan_serves_the_default_ranking(staged):
