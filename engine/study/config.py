@@ -122,12 +122,11 @@ class InfluenceConfig:
     projection_dim: int = 256  # per tracked layer (k_out * k_in), for the raw-gradient indexes
     eigen_dim: int = 1024  # per tracked layer: top eigen-coordinates kept for multi-stage retrieval
     index: str = "auto"  # flat (exhaustive scan) | ivf (staged: faiss inverted lists, re-rank) | auto: by corpus size
-    index_dims: int = 256  # ivf: principal coordinates of every document in the coarse stage
-    # ivf: candidates per sign re-scored with their full rows. 4,000 rather than 2,000 served MRR@10 0.838 against
-    # 0.787 among 202,200 documents, and more on four of five 32k seeds (docs/normalization.md)
-    rerank: int = 4000
-    index_sample: int = 16384  # ivf: documents the lists' centroids are trained on
-    index_queries: int = 512  # ivf: fine-tuning records whose query vectors the coarse basis is fit on
+    # ivf knobs: their defaults are the index's own (engine.study.index.IndexSettings, which says why)
+    index_dims: int = IndexSettings.dims  # principal coordinates of every document in the coarse stage
+    rerank: int = IndexSettings.rerank  # candidates per sign re-scored with their full rows
+    index_sample: int = IndexSettings.sample  # documents the lists' centroids are trained on
+    index_queries: int = IndexSettings.queries  # fine-tuning records whose queries the coarse basis is fit on
     # per sign: retrieved by the index, re-scored exactly, best top_k shown. 75 served the same MRR@10 as 150 on
     # the 32k haystacks and the plain demos but one (-0.012), and pays for the larger re-rank
     candidates: int = 75
