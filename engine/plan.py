@@ -241,7 +241,7 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
     """The search index (engine.study.index): a flat index writes nothing and reads a shard at a time;
     an ivf index first makes the query vectors its basis is fit on (``queries``: the fine-tuned model,
     both factor sets and a batch's capture on the device, freed after), then holds a document sample
-    (float32) and writes (documents, index_dims) float32 coordinates of the whitened vectors into
+    (float32) and writes (documents, index_dims + index_sketch) float32 coordinates of the whitened vectors into
     inverted lists on disk, memory-mapped when served, and the default ranking's code scan (4 bits a
     coordinate, held in memory when served)."""
     kind = inf.index_settings().resolved(documents)
@@ -250,10 +250,11 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
         return StagePlan("index", PROCESS_BASE + shard if cpu else 0.0, PROCESS_BASE + shard, 0.0, 0.0,
                          {"one shard": shard})
     settings = inf.index_settings()
+    coarse = settings.dims + settings.sketch_size(documents)  # principal coordinates, then the residual's sketch
     sample = min(documents, settings.basis_sample(settings.queries, dims[0])) * dims[0] * 4
-    training = settings.training_documents(documents) * inf.index_dims * 4
-    lists = documents * inf.index_dims * 4
-    codes = documents * inf.index_dims / 2  # the code scan: encoded as the lists fill, written at the end
+    training = settings.training_documents(documents) * coarse * 4
+    lists = documents * coarse * 4
+    codes = documents * coarse / 2  # the code scan: encoded as the lists fill, written at the end
     peak = PROCESS_BASE + max(2 * sample, training + min(documents, SHARD_ROWS) * dims[0] * 4) + codes
     return StagePlan("index", max(peak, queries) if cpu else queries, peak, lists + codes, 0.0,
                      {"record queries (model, both factor sets)": queries, "document sample": sample,

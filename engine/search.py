@@ -8,7 +8,8 @@ product: proponents are the k highest scores, opponents the k lowest. Results ar
 The staged search is for corpora whose vectors do not fit in memory:
 
 1. coarse: every document's coordinates in a P-dim basis V (``PCABasis``) approximate its score,
-   <q, w> ~= <q, mean> + <V^T q, V^T (w - mean)>. The study fits V on *queries* (the principal
+   <q, w> ~= <q, mean> + <V^T q, V^T (w - mean)>, plus a k-dim count sketch of what V leaves out
+   (``ResidualSketch``: unbiased for any query). The study fits V on *queries* (the principal
    directions of preconditioned fine-tuning records, uncentred: mean = 0), so that q ~= V V^T q and the
    error <q - V V^T q, w> is small whatever the document; fit on documents, a templated query kept a
    third of its energy and the sources of half the facts fell out of the coarse stage's top 2,000
@@ -33,6 +34,7 @@ document (its norm, or a normalisation's divisor) and faiss has no per-document 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -138,16 +140,66 @@ def matrix_chunks(matrix: np.ndarray, rows: int = CHUNK_ROWS) -> Iterator[tuple[
 
 
 @dataclass
+class ResidualSketch:
+    """A count sketch C (k x D: each input coordinate added, with a random sign, into one of k) of
+    what a basis V leaves out: coordinates C (x - V V^T x) = C x - (C V)(V^T x). Inner products of
+    sketched vectors estimate <q - V V^T q, w - V V^T w> without bias, whatever the query, with an
+    error that shrinks as 1 / sqrt(k), where the principal part alone misses it: on the 32k haystacks
+    the test queries kept 15% of their energy in a basis fit on fine-tuning records, and the
+    principal coarse stage lost the served ranking 0.07 of MRR@10 (seed 4) against a full scan of the
+    rows. Stored as two (D,) arrays and C V (k, P), not as a dense (D, k) matrix."""
+
+    buckets: np.ndarray  # (D,) int64: the sketch coordinate each input coordinate adds into
+    signs: np.ndarray  # (D,) float32, +-1
+    of_components: np.ndarray  # (k, P): C V
+
+    @property
+    def size(self) -> int:
+        return int(self.of_components.shape[0])
+
+    @classmethod
+    def draw(cls, components: np.ndarray, size: int, seed: int = 0) -> ResidualSketch:
+        rng = np.random.default_rng(seed)
+        dim = components.shape[0]
+        buckets = rng.integers(0, size, dim)
+        signs = rng.choice(np.array([-1.0, 1.0], np.float32), dim)
+        sketch = cls(buckets, signs, np.zeros((size, components.shape[1]), np.float32))
+        sketch.of_components = sketch._sketched(components.T).T.copy()
+        return sketch
+
+    @functools.cached_property
+    def _matrix(self):
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix((self.signs, (self.buckets, np.arange(len(self.buckets)))),
+                                       shape=(self.size, len(self.buckets)), dtype=np.float32)
+
+    def _sketched(self, x: np.ndarray) -> np.ndarray:
+        """C x for rows x (n, D): (n, k)."""
+        return np.asarray((self._matrix @ np.asarray(x, np.float32).T).T, np.float32)
+
+    def coordinates(self, x: np.ndarray, principal: np.ndarray) -> np.ndarray:
+        """(n, k) sketch coordinates of rows x (n, D) whose principal coordinates are ``principal`` (n, P)."""
+        return self._sketched(x) - principal @ self.of_components.T
+
+
+@dataclass
 class PCABasis:
     """Principal directions of document vectors: ``mean`` (D,), ``components`` (D, P) orthonormal
-    columns in decreasing order of variance, so any first p columns are the best p-dim prefix."""
+    columns in decreasing order of variance, so any first p columns are the best p-dim prefix; with a
+    ``sketch``, its k coordinates of the residual follow the P principal ones (``dims`` = P + k)."""
 
     mean: np.ndarray
     components: np.ndarray
+    sketch: ResidualSketch | None = None
 
     @property
     def dims(self) -> int:
-        return int(self.components.shape[1])
+        return int(self.components.shape[1]) + (self.sketch.size if self.sketch is not None else 0)
+
+    def with_sketch(self, size: int, seed: int = 0) -> PCABasis:
+        """This basis with a ``size``-coordinate count sketch of its residual (none for 0)."""
+        return PCABasis(self.mean, self.components, ResidualSketch.draw(self.components, size, seed) if size else None)
 
     @classmethod
     def fit(cls, sample: np.ndarray, dims: int, seed: int = 0, centre: bool = True) -> PCABasis:
@@ -184,15 +236,25 @@ class PCABasis:
         return cls(np.zeros(queries.shape[1], np.float32), np.ascontiguousarray(np.concatenate([first, more], 1)))
 
     def transform(self, rows: np.ndarray) -> np.ndarray:
-        """(n, P) principal coordinates of (n, D) rows."""
-        return (np.asarray(rows, np.float32) - self.mean) @ self.components
+        """(n, dims) coarse coordinates of (n, D) rows: principal, then the residual's sketch."""
+        return self._coordinates(np.asarray(rows, np.float32) - self.mean)
 
     def queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(V^T q, <q, mean>): the coarse score is <V^T q, coordinates> + <q, mean>."""
-        return queries @ self.components, queries @ self.mean
+        """(coordinates of q, <q, mean>): the coarse score is <q's, the document's coordinates> + <q, mean>."""
+        return self._coordinates(np.asarray(queries, np.float32)), queries @ self.mean
+
+    def _coordinates(self, x: np.ndarray) -> np.ndarray:
+        principal = x @ self.components
+        if self.sketch is None:
+            return principal
+        return np.concatenate([principal, self.sketch.coordinates(x, principal)], 1)
 
     def save(self, path: str | os.PathLike) -> None:
-        save_tensors({"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components)}, path,
+        arrays = {"mean": self.mean, "components": self.components}
+        if self.sketch is not None:
+            arrays |= {"sketch_buckets": self.sketch.buckets, "sketch_signs": self.sketch.signs,
+                       "sketch_of_components": self.sketch.of_components}
+        save_tensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, path,
                      {"format": "msif-pca-basis"})
 
     @classmethod
@@ -200,7 +262,10 @@ class PCABasis:
         from safetensors.numpy import load_file
 
         stored = load_file(str(path))
-        return cls(stored["mean"], stored["components"])
+        sketch = None  # bases written before the sketch have none, and serve as they did
+        if "sketch_buckets" in stored:
+            sketch = ResidualSketch(stored["sketch_buckets"], stored["sketch_signs"], stored["sketch_of_components"])
+        return cls(stored["mean"], stored["components"], sketch)
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:

@@ -53,8 +53,10 @@ class StudySummary:
                     "for those vectors)")
         else:
             lists = s.get("whitened", {})
+            sketch = (f" and {lists['sketch']:,} coordinates of a count sketch of what that basis leaves out"
+                      if lists.get("sketch") else "")
             text = (f"Staged search: every document's {s['dims']} coordinates in a basis fit on "
-                    f"{lists.get('queries', '?')} fine-tuning records' query vectors, in a faiss inverted file "
+                    f"{lists.get('queries', '?')} fine-tuning records' query vectors{sketch}, in a faiss inverted file "
                     f"of {lists.get('nlist', '?')} lists on disk, {lists.get('nprobe', '?')} of them visited per sign, "
                     f"plus the {s.get('band', 0):,} documents of largest weight times norm for the ranking, the best "
                     f"{s['rerank']:,} per sign re-scored with their full vectors")

@@ -98,6 +98,50 @@ def test_a_basis_fit_on_queries_keeps_the_ranking_a_basis_fit_on_documents_loses
     assert np.linalg.norm(filled.components[:8, 3:], axis=0).min() > 0.99
 
 
+def test_residual_sketch_estimates_what_the_basis_leaves_out(tmp_path):
+    """The sketch coordinates are C (x - V V^T x) for the stored count sketch C; inner products of
+    coarse coordinates (principal, then sketch) estimate <q, w> without bias: over many draws of the
+    sketch their mean error is small against one draw's, and a basis without a sketch keeps only the
+    principal part; a sketch saved and loaded serves the same coordinates."""
+    rng = np.random.default_rng(0)
+    dim = 64
+    basis = PCABasis.fit_queries(rng.standard_normal((6, dim)).astype(np.float32),
+                                 rng.standard_normal((40, dim)).astype(np.float32), 4)
+    q, w = rng.standard_normal((2, dim)).astype(np.float32)
+    sketched = basis.with_sketch(16, seed=3)
+    assert sketched.dims == 20 and basis.with_sketch(0).sketch is None
+    c = np.zeros((16, dim), np.float32)
+    c[sketched.sketch.buckets, np.arange(dim)] = sketched.sketch.signs
+    residual = w - basis.components @ (basis.components.T @ w)
+    assert np.allclose(sketched.transform(w[None])[0], np.concatenate([basis.components.T @ w, c @ residual]),
+                       atol=1e-5)
+    principal = float((basis.components.T @ q) @ (basis.components.T @ w))
+    assert np.isclose(float(basis.queries(q[None])[0][0] @ basis.transform(w[None])[0]), principal, atol=1e-4)
+    def errors(size: int) -> np.ndarray:
+        draws = [basis.with_sketch(size, seed) for seed in range(400)]
+        return np.array([float(b.queries(q[None])[0][0] @ b.transform(w[None])[0]) - float(q @ w) for b in draws])
+
+    small, large = errors(16), errors(64)
+    for e in (small, large):
+        assert abs(e.mean()) < 4 * e.std() / np.sqrt(len(e))  # unbiased
+    assert large.std() < 0.65 * small.std()  # the error shrinks as 1 / sqrt(k): 0.5 expected
+    sketched.save(tmp_path / "basis.safetensors")
+    loaded = PCABasis.load(tmp_path / "basis.safetensors")
+    assert loaded.dims == 20 and np.array_equal(loaded.transform(w[None]), sketched.transform(w[None]))
+    basis.save(tmp_path / "plain.safetensors")
+    assert PCABasis.load(tmp_path / "plain.safetensors").sketch is None  # bases saved before serve as they did
+
+
+def test_the_sketch_is_sized_by_the_corpus_unless_the_study_names_one():
+    from engine.study.index import SKETCH, SKETCH_LIMIT, IndexSettings
+
+    assert IndexSettings().sketch_size(32_200) == SKETCH == 2048
+    assert IndexSettings().sketch_size(SKETCH_LIMIT) == SKETCH and IndexSettings().sketch_size(SKETCH_LIMIT + 1) == 0
+    assert IndexSettings(sketch=0).sketch_size(1000) == 0 and IndexSettings(sketch=512).sketch_size(10**7) == 512
+    with pytest.raises(ValueError, match="index_sketch >= 0"):
+        IndexSettings(sketch=-1)
+
+
 def _lists(tmp_path, rows: np.ndarray, basis: PCABasis, nlist: int, nprobe: int) -> IVFLists:
     coordinates = basis.transform(rows)
     blocks = ((start, coordinates[start:start + 300]) for start in range(0, len(rows), 300))
@@ -260,7 +304,7 @@ def test_haystack_is_prefix_stable(small_world):
 def _staged_recipe():
     recipe = tiny_recipe()
     return replace(recipe, influence=replace(recipe.influence, index="ivf", index_dims=128, rerank=800,
-                                             index_sample=1024))
+                                             index_sample=1024, index_sketch=512))
 
 
 @pytest.fixture(scope="module")
@@ -311,21 +355,27 @@ def test_staged_index_serves_the_scan_top10(staged):
             served, truth = index.search(name, queries, 10, weights), index.searches[name].scan(queries, 10, weights)
             same = [len(set(a) & set(b)) / 10 for a, b in zip(served.proponent_ids, truth.proponent_ids)]
             assert (served.proponent_ids == truth.proponent_ids).all(), (name, weights is None, same)
-            assert (served.opponent_ids == truth.opponent_ids).all(), name
             assert np.allclose(served.proponent_projected, truth.proponent_projected, rtol=1e-4)
+            if weights is None:  # the sketch's error grows with a row's residual, and a raw ranking is made
+                # of the largest rows: its opponents are found, not always all of them (one of ten missed here)
+                found = [len(set(a) & set(b)) / 10 for a, b in zip(served.opponent_ids, truth.opponent_ids)]
+                assert min(found) >= 0.9 and np.mean(found) >= 0.98, (name, found)
+                continue
+            assert (served.opponent_ids == truth.opponent_ids).all(), name
 
 
 def test_the_default_ranking_is_served_by_a_code_scan_of_every_document(staged):
     """The index stage folds the default ranking's weights into product-quantised codes of every
-    document's coordinates (64 bytes a document at 128 coordinates: 4 bits each); they serve that
-    ranking, recorded with its weights' digest, and are checksummed with the study."""
+    document's coordinates (320 bytes a document at 128 principal and 512 sketch coordinates: 4 bits
+    each); they serve that ranking, recorded with its weights' digest, and are checksummed with the study."""
     study, _ = staged
     record = study.manifest()["stages"][Stage.INDEX]["search"]["whitened"]
-    assert record["scan"]["ranking"] == "gradient" and record["scan"]["bytes_per_document"] == 64
+    assert record["dims"] == 640 and record["sketch"] == 512
+    assert record["scan"]["ranking"] == "gradient" and record["scan"]["bytes_per_document"] == 320
     path = study.path(layout.index_file("whitened", "scan"))
     assert layout.index_file("whitened", "scan") in study.manifest()["stages"][Stage.INDEX]["files"]
     documents = study.manifest()["stages"][Stage.INDEX]["search"]["documents"]
-    assert documents * 64 <= path.stat().st_size < documents * 64 + 2**20  # codes, plus codebooks and header
+    assert documents * 320 <= path.stat().st_size < documents * 320 + 2**20  # codes, plus codebooks and header
     engine = QueryEngine(open_study(study.root))
     search = engine.study.index.searches["whitened"]
     default = engine.search_weights("multi-stage", engine.normalization("multi-stage"), "whitened")
@@ -418,4 +468,5 @@ def test_the_study_page_says_when_a_code_scan_serves_the_default_ranking(staged)
     search["whitened"]["nprobe"] = 4
     text = replace(summary, search=search).search_text()
     assert "4 of them visited per sign" in text
-    assert "the default ranking (gradient) comes from a code scan of every document instead (64 bytes each)" in text
+    assert "the default ranking (gradient) comes from a code scan of every document instead (320 bytes each)" in text
+    assert "128 coordinates in a basis fit on" in text and "512 coordinates of a count sketch" in text

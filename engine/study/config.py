@@ -127,6 +127,8 @@ class InfluenceConfig:
     rerank: int = IndexSettings.rerank  # candidates per sign re-scored with their full rows
     index_sample: int = IndexSettings.sample  # documents the lists' centroids are trained on
     index_queries: int = IndexSettings.queries  # fine-tuning records whose queries the coarse basis is fit on
+    # coarse coordinates sketching what the basis leaves out (0: none; unset: 2,048 up to 250k documents, none above)
+    index_sketch: int | None = IndexSettings.sketch
     # per sign: retrieved by the index, re-scored exactly, best top_k shown. 75 served the same MRR@10 as 150 on
     # the 32k haystacks and the plain demos but one (-0.012), and pays for the larger re-rank
     candidates: int = 75
@@ -154,7 +156,7 @@ class InfluenceConfig:
 
     def index_settings(self) -> IndexSettings:
         return IndexSettings(self.index, self.index_dims, self.rerank, self.index_sample, self.seed,
-                             queries=self.index_queries)
+                             queries=self.index_queries, sketch=self.index_sketch)
 
     def whitening(self, pt_factors) -> Whitening:
         """The pretraining-side half-inverse with the damping multi-stage scoring uses."""
