@@ -61,9 +61,10 @@ SKETCH, SKETCH_LIMIT = 2048, 250_000
 class IndexSettings:
     kind: str = "auto"  # auto | flat | ivf ("pca", the name of the earlier staged index, is read as ivf)
     dims: int = 256  # principal coordinates in the coarse stage (ivf)
-    # Candidates per sign re-scored with full vectors (ivf). 4,000 rather than 2,000 served MRR@10 0.838 against
-    # 0.787 among 202,200 documents, and more on four of five 32k seeds (docs/normalization.md)
-    rerank: int = 4000
+    # Candidates per sign re-scored with full vectors (ivf). With the residual sketch, 2,000 serve MRR@10 0.863
+    # pooled over five 32k seeds (4,000: 0.867) and 0.900 among 202,200 documents (4,000: the same), and a trace
+    # at 32k takes 1.35 s instead of 1.64 s (docs/normalization.md)
+    rerank: int = 2000
     sample: int = 16_384  # documents the basis is fit on; the centroids get more when there are many lists
     seed: int = 0
     nlist: int = 0  # inverted lists (ivf); 0: about 4 sqrt(documents), at least 39 sampled documents a list
