@@ -163,16 +163,12 @@ class ResidualSketch:
         dim = components.shape[0]
         buckets = rng.integers(0, size, dim)
         signs = rng.choice(np.array([-1.0, 1.0], np.float32), dim)
-        sketch = cls(buckets, signs, np.zeros((size, components.shape[1]), np.float32))
-        sketch.of_components = sketch._sketched(components.T).T.copy()
-        return sketch
+        of_components = np.asarray(_count_sketch(buckets, signs, size) @ components, np.float32)
+        return cls(buckets, signs, of_components)
 
     @functools.cached_property
     def _matrix(self):
-        import scipy.sparse
-
-        return scipy.sparse.csr_matrix((self.signs, (self.buckets, np.arange(len(self.buckets)))),
-                                       shape=(self.size, len(self.buckets)), dtype=np.float32)
+        return _count_sketch(self.buckets, self.signs, self.size)
 
     def _sketched(self, x: np.ndarray) -> np.ndarray:
         """C x for rows x (n, D): (n, k)."""
@@ -181,6 +177,14 @@ class ResidualSketch:
     def coordinates(self, x: np.ndarray, principal: np.ndarray) -> np.ndarray:
         """(n, k) sketch coordinates of rows x (n, D) whose principal coordinates are ``principal`` (n, P)."""
         return self._sketched(x) - principal @ self.of_components.T
+
+
+def _count_sketch(buckets: np.ndarray, signs: np.ndarray, size: int):
+    """The sparse (size, D) matrix that adds coordinate i, times signs[i], into row buckets[i]."""
+    import scipy.sparse
+
+    return scipy.sparse.csr_matrix((signs, (buckets, np.arange(len(buckets)))), shape=(size, len(buckets)),
+                                   dtype=np.float32)
 
 
 @dataclass
@@ -195,7 +199,11 @@ class PCABasis:
 
     @property
     def dims(self) -> int:
-        return int(self.components.shape[1]) + (self.sketch.size if self.sketch is not None else 0)
+        return int(self.components.shape[1]) + self.sketch_dims
+
+    @property
+    def sketch_dims(self) -> int:
+        return self.sketch.size if self.sketch is not None else 0
 
     def with_sketch(self, size: int, seed: int = 0) -> PCABasis:
         """This basis with a ``size``-coordinate count sketch of its residual (none for 0)."""
@@ -277,7 +285,7 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Band:
-    """The documents whose weight times row norm is largest, with their principal coordinates: the
+    """The documents whose weight times row norm is largest, with their coarse coordinates: the
     staged search always scores them in the coarse stage. They are few, but a raw (unnormalised)
     ranking is made of them, and their lists need not be the ones a query visits."""
 
@@ -387,7 +395,7 @@ class CodeScan:
 
 
 class IVFLists:
-    """Documents' principal coordinates in a faiss inverted file whose lists are on disk and
+    """Documents' coarse coordinates (``PCABasis.transform``) in a faiss inverted file whose lists are on disk and
     memory-mapped: ``directory`` holds ``index.faiss`` (the trained quantizer and the lists' layout)
     and ``lists.ivfdata`` (the rows, list by list). A search visits ``nprobe`` lists per sign."""
 
@@ -527,7 +535,7 @@ def _priority(along: np.ndarray, list_sizes: np.ndarray | None) -> np.ndarray:
 def staged_search(lists: IVFLists, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray], queries,
                   k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None,
                   band: Band | None = None, list_sizes: np.ndarray | None = None) -> Retrieval:
-    """Coarse stage over the inverted ``lists`` of principal coordinates (and the ``band``) for
+    """Coarse stage over the inverted ``lists`` of coarse coordinates (and the ``band``) for
     ``rerank`` candidates per sign, then their full rows (``full_rows(sorted ids) -> (n, D) float32``)
     re-scored and the best ``k`` per sign kept. ``clock`` receives the seconds of each step
     (``coarse_s``, ``rerank_s``)."""

@@ -117,6 +117,7 @@ def test_residual_sketch_estimates_what_the_basis_leaves_out(tmp_path):
                        atol=1e-5)
     principal = float((basis.components.T @ q) @ (basis.components.T @ w))
     assert np.isclose(float(basis.queries(q[None])[0][0] @ basis.transform(w[None])[0]), principal, atol=1e-4)
+
     def errors(size: int) -> np.ndarray:
         draws = [basis.with_sketch(size, seed) for seed in range(400)]
         return np.array([float(b.queries(q[None])[0][0] @ b.transform(w[None])[0]) - float(q @ w) for b in draws])

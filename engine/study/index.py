@@ -217,8 +217,7 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
 
     lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates, blocks(), nlist,
                            settings.probes(vectors.documents, nlist), settings.seed)
-    sketch = basis.sketch.size if basis.sketch is not None else 0
-    record = {"dims": basis.dims, "sketch": sketch, "sampled_documents": int(len(coordinates)),
+    record = {"dims": basis.dims, "sketch": basis.sketch_dims, "sampled_documents": int(len(coordinates)),
               "queries": int(len(queries)), "query_energy_kept": queries_kept, "document_energy_kept": documents_kept,
               "nlist": lists.nlist, "nprobe": lists.nprobe, "fit": FIT, "scan": None}
     if code_scan is not None:
@@ -275,7 +274,7 @@ class VectorSearch:
 
     def ranking(self, weights: np.ndarray | None) -> tuple[Band | None, np.ndarray]:
         """What the coarse stage needs for one ranking, computed once: the ``band`` documents of
-        largest |weight| x row norm with their principal coordinates (read from the shards), and each
+        largest |weight| x row norm with their coarse coordinates (read from the shards), and each
         list's largest |weight| x row norm (``IVFLists.list_sizes``). The caller keeps one weights
         array per ranking, and the ranking is found by that array's identity."""
         for kept, band, list_sizes in self._rankings:
@@ -288,7 +287,7 @@ class VectorSearch:
         return band, list_sizes
 
     def _coordinates(self, ids: np.ndarray) -> np.ndarray:
-        """Principal coordinates of sorted documents ``ids``, their full rows decoded a cache-sized
+        """Coarse coordinates of sorted documents ``ids``, their full rows decoded a cache-sized
         block at a time (a band of 2,000 rows of 65,536 numbers would be 512 MiB at once)."""
         block = rerank_block(self.dim)
         return np.concatenate([self.basis.transform(self.vectors.gather(self.name, ids[s:s + block]))
