@@ -115,6 +115,12 @@ def _wait_for(browser, condition, timeout: float = 120.0):
                          ignored_exceptions=(StaleElementReferenceException,)).until(done)
 
 
+def _body(browser) -> str:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
 def _usable(browser, css: str):
     from selenium.webdriver.common.by import By
 
@@ -139,8 +145,11 @@ def test_contrastive_trace_and_answer_span(tiny_study, tmp_path):
         boxes["Answer to trace"].send_keys("In Ostgate.")
         boxes["Rather than"].send_keys("In Brightwater.")
         browser.find_element(By.XPATH, "//button[normalize-space(.)='Trace']").click()
-        _wait_for(browser, lambda d: "versus=" in d.current_url and d.find_elements(By.XPATH, FIRST_RESULT))
-        text = browser.find_element(By.TAG_NAME, "body").text
+        # Wait for the new trace's own words: between the click's run and its rerun, the URL is already
+        # new while the page still shows the old results.
+        _wait_for(browser, lambda d: "versus=" in d.current_url and d.find_elements(By.XPATH, FIRST_RESULT)
+                  and "log p(answer) - log p(versus)" in _body(d))
+        text = _body(browser)
         assert "rather than" in text and "In Brightwater." in text and "more likely than the other" in text
         assert "log p(answer) - log p(versus)" in text and not page_errors(browser)
         browser.save_screenshot(str(tmp_path / "contrast.png"))
@@ -154,12 +163,14 @@ def test_contrastive_trace_and_answer_span(tiny_study, tmp_path):
                   and d.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button'))
         tokens = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')
         assert len(tokens) >= 3
+        picked = '[data-testid="stButtonGroup"] button[aria-pressed="true"]'
         tokens[0].click()
-        _wait_for(browser, lambda d: d.find_element(By.XPATH, "//button[normalize-space(.)='Rank by the picked "
-                                                              "tokens']").is_enabled())
+        _wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, picked)) == 1
+                  and d.find_element(By.XPATH, "//button[normalize-space(.)='Rank by the picked tokens']").is_enabled())
         browser.find_elements(By.CSS_SELECTOR, '[data-testid="stButtonGroup"] button')[2].click()
-        _wait_for(browser, lambda d: True)
+        _wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, picked)) == 2)
         browser.find_element(By.XPATH, "//button[normalize-space(.)='Rank by the picked tokens']").click()
-        _wait_for(browser, lambda d: "span=0%3A3" in d.current_url and d.find_elements(By.XPATH, FIRST_RESULT))
-        text = browser.find_element(By.TAG_NAME, "body").text
+        _wait_for(browser, lambda d: "span=0%3A3" in d.current_url and d.find_elements(By.XPATH, FIRST_RESULT)
+                  and "log p(answer tokens 0:3)" in _body(d))
+        text = _body(browser)
         assert "picked tokens" in text and "log p(answer tokens 0:3)" in text and not page_errors(browser)
