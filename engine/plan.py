@@ -250,7 +250,8 @@ def index_stage(inf, documents: int, dims: tuple[int, int], cpu: bool, queries: 
         return StagePlan("index", PROCESS_BASE + shard if cpu else 0.0, PROCESS_BASE + shard, 0.0, 0.0,
                          {"one shard": shard})
     settings = inf.index_settings()
-    coarse = settings.dims + settings.sketch_size(documents)  # principal coordinates, then the residual's sketch
+    # principal coordinates (no more than the rows have), then the residual's sketch
+    coarse = min(settings.dims, dims[0]) + settings.sketch_size(documents)
     sample = min(documents, settings.basis_sample(settings.queries, dims[0])) * dims[0] * 4
     training = settings.training_documents(documents) * coarse * 4
     lists = documents * coarse * 4
