@@ -53,7 +53,6 @@ from .storage import save_tensors
 # multiplying took 0.79 s in blocks of 2,048 rows (512 MiB) and 0.30 s in blocks of 64 (16 MiB), with
 # the same scores (one thread, this machine's 32 MiB L3).
 RERANK_BLOCK_BYTES = 16 << 20
-SPREAD_Z = 1.0  # standard deviations of the sketch's error a candidate's coarse score is widened by (``Spread``)
 CHUNK_ROWS = 65_536  # rows of a memory-mapped matrix multiplied at once (64 MiB of a 256-wide prefix)
 
 
@@ -302,37 +301,6 @@ class Band:
         return cls(ids, np.asarray(coordinates(ids), np.float32))
 
 
-@dataclass(frozen=True)
-class Spread:
-    """The sketch's error bar on coarse scores, so that the coarse stage keeps a candidate whose score
-    its noise could be hiding. The sketch estimates <q_r, x_r> (the parts the principal basis leaves out)
-    with a standard deviation of about |q_r| |x_r| / sqrt(k); a document's |x_r| is its row norm less its
-    principal coordinates. Candidates are picked by score + ``SPREAD_Z`` standard deviations (times the
-    weight) for proponents, and score - as many for opponents. A raw ranking is made of the largest rows,
-    whose noise is largest: replayed on two 32k haystacks, the raw row scan's top 10 was kept at 0.761 ->
-    0.837 and 0.761 -> 0.853 (seeds 0, 1) with 2,000 re-ranked, and the normalised ranking's MRR@10 did
-    not move (0.845, 0.810)."""
-
-    principal: int  # P: the principal coordinates lead each coarse row; the sketch follows
-    row_sq_norms: np.ndarray  # (N,) |x|^2 of every document's full row (an uncentred basis)
-    per_query: np.ndarray  # (Q,) SPREAD_Z |q_r| / sqrt(k)
-
-    @classmethod
-    def of(cls, basis: PCABasis, queries: np.ndarray, row_norms: np.ndarray) -> Spread | None:
-        """None where there is no sketch (nothing is estimated) or the basis is centred (|x - mean| unknown)."""
-        if basis.sketch is None or np.any(basis.mean != 0):
-            return None
-        principal = queries @ basis.components
-        residual = np.sqrt(np.maximum(np.square(queries).sum(1) - np.square(principal).sum(1), 0.0))
-        return cls(basis.components.shape[1], np.square(row_norms.astype(np.float32)),
-                   (SPREAD_Z * residual / np.sqrt(basis.sketch_dims)).astype(np.float32))
-
-    def deviations(self, query: int, ids: np.ndarray, coarse_rows_principal_sq: np.ndarray) -> np.ndarray:
-        """(n,) one standard deviation of each of ``ids``' coarse scores for query ``query``."""
-        residual_sq = np.maximum(self.row_sq_norms[ids] - coarse_rows_principal_sq, 0.0)
-        return self.per_query[query] * np.sqrt(residual_sq)
-
-
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """faiss's C++ code prints what it does with on-disk lists to the process's stdout, which would
@@ -496,25 +464,22 @@ class IVFLists:
             index = faiss.read_index(str(Path(directory) / cls.INDEX), faiss.IO_FLAG_ONDISK_SAME_DIR)
         return cls(index, nprobe)
 
-    def _scored(self, lists: np.ndarray, q: np.ndarray, principal: int = 0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, <q, row>, |row[:principal]|^2) of the documents in ``lists``, each list's rows multiplied
-        where they lie in the memory-mapped lists file: gathering them first copied every visited row
-        (297 MiB a query for a 32k corpus at 2,304 coordinates), and a product that large started numpy's
-        BLAS threads, which fight torch's for the cores."""
+    def _scored(self, lists: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, <q, row>) of the documents in ``lists``, each list's rows multiplied where they lie in
+        the memory-mapped lists file: gathering them first copied every visited row (297 MiB a query
+        for a 32k corpus at 2,304 coordinates), and a product that large started numpy's BLAS threads,
+        which fight torch's for the cores."""
         import faiss
 
         invlists, width = self.ivf.invlists, self.ivf.d
-        ids, scores, squares = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
+        ids, scores = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
         for j in np.unique(lists[lists >= 0]):
             size = invlists.list_size(int(j))
             if size:
                 ids.append(faiss.rev_swig_ptr(invlists.get_ids(int(j)), size).copy())
                 codes = faiss.rev_swig_ptr(invlists.get_codes(int(j)), size * self.ivf.code_size)
-                rows = np.frombuffer(codes, np.float32).reshape(size, width)
-                scores.append(rows @ q)
-                squares.append(np.einsum("ij,ij->i", rows[:, :principal], rows[:, :principal]))
-        return np.concatenate(ids), np.concatenate(scores), np.concatenate(squares)
+                scores.append(np.frombuffer(codes, np.float32).reshape(size, width) @ q)
+        return np.concatenate(ids), np.concatenate(scores)
 
     def list_sizes(self, sizes: np.ndarray) -> np.ndarray:
         """Per list, the largest of its documents' ``sizes`` (weight x row norm of a ranking): what a
@@ -529,12 +494,10 @@ class IVFLists:
         return out
 
     def search(self, coarse: np.ndarray, offset: np.ndarray, k: int, weights: np.ndarray | None = None,
-               band: Band | None = None, list_sizes: np.ndarray | None = None, spread: Spread | None = None
-               ) -> Retrieval:
+               band: Band | None = None, list_sizes: np.ndarray | None = None) -> Retrieval:
         """Top-k of both signs of ``(rows @ q + offset) * weight`` over the visited lists: the
         ``nprobe`` best lists for q (proponents) and for -q (opponents), per query, more when they
-        hold fewer than k documents; and the ``band``'s documents, whatever their lists. With a
-        ``spread``, each side is picked by its score widened by the sketch's error bar (``Spread``).
+        hold fewer than k documents; and the ``band``'s documents, whatever their lists.
 
         Lists are ranked by their centroid's inner product with q, times their ``list_sizes`` where
         given (``list_sizes``): a ranking by weighted inner products is led by documents of large
@@ -542,34 +505,29 @@ class IVFLists:
         (benchmarks/ivf_scale.py), visiting 6.5% of them per sign, the raw ranking's top 10 was found
         at 0.95 against 0.62 by direction alone; a normalised ranking's, at 0.70 either way."""
         sides = []
-        principal = spread.principal if spread is not None else 0
-        for i, (q, shift) in enumerate(zip(np.ascontiguousarray(coarse, np.float32), offset)):
-            ids, scores, squares = self._visit(q, k, list_sizes, principal)
+        for q, shift in zip(np.ascontiguousarray(coarse, np.float32), offset):
+            ids, scores = self._visit(q, k, list_sizes)
             if band is not None and len(band.ids):
                 fresh = ~np.isin(band.ids, ids)
-                kept = band.coordinates[fresh]
                 ids = np.concatenate([ids, band.ids[fresh]])
-                scores = np.concatenate([scores, kept @ q])
-                squares = np.concatenate([squares, np.einsum("ij,ij->i", kept[:, :principal], kept[:, :principal])])
+                scores = np.concatenate([scores, band.coordinates[fresh] @ q])
             scores = scores + shift
-            width = np.zeros_like(scores) if spread is None else spread.deviations(i, ids, squares)
             if weights is not None:
-                scores, width = scores * weights[ids], width * np.abs(weights[ids])
-            high_ids, high = _sorted(*_keep(ids[None], (scores + width)[None].astype(np.float32), k))
-            low_ids, neg = _sorted(*_keep(ids[None], (width - scores)[None].astype(np.float32), k))
+                scores = scores * weights[ids]
+            high_ids, high = _sorted(*_keep(ids[None], scores[None].astype(np.float32), k))
+            low_ids, neg = _sorted(*_keep(ids[None], -scores[None].astype(np.float32), k))
             sides.append((high_ids[0], high[0], low_ids[0], -neg[0]))
         return Retrieval(*(np.stack([side[i] for side in sides]) for i in range(4)))
 
-    def _visit(self, q: np.ndarray, k: int, list_sizes: np.ndarray | None = None, principal: int = 0
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``_scored`` over the lists visited for q and for -q."""
+    def _visit(self, q: np.ndarray, k: int, list_sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, <q, row>) of the documents in the lists visited for q and for -q."""
         along = self.centroids @ q
         high, low = (np.argsort(-_priority(c, list_sizes), kind="stable") for c in (along, -along))
         probes = self.nprobe
         while True:
-            ids, scores, squares = self._scored(np.concatenate([high[:probes], low[:probes]]), q, principal)
+            ids, scores = self._scored(np.concatenate([high[:probes], low[:probes]]), q)
             if len(ids) >= k or probes >= self.nlist:
-                return ids, scores, squares
+                return ids, scores
             probes = min(self.nlist, 2 * probes)
 
 
@@ -583,23 +541,17 @@ def _priority(along: np.ndarray, list_sizes: np.ndarray | None) -> np.ndarray:
     return along if list_sizes is None else np.where(along > 0, along * list_sizes, along)
 
 
-def staged_search(lists: IVFLists | CodeScan, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray],
-                  queries, k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None,
-                  band: Band | None = None, list_sizes: np.ndarray | None = None,
-                  row_norms: np.ndarray | None = None) -> Retrieval:
+def staged_search(lists: IVFLists, basis: PCABasis, full_rows: Callable[[np.ndarray], np.ndarray], queries,
+                  k: int, rerank: int, weights: np.ndarray | None = None, clock: dict | None = None,
+                  band: Band | None = None, list_sizes: np.ndarray | None = None) -> Retrieval:
     """Coarse stage over the inverted ``lists`` of coarse coordinates (and the ``band``) for
     ``rerank`` candidates per sign, then their full rows (``full_rows(sorted ids) -> (n, D) float32``)
-    re-scored and the best ``k`` per sign kept. Given every document's full ``row_norms``, the lists
-    widen their coarse scores by the sketch's error bar (``Spread``). ``clock`` receives the seconds of
-    each step (``coarse_s``, ``rerank_s``)."""
+    re-scored and the best ``k`` per sign kept. ``clock`` receives the seconds of each step
+    (``coarse_s``, ``rerank_s``)."""
     started = time.perf_counter()
     q = _queries(queries)
     coarse_q, offset = basis.queries(q)
-    if isinstance(lists, IVFLists):
-        spread = None if row_norms is None else Spread.of(basis, q, row_norms)
-        coarse = lists.search(coarse_q, offset, max(k, rerank), weights, band, list_sizes, spread)
-    else:
-        coarse = lists.search(coarse_q, offset, max(k, rerank), weights)
+    coarse = lists.search(coarse_q, offset, max(k, rerank), weights, band, list_sizes)
     ids = coarse.candidate_ids()
     middle = time.perf_counter()
     exact = np.empty((len(ids), len(q)), np.float32)  # (n, Q), in blocks: many queries' rows stay bounded

@@ -258,7 +258,7 @@ class VectorSearch:
                                  self.rerank, weights, clock)
         band, list_sizes = self.ranking(weights)
         return staged_search(self.lists, self.basis, partial(self.vectors.gather, self.name), queries, k,
-                             self.rerank, weights, clock, band, list_sizes, self.row_norms)
+                             self.rerank, weights, clock, band, list_sizes)
 
     def scans(self, weights: np.ndarray | None) -> bool:
         """Whether the code scan serves this ranking: its weights are the ones folded into the codes
