@@ -10,7 +10,7 @@ corpus size:
           coordinates in a basis fit on query vectors (the principal directions of preconditioned
           fine-tuning records) and a count sketch of what it leaves out (``sketch``), in a faiss
           inverted file on disk and memory-mapped
-          (``engine.search.IVFLists``, trained on a sample of the documents' coordinates); a query
+          (``engine.search.IVFLists``, trained on a sample of the documents' principal coordinates); a query
           visits ``nprobe`` of its ``nlist`` lists per sign (about ``visit`` documents' coordinates
           read per sign, whatever the corpus size; lists ranked by their centroid's alignment with
           the query times their largest weight x row norm), plus the ``band`` documents with the
