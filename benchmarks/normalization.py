@@ -200,10 +200,18 @@ def check_against_tracer(tracer: Tracer, cases: list[Case], method: str, spec: s
     return same
 
 
+def rerank_as(tracer: Tracer, rerank: int | None) -> None:
+    """Serve the haystack as if its index had been built with ``rerank`` rows re-ranked per sign (the
+    index's structure does not depend on it); None: the study's own."""
+    if rerank is not None:
+        tracer.study.index.searches["whitened"].rerank = rerank
+
+
 def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, reference: bool = False,
-             cache: Path | None = None, checked: int = 2, latency_queries: int = 5) -> dict:
+             cache: Path | None = None, checked: int = 2, latency_queries: int = 5, rerank: int | None = None) -> dict:
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
+    rerank_as(big, rerank)
     world = len(small.study.documents)
     if big.study.documents.select(range(world))["text"] != small.study.documents["text"]:
         raise SystemExit(f"{plain} is not the plain corpus of {haystack} (their first {world} documents differ)")
@@ -216,7 +224,8 @@ def run_seed(haystack: Path, plain: Path, limit: int | None, threads: int, refer
     out = {"haystack": str(haystack), "plain": str(plain), "seed": big.study.manifest["demo"]["seed"],
            "facts": len(cases), "documents": {"plain": world, "haystack": len(big.study.documents)},
            "exhaustive_seconds": measured["seconds"], "results": [], "checks": [],
-           "candidates": big.study.config.influence.candidates}
+           "candidates": big.study.config.influence.candidates,
+           "rerank": big.study.index.searches["whitened"].rerank}
     for setting, (tracer, docs) in settings.items():
         for method in scores:
             for spec in VARIANTS:
@@ -250,13 +259,11 @@ def pool_sweep(haystack: Path, plain: Path, limit: int | None, threads: int, ref
                pools: list[int], latency_queries: int, rerank: int | None = None) -> list[dict]:
     """Served MRR@10 of multi-stage (raw and the default ranking) when the index proposes ``pool``
     candidates per sign instead of the study's ``candidates``, from the cached exact scores; with
-    ``latency_queries``, the haystack trace's seconds at each pool (``ranking`` "served@POOL"). ``rerank``:
-    serve the haystack as if its index had been built with that many rows re-ranked per sign (the
-    index's structure does not depend on it)."""
+    ``latency_queries``, the haystack trace's seconds at each pool (``ranking`` "served@POOL"); ``rerank``:
+    as ``rerank_as``."""
     torch.set_num_threads(threads)
     big, small = Tracer.open(haystack), Tracer.open(plain)
-    if rerank is not None:
-        big.study.index.searches["whitened"].rerank = rerank
+    rerank_as(big, rerank)
     cases = load_cases(haystack, limit, reference)
     measured = cached_pass(big.engine, cases, len(small.study.documents), cache, reuse_only=True)
     scores, norms = measured["scores"]["multi-stage"], measured["norms"]["multi-stage"]
@@ -487,6 +494,7 @@ def main(argv=None) -> int:
     run.add_argument("--checked", type=int, default=2,
                      help="queries per served configuration re-run through Tracer.trace and compared")
     run.add_argument("--latency-queries", type=int, default=5, help="timed traces per ranking and setting")
+    run.add_argument("--rerank", type=int, help="rows re-ranked per sign in the haystack (default: the study's)")
     run.add_argument("--out", type=Path, required=True,
                      help="the measurements (JSON); the exhaustive scores are kept beside it (.npz) and reused by "
                           "a later run of the same seed and facts")
@@ -508,7 +516,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         result = run_seed(args.haystack, args.plain, args.limit, args.threads, args.reference_answers,
-                          args.out.with_suffix(".npz"), args.checked, args.latency_queries)
+                          args.out.with_suffix(".npz"), args.checked, args.latency_queries, args.rerank)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result))
         print(report([result]))
