@@ -199,7 +199,11 @@ class PCABasis:
 
     @property
     def dims(self) -> int:
-        return int(self.components.shape[1]) + self.sketch_dims
+        return self.principal_dims + self.sketch_dims
+
+    @property
+    def principal_dims(self) -> int:
+        return int(self.components.shape[1])
 
     @property
     def sketch_dims(self) -> int:

@@ -217,7 +217,7 @@ def _build_ivf(study: Study, vectors: DocumentVectors, name: str, queries: np.nd
 
     lists = IVFLists.build(study.path(layout.index_file(name, "ivf")), coordinates, blocks(), nlist,
                            settings.probes(vectors.documents, nlist), settings.seed,
-                           directions=basis.dims - basis.sketch_dims)
+                           directions=basis.principal_dims)
     record = {"dims": basis.dims, "sketch": basis.sketch_dims, "lists_by": "principal coordinates",
               "sampled_documents": int(len(coordinates)),
               "queries": int(len(queries)), "query_energy_kept": queries_kept, "document_energy_kept": documents_kept,
